@@ -1,0 +1,323 @@
+"""Training configuration: one typed schema, read from JSON or YAML, overridable with `--set`.
+
+Every key a user can write is a field of `TrainConfig`; nothing else is accepted. Keys follow the
+names users already know from seed-style configs and TRL (`learning_rate`, `lora_r`, `beta`, ...),
+so a config moves between tools with few edits. Validation happens once, here, so the trainer can
+trust every value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from preftune.errors import PreftuneError
+
+STRATEGIES = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
+PROVIDERS = ("transformers", "hf", "unsloth")
+REFERENCES = ("auto", "adapter", "copy", "precomputed")
+SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+REPORT_TO = ("none", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run. Defaults are those written to `config.resolved.yaml`."""
+
+    # What to train
+    strategy: str = "dpo"
+    task: str | None = None  # free-form label of the job (kept in the resolved config)
+    model_name: str = "smollm2-135m-instruct"
+    provider: str = "transformers"
+    dataset: str | None = None
+    dataset_split: str = "train"
+    eval_dataset: str | None = None  # a separate eval file; otherwise `eval_split` of `dataset`
+    eval_split: float = 0.1  # fraction in [0, 1) or a whole count >= 1; 0 turns evaluation off
+    output_dir: str = "runs/train"
+
+    # Optimisation
+    num_train_epochs: float = 1.0
+    max_steps: int = -1  # overrides epochs when > 0
+    per_device_train_batch_size: int = 4
+    per_device_eval_batch_size: int | None = None  # defaults to the train batch size
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 5e-5
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    seed: int = 42
+
+    # Preference loss
+    loss_type: Union[str, list] = "sigmoid"
+    loss_weights: list | None = None
+    beta: float = 0.1
+    label_smoothing: float = 0.0
+    rpo_alpha: float | None = None  # TRL's name: adds `sft` with this weight to the loss mix
+    f_divergence_type: str = "reverse_kl"
+    f_alpha: float = 0.5
+    discopop_tau: float = 0.05
+
+    # Sequence lengths
+    max_seq_length: int = 1024
+    max_prompt_length: int = 512
+
+    # Model and precision
+    lora_r: int | None = 16  # 0 or null: full fine-tune
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_target_modules: Union[str, list] = "all-linear"
+    merge_lora: bool = False  # also write `final_merged/` with the adapter merged into full weights
+    use_4bit: bool = False
+    bf16: bool | None = None  # null: on where the device supports it (CUDA), off on CPU
+    gradient_checkpointing: bool = False
+    attn_implementation: str | None = None
+    disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at step 0
+
+    # Reference model
+    reference: str = "auto"
+    ref_model_name: str | None = None
+    cache_dir: str | None = None  # where precomputed reference log-probs live; default: the user cache
+
+    # Bookkeeping
+    logging_steps: int = 10
+    eval_steps: int | None = None  # null: evaluate only at the end
+    save_steps: int = 500
+    save_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    report_to: str = "none"
+    progress_bar: bool = True
+
+    # ----------------------------------------------------------------------------------------
+    @property
+    def use_lora(self) -> bool:
+        return bool(self.lora_r)
+
+    def loss_mix(self) -> tuple[list[str], list[float]]:
+        """The loss types and their weights, with TRL's `rpo_alpha` folded in as an `sft` term."""
+        types = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        weights = [float(w) for w in self.loss_weights] if self.loss_weights is not None else [1.0] * len(types)
+        if self.rpo_alpha is not None and "sft" not in types:
+            types.append("sft")
+            weights.append(float(self.rpo_alpha))
+        return types, weights
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+KNOWN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+# Names from TRL's DPOConfig / transformers.TrainingArguments that mean the same thing here.
+ALIASES = {
+    "max_length": "max_seq_length",
+    "model_name_or_path": "model_name",
+    "dataset_name": "dataset",
+    "dataset_train_split": "dataset_split",
+    "lora_target": "lora_target_modules",
+}
+
+
+def _type_name(tp: Any) -> str:
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list"}.get(
+        tp, str(tp)
+    )
+
+
+def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+    """Convert a parsed YAML/JSON value to the field's type, or raise a one-line error."""
+    origin = get_origin(annotation)
+    options = list(get_args(annotation)) if origin in (Union, types.UnionType) else [annotation]
+    if type(None) in options:
+        if value is None:
+            return None
+        options = [o for o in options if o is not type(None)]
+    for tp in options:
+        if tp is bool and isinstance(value, bool):
+            return value
+        if tp is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if tp is int and isinstance(value, float) and value.is_integer():
+            return int(value)
+        if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if tp is float and isinstance(value, str):
+            # YAML 1.1 reads `1e-5` (no dot) as a string: accept it as the number it means.
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if tp is str and isinstance(value, str):
+            return value
+        if tp is list and isinstance(value, (list, tuple)):
+            return list(value)
+    nullable = type(None) in get_args(annotation)
+    wanted = " or ".join(_type_name(o) for o in options if o is not type(None)) + (" or null" if nullable else "")
+    raise PreftuneError(f"{where}: '{key}' must be {wanted}, got {value!r}")
+
+
+def suggest(key: str, known: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check(cond: bool, where: str, message: str) -> None:
+    if not cond:
+        raise PreftuneError(f"{where}: {message}")
+
+
+def _one_of(where: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise PreftuneError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}{suggest(str(value), choices)}")
+
+
+def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
+    """Range and consistency checks that types alone cannot express."""
+    from preftune.losses import validate_loss_types
+
+    _one_of(where, "strategy", cfg.strategy, STRATEGIES)
+    _one_of(where, "provider", cfg.provider, PROVIDERS)
+    _one_of(where, "reference", cfg.reference, REFERENCES)
+    _one_of(where, "lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
+    _one_of(where, "f_divergence_type", cfg.f_divergence_type, F_DIVERGENCES)
+    _one_of(where, "report_to", cfg.report_to, REPORT_TO)
+    _check(cfg.num_train_epochs > 0, where, f"'num_train_epochs' must be > 0, got {cfg.num_train_epochs}")
+    _check(cfg.per_device_train_batch_size >= 1, where, "'per_device_train_batch_size' must be >= 1")
+    _check(
+        cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1,
+        where,
+        "'per_device_eval_batch_size' must be >= 1",
+    )
+    _check(cfg.gradient_accumulation_steps >= 1, where, "'gradient_accumulation_steps' must be >= 1")
+    _check(cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), where, f"'learning_rate' must be > 0, got {cfg.learning_rate}")
+    _check(0.0 <= cfg.warmup_ratio <= 1.0, where, f"'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
+    _check(cfg.weight_decay >= 0, where, "'weight_decay' must be >= 0")
+    _check(cfg.max_grad_norm >= 0, where, "'max_grad_norm' must be >= 0 (0 turns clipping off)")
+    _check(cfg.beta > 0, where, f"'beta' must be > 0, got {cfg.beta}")
+    _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+    _check(cfg.f_alpha > 0, where, "'f_alpha' must be > 0")
+    _check(cfg.max_seq_length >= 2, where, f"'max_seq_length' must be >= 2, got {cfg.max_seq_length}")
+    _check(cfg.max_prompt_length >= 1, where, f"'max_prompt_length' must be >= 1, got {cfg.max_prompt_length}")
+    _check(
+        cfg.eval_split == 0 or 0 < cfg.eval_split < 1 or (cfg.eval_split >= 1 and float(cfg.eval_split).is_integer()),
+        where,
+        f"'eval_split' must be 0, a fraction in (0, 1) or a whole count, got {cfg.eval_split}",
+    )
+    _check(cfg.lora_r is None or cfg.lora_r >= 0, where, f"'lora_r' must be >= 0 (0 or null: full fine-tune), got {cfg.lora_r}")
+    _check(cfg.lora_alpha > 0, where, "'lora_alpha' must be > 0")
+    _check(0.0 <= cfg.lora_dropout < 1.0, where, f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
+    _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
+    _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
+    _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
+    _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")
+    _check(
+        cfg.ref_model_name is None or cfg.reference in ("auto", "copy", "precomputed"),
+        where,
+        "'ref_model_name' needs 'reference' auto, copy or precomputed (the disabled adapter is the base model itself)",
+    )
+    _check(
+        cfg.reference != "adapter" or cfg.use_lora,
+        where,
+        "'reference: adapter' needs LoRA ('lora_r' > 0); use 'copy' or 'precomputed' for a full fine-tune",
+    )
+    if isinstance(cfg.loss_type, list):
+        _check(all(isinstance(t, str) for t in cfg.loss_type), where, "'loss_type' must be a string or a list of strings")
+    if cfg.loss_weights is not None:
+        _check(
+            all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in cfg.loss_weights),
+            where,
+            "'loss_weights' must be a list of numbers",
+        )
+    try:
+        validate_loss_types(*cfg.loss_mix())
+    except PreftuneError as exc:
+        raise PreftuneError(f"{where}: {exc}") from None
+    if isinstance(cfg.lora_target_modules, list):
+        _check(all(isinstance(m, str) for m in cfg.lora_target_modules), where, "'lora_target_modules' must be a string or a list of strings")
+    return cfg
+
+
+def from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    """Build a validated config from a mapping, rejecting unknown keys with the closest known one."""
+    if not isinstance(data, dict):
+        raise PreftuneError(f"{where}: the config must be a mapping of keys to values, got {type(data).__name__}")
+    hints = get_type_hints(TrainConfig)
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        key = str(key)
+        name = ALIASES.get(key, key)
+        if name not in hints:
+            raise PreftuneError(f"{where}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}")
+        values[name] = _coerce(name, value, hints[name], where)
+    return validate(TrainConfig(**values), where)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`KEY=VALUE` from `--set`, the value parsed as YAML (`beta=0.2`, `lora_r=0`, `bf16=true`)."""
+    if "=" not in item:
+        raise PreftuneError(f"--set {item}: expected KEY=VALUE")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PreftuneError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise PreftuneError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "could not parse"
+        raise PreftuneError(f"{path}{line}: invalid YAML ({problem})") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise PreftuneError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read CONFIG (JSON or YAML), apply `--set` overrides, validate."""
+    data = read_config_file(path) if path is not None else {}
+    where = str(path) if path is not None else "config"
+    for item in overrides:
+        key, value = parse_override(item)
+        name = ALIASES.get(key, key)
+        if name not in KNOWN_KEYS:
+            raise PreftuneError(f"--set: unknown key '{key}'{suggest(key, KNOWN_KEYS)}")
+        # An override replaces the key whatever spelling the file used for it.
+        for alias, target in ALIASES.items():
+            if target == name:
+                data.pop(alias, None)
+        data[name] = value
+    return from_dict(data, where)
+
+
+def to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)

@@ -1,0 +1,10 @@
+"""The one exception type users see.
+
+A `PreftuneError` is a mistake the user can fix (bad file, bad key, model that will not load).
+The CLI prints its message as one line on stderr and exits non-zero, without a traceback unless
+`--debug` is given. Messages name the file, line and field where there is one.
+"""
+
+
+class PreftuneError(Exception):
+    """A user-facing error: its message is the whole story, printed on one line."""
