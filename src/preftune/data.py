@@ -1,0 +1,740 @@
+"""Preference data: loading, validation, normalisation and a data-quality report.
+
+A preference pair is a prompt with a preferred (`chosen`) and a dispreferred (`rejected`)
+completion. Two shapes are accepted, following the conventions users know from TRL:
+
+- standard: `prompt`, `chosen`, `rejected` are strings;
+- conversational: `prompt` is a list of `{"role", "content"}` messages and `chosen`/`rejected`
+  are the message(s) that follow it, starting with an assistant message.
+
+Without a `prompt` field the prompt is implicit: it is the beginning that `chosen` and
+`rejected` share (see `split_implicit_prompt`).
+
+Every problem a user can fix is reported as a `PreftuneError` whose one-line message names the
+record's location (`pairs.jsonl:7`) and the field. Tokenization, truncation and batching live in
+`preftune.batching`; the quality report takes token lengths from its caller.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+
+__all__ = [
+    "Message",
+    "PreferenceExample",
+    "load_records",
+    "validate_record",
+    "load_preference_data",
+    "check_records",
+    "check_data",
+    "split_implicit_prompt",
+    "quality_report",
+    "format_report",
+]
+
+Message = dict[str, str]
+Text = str | list[Message]
+
+FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FIELDS = ("prompt", "chosen", "rejected")
+
+# Preference data where the chosen answer is usually the longer one teaches length rather than
+# quality (Singhal et al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF").
+# The band is a rule of thumb: shares outside it are flagged.
+LENGTH_BIAS_BAND = (0.35, 0.65)
+
+
+@dataclass
+class PreferenceExample:
+    """One validated preference pair, normalised so the rest of the pipeline sees one shape.
+
+    For conversations, `prompt` is the message list before the answer and `chosen`/`rejected`
+    are message lists that start with an assistant message. `location` points back into the
+    source (`pairs.jsonl:12`) so later errors can name the record.
+    """
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    location: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_conversational(self) -> bool:
+        """True when the pair is chat messages, so the chat template must render it."""
+        return isinstance(self.chosen, list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Unreadable:
+    """An entry that could not be parsed, kept in file order so every problem can be reported."""
+
+    message: str
+
+
+# What the readers yield: (location, raw record or _Unreadable).
+_Entry = tuple[str, Any]
+
+
+def load_records(
+    source: str | Path, split: str = "train", errors: list[str] | None = None
+) -> list[tuple[str, dict]]:
+    """(location, raw record) pairs from a file, a saved `datasets` folder or a cached hub dataset.
+
+    Accepted sources: JSONL (one object a line; blank lines skipped but counted), JSON (a list of
+    objects, or an object holding the list under `split` or `"data"`), Parquet, CSV (header row,
+    string cells only), a folder written by `datasets`' `save_to_disk` (a `Dataset`, or a
+    `DatasetDict` from which `split` is taken), or the name of a hub dataset that is already in
+    the local Hugging Face cache (it is never downloaded).
+
+    A whole-source problem (missing file, unknown type, no records) always raises. An entry that
+    cannot be parsed (a JSONL line that is not JSON, a CSV row with the wrong number of cells)
+    raises too, unless `errors` is given: then its message is appended there and the entry is
+    skipped, so a checker can report every bad line in one pass.
+    """
+    records: list[tuple[str, dict]] = []
+    for location, item in _read_entries(source, split):
+        if not isinstance(item, _Unreadable):
+            records.append((location, item))
+        elif errors is None:
+            raise PreftuneError(item.message)
+        else:
+            errors.append(item.message)
+    return records
+
+
+def _read_entries(source: str | Path, split: str) -> list[_Entry]:
+    path = Path(source)
+    if path.is_dir():
+        entries = _read_saved_dataset(path, split)
+    elif path.exists():
+        kind = FILE_TYPES.get(path.suffix.lower())
+        if kind is None:
+            known = ", ".join(sorted(set(FILE_TYPES)))
+            raise PreftuneError(
+                f"unsupported data file type '{path.suffix}': {source} "
+                f"(expected {known}, or a folder saved with datasets' save_to_disk)"
+            )
+        try:
+            if kind == "jsonl":
+                entries = list(_read_jsonl(path))
+            elif kind == "json":
+                entries = _read_json(path, split)
+            elif kind == "csv":
+                entries = list(_read_csv(path))
+            else:
+                entries = _read_parquet(path)
+        except OSError as exc:
+            raise PreftuneError(f"cannot read data file {source}: {exc.strerror or exc}") from None
+    elif _looks_like_path(str(source)):
+        raise PreftuneError(f"data file not found: {source}")
+    else:
+        entries = _read_hub_dataset(str(source), split)
+    if not entries:
+        raise PreftuneError(f"no records in {source}: the dataset is empty")
+    return entries
+
+
+def _looks_like_path(source: str) -> bool:
+    """True when a missing source cannot be a hub name (`owner/name` or `name`)."""
+    return (
+        Path(source).suffix.lower() in FILE_TYPES
+        or source.startswith((".", "~", "/"))
+        or "\\" in source
+        or source.count("/") > 1
+        or not source.strip()
+    )
+
+
+def _read_jsonl(path: Path) -> Iterator[_Entry]:
+    name = path.name
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{name}:{number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                yield where, _Unreadable(f"{where}: not valid UTF-8 (byte {exc.start + 1} of the line)")
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, _Unreadable(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+                continue
+            yield where, record
+
+
+def _read_json(path: Path, split: str) -> list[_Entry]:
+    name = path.name
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PreftuneError(f"{name}: not valid UTF-8 (byte {exc.start + 1} of the file)") from None
+    if not text.strip():
+        return []
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PreftuneError(f"{name}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+    if isinstance(data, dict):
+        key = split if split in data else "data" if "data" in data else None
+        if key is None or not isinstance(data[key], list):
+            raise PreftuneError(
+                f"{name}: expected a list of records, or an object with a list under "
+                f"'{split}' or 'data' (found keys: {', '.join(map(str, data)) or 'none'})"
+            )
+        data = data[key]
+    if not isinstance(data, list):
+        raise PreftuneError(f"{name}: expected a list of records, got {_type_name(data)}")
+    return [(f"{name}: record {i}", record) for i, record in enumerate(data, start=1)]
+
+
+@contextmanager
+def _csv_field_limit(limit: int) -> Iterator[None]:
+    # The csv module rejects cells over 128 KiB by default; long completions are legitimate.
+    # The limit is process-wide, so it is restored afterwards.
+    previous = csv.field_size_limit()
+    csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(previous)
+
+
+def _read_csv(path: Path) -> Iterator[_Entry]:
+    name = path.name
+    # 2**31 - 1: the largest limit every platform's C long accepts
+    with path.open(encoding="utf-8-sig", newline="") as handle, _csv_field_limit(2**31 - 1):
+        reader = csv.reader(handle)
+        header: list[str] | None = None
+        previous_line = 0
+        while True:
+            start = previous_line + 1
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except UnicodeDecodeError:
+                raise PreftuneError(f"{name}:{start}: not valid UTF-8") from None
+            except csv.Error as exc:
+                raise PreftuneError(f"{name}:{start}: malformed CSV ({exc})") from None
+            previous_line = reader.line_num
+            if not row:
+                continue
+            if header is None:
+                header = [cell.strip() for cell in row]
+                duplicated = [c for c, n in Counter(header).items() if n > 1]
+                if duplicated:
+                    raise PreftuneError(
+                        f"{name}:{start}: column '{duplicated[0]}' appears twice in the header"
+                    )
+                continue
+            where = f"{name}:{start}"
+            if len(row) != len(header):
+                yield where, _Unreadable(f"{where}: row has {len(row)} cells, the header has {len(header)}")
+                continue
+            yield where, dict(zip(header, row))
+
+
+def _read_parquet(path: Path) -> list[_Entry]:
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except (pyarrow.ArrowException, ValueError) as exc:
+        raise PreftuneError(f"{path.name}: not a readable Parquet file ({_first_line(exc)})") from None
+    return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows, start=1)]
+
+
+def _read_saved_dataset(path: Path, split: str) -> list[_Entry]:
+    from datasets import DatasetDict, load_from_disk
+
+    is_saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+    if not is_saved:
+        raise PreftuneError(f"{path}: a folder must be a dataset saved with datasets' save_to_disk")
+    try:
+        dataset = load_from_disk(str(path))
+    except Exception as exc:  # the library raises many types for a damaged folder
+        raise PreftuneError(f"{path}: cannot load the saved dataset ({_first_line(exc)})") from None
+    label = path.name
+    if isinstance(dataset, DatasetDict):
+        if split not in dataset:
+            raise PreftuneError(
+                f"{path}: split '{split}' not found (available: {', '.join(dataset) or 'none'})"
+            )
+        dataset = dataset[split]
+        label = f"{path.name}[{split}]"
+    return [(f"{label}: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+
+
+@contextmanager
+def _hub_offline() -> Iterator[None]:
+    """Force offline mode so a hub name is served from the local cache or not at all.
+
+    `datasets` and `huggingface_hub` read the environment once, at import, so their module
+    flags are switched as well as the variables; everything is restored afterwards.
+    """
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+
+    saved_env = {k: os.environ.get(k) for k in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")}
+    saved_flags = (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE)
+    os.environ["HF_DATASETS_OFFLINE"] = os.environ["HF_HUB_OFFLINE"] = "1"
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved_flags
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _read_hub_dataset(name: str, split: str) -> list[_Entry]:
+    from datasets import load_dataset
+
+    try:
+        with _hub_offline():
+            dataset = load_dataset(name, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise PreftuneError(f"dataset '{name}': split '{split}' not found in the local cache") from None
+        raise PreftuneError(f"dataset '{name}': {_first_line(exc)}") from None
+    except Exception:  # not cached: the library raises connection or not-found errors
+        raise PreftuneError(
+            f"dataset '{name}' is not available offline: no such file, and it is not in the local "
+            "Hugging Face cache (download it once with network access, or pass a data file)"
+        ) from None
+    return [(f"{name}[{split}]: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation and normalisation
+# ---------------------------------------------------------------------------------------------
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _is_empty(text: Text) -> bool:
+    """Empty means nothing but whitespace: such a completion teaches nothing but the EOS."""
+    if isinstance(text, str):
+        return not text.strip()
+    return all(not m["content"].strip() for m in text)
+
+
+def _messages(name: str, value: list, start: int = 0) -> list[Message]:
+    """Validated copies of chat messages; keys other than role/content are kept for templates."""
+    messages: list[Message] = []
+    for i, message in enumerate(value):
+        label = f"{name}[{start + i}]"
+        if not isinstance(message, dict):
+            raise PreftuneError(f"field '{label}' must be a message object, got {_type_name(message)}")
+        if message.get("role") is None or message.get("content") is None:
+            raise PreftuneError(f"field '{label}' message needs 'role' and 'content'")
+        for key in ("role", "content"):
+            if not isinstance(message[key], str):
+                raise PreftuneError(f"field '{label}.{key}' must be a string, got {_type_name(message[key])}")
+        if not message["role"].strip():
+            raise PreftuneError(f"field '{label}.role' is empty")
+        # Columnar formats (Parquet, datasets) fill keys a message lacks with null: drop those.
+        messages.append({k: v for k, v in message.items() if v is not None})
+    return messages
+
+
+def _field(name: str, value: Any) -> Text:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _messages(name, value)
+    raise PreftuneError(f"field '{name}' must be a string or a list of messages, got {_type_name(value)}")
+
+
+def _check_completion(name: str, value: Text, first_index: int = 0) -> None:
+    """A completion must say something, and a chat one must open with the assistant's turn.
+
+    Checked again after an implicit split, which can leave only whitespace ("a b " / "a b  c").
+
+    The prompt is rendered with the chat template's generation prompt (the assistant header), so
+    a completion that starts with another role would be scored after the wrong header.
+    """
+    if _is_empty(value):
+        raise PreftuneError(f"field '{name}' is empty")
+    if isinstance(value, list) and value[0]["role"] != "assistant":
+        raise PreftuneError(
+            f"field '{name}[{first_index}]' must be an assistant message, got role '{value[0]['role']}'"
+        )
+
+
+def validate_record(location: str, record: dict) -> PreferenceExample:
+    """Check one raw record and return it normalised; raise `PreftuneError` naming location and field.
+
+    Rules chosen where formats are loose:
+    - a `null` field counts as missing; without `prompt` the prompt is implicit
+      (`split_implicit_prompt`);
+    - an empty `prompt` is allowed (continuation data has none; the report counts them), an empty
+      or whitespace-only `chosen`/`rejected` is not;
+    - when `prompt` is a message list, a `chosen`/`rejected` given as a plain string is taken as
+      one assistant message; a string prompt with message-list completions is an error;
+    - chat completions must start with an assistant message;
+    - all other fields are kept untouched in `extra`.
+    """
+    try:
+        return _validate(location, record)
+    except PreftuneError as exc:
+        raise PreftuneError(f"{location}: {exc}") from None
+
+
+def _validate(location: str, record: Any) -> PreferenceExample:
+    if not isinstance(record, dict):
+        raise PreftuneError(
+            f"record must be an object with fields prompt/chosen/rejected, got {_type_name(record)}"
+        )
+    for name in ("chosen", "rejected"):
+        if record.get(name) is None:
+            raise PreftuneError(f"field '{name}' is missing")
+    raw_prompt = record.get("prompt")
+    prompt = None if raw_prompt is None else _field("prompt", raw_prompt)
+    chosen = _field("chosen", record["chosen"])
+    rejected = _field("rejected", record["rejected"])
+    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if _is_empty(value):
+            raise PreftuneError(f"field '{name}' is empty")
+
+    if prompt is None:
+        if isinstance(chosen, str) != isinstance(rejected, str):
+            raise PreftuneError(
+                "fields 'chosen' and 'rejected' must both be strings or both lists of messages"
+            )
+        prompt, chosen_rest, rejected_rest = split_implicit_prompt(chosen, rejected)
+        shared = len(prompt) if isinstance(prompt, list) else 0
+        _check_completion("chosen", chosen_rest, shared)
+        _check_completion("rejected", rejected_rest, shared)
+        return PreferenceExample(prompt, chosen_rest, rejected_rest, location, extra)
+
+    if isinstance(prompt, list):
+        # A bare string answer to a conversation is the assistant's reply.
+        chosen, rejected = (
+            [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
+        )
+    else:
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(value, list):
+                raise PreftuneError(
+                    f"field 'prompt' must be a list of messages when '{name}' is one, got a string"
+                )
+    _check_completion("chosen", chosen)
+    _check_completion("rejected", rejected)
+    return PreferenceExample(prompt, chosen, rejected, location, extra)
+
+
+def _preview(text: str, width: int = 40) -> str:
+    """A short one-line quote of user text for an error message."""
+    text = text if len(text) <= width else text[: width - 3] + "..."
+    return json.dumps(text, ensure_ascii=False)
+
+
+def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Text]:
+    """Split two full texts into (prompt, chosen completion, rejected completion).
+
+    Conversations: the longest run of identical leading messages is the prompt; it is an error
+    if nothing is shared or if one side has nothing left after it.
+
+    Strings: the prompt is the longest shared beginning that ends at a word boundary, and each
+    completion starts with the whitespace that follows it ("The sky is blue." / "The sky is
+    black." gives "The sky is", " blue.", " black."). Splitting by characters would cut a word
+    ("The sky is bl" + "ue."), and byte-level and SentencePiece tokenizers attach the leading
+    space to the next word, so the space belongs with the completion. Both completions must
+    start with whitespace, which also keeps either from being empty.
+    """
+    if isinstance(chosen, list) and isinstance(rejected, list):
+        shared = 0
+        for a, b in zip(chosen, rejected):
+            if a != b:
+                break
+            shared += 1
+        if shared == 0:
+            raise PreftuneError(
+                "no field 'prompt', and 'chosen' and 'rejected' share no leading message to use as the prompt"
+            )
+        for name, value in (("chosen", chosen), ("rejected", rejected)):
+            if shared == len(value):
+                raise PreftuneError(
+                    f"no field 'prompt', and nothing of '{name}' remains after the messages it shares "
+                    "with the other completion"
+                )
+        return chosen[:shared], chosen[shared:], rejected[shared:]
+    if isinstance(chosen, str) and isinstance(rejected, str):
+        common = len(os.path.commonprefix([chosen, rejected]))
+        if common == 0:
+            raise PreftuneError(
+                "no field 'prompt', and 'chosen' and 'rejected' share no beginning to use as the prompt"
+            )
+        # The last split point where both continue with whitespace, moved to the start of that
+        # whitespace run so the prompt ends on a word.
+        cut = min(common, len(chosen) - 1, len(rejected) - 1)
+        while cut > 0 and not (chosen[cut].isspace() and rejected[cut].isspace()):
+            cut -= 1
+        while cut > 0 and chosen[cut - 1].isspace():
+            cut -= 1
+        if cut == 0:
+            raise PreftuneError(
+                f"no field 'prompt', and the beginning that 'chosen' and 'rejected' share "
+                f"({_preview(chosen[:common])}) has no whitespace boundary to split the prompt at"
+            )
+        return chosen[:cut], chosen[cut:], rejected[cut:]
+    raise PreftuneError("fields 'chosen' and 'rejected' must both be strings or both lists of messages")
+
+
+def check_records(records: Iterable[tuple[str, dict]]) -> tuple[list[PreferenceExample], list[str]]:
+    """Validate every record: the valid examples and every error message, in source order."""
+    examples: list[PreferenceExample] = []
+    errors: list[str] = []
+    for location, record in records:
+        if isinstance(record, _Unreadable):
+            errors.append(record.message)
+            continue
+        try:
+            examples.append(validate_record(location, record))
+        except PreftuneError as exc:
+            errors.append(str(exc))
+    return examples, errors
+
+
+def check_data(source: str | Path, split: str = "train") -> tuple[list[PreferenceExample], list[str]]:
+    """Like `check_records` on a whole source, with unparseable lines among the errors, in order."""
+    return check_records(_read_entries(source, split))
+
+
+def load_preference_data(source: str | Path, split: str = "train") -> list[PreferenceExample]:
+    """All examples of a source, or a `PreftuneError` with the first problem and how many more."""
+    examples, errors = check_data(source, split)
+    if errors:
+        more = len(errors) - 1
+        suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
+        raise PreftuneError(errors[0] + suffix)
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Quality report
+# ---------------------------------------------------------------------------------------------
+
+
+def _flat_text(value: Text) -> str:
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def _key(value: Any) -> str:
+    """A canonical string, so texts and message lists compare and hash alike."""
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+def _percentile(ordered: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default method)."""
+    position = (len(ordered) - 1) * q
+    low = math.floor(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def _stats(values: list[int]) -> dict[str, float] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "min": ordered[0],
+        "mean": statistics.fmean(ordered),
+        "median": statistics.median(ordered),
+        "p95": _percentile(ordered, 0.95),
+        "max": ordered[-1],
+    }
+
+
+def _distinct_n(texts: Iterable[str], n: int) -> float | None:
+    """Distinct-n (Li et al. 2016, "A Diversity-Promoting Objective Function for Neural
+    Conversation Models"): unique n-grams / all n-grams, n-grams taken within each text."""
+    grams: list[tuple[str, ...]] = []
+    for text in texts:
+        words = text.split()
+        grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def _percent(count: int, total: int) -> str:
+    return f"{100 * count / total:.1f}%"
+
+
+def quality_report(
+    examples: Sequence[PreferenceExample],
+    lengths: Sequence[tuple[int, int, int]] | None = None,
+    max_seq_length: int | None = None,
+    max_prompt_length: int | None = None,
+) -> dict[str, Any]:
+    """Numbers that reveal a broken or biased preference set before any compute is spent.
+
+    `lengths` gives (prompt, chosen, rejected) token counts, one per example; without it lengths
+    are whitespace words (`length_unit` says which). Truncation counts need token lengths and
+    the limits: a prompt is truncated when longer than `max_prompt_length`, a pair when the
+    (truncated) prompt plus the longer completion exceeds `max_seq_length`; otherwise they are
+    None. Prompt diversity (`distinct_1`, `distinct_2`) is measured over the unique prompts, so
+    it describes their wording while `unique_prompts` describes their repetition. The result is
+    JSON-serialisable.
+    """
+    total = len(examples)
+    if lengths is not None:
+        lengths = [tuple(int(x) for x in row) for row in lengths]
+        if len(lengths) != total or any(len(row) != 3 for row in lengths):
+            raise ValueError("lengths must hold one (prompt, chosen, rejected) triple per example")
+        unit = "tokens"
+        measured = lengths
+    else:
+        unit = "words"
+        measured = [tuple(len(_flat_text(getattr(ex, f)).split()) for f in FIELDS) for ex in examples]
+
+    prompt_keys = [_key(ex.prompt) for ex in examples]
+    unique_prompt_texts = {k: _flat_text(ex.prompt) for k, ex in zip(prompt_keys, examples, strict=True)}
+    pair_counts = Counter(_key([ex.prompt, ex.chosen, ex.rejected]) for ex in examples)
+    exact_duplicates = sum(n - 1 for n in pair_counts.values())
+    ties = sum(_key(ex.chosen) == _key(ex.rejected) for ex in examples)
+    chosen_longer = sum(c > r for _, c, r in measured)
+    rejected_longer = sum(r > c for _, c, r in measured)
+
+    report: dict[str, Any] = {
+        "num_pairs": total,
+        "conversational": sum(ex.is_conversational for ex in examples),
+        "empty_prompts": sum(_is_empty(ex.prompt) for ex in examples),
+        "exact_duplicates": exact_duplicates,
+        "duplicate_prompts": total - len(unique_prompt_texts),
+        "chosen_equals_rejected": ties,
+        "length_unit": unit,
+        "lengths": {name: _stats([row[i] for row in measured]) for i, name in enumerate(FIELDS)},
+        "chosen_longer_share": chosen_longer / total if total else None,
+        "rejected_longer_share": rejected_longer / total if total else None,
+        "unique_prompts": len(unique_prompt_texts),
+        "distinct_1": _distinct_n(unique_prompt_texts.values(), 1),
+        "distinct_2": _distinct_n(unique_prompt_texts.values(), 2),
+        "max_prompt_length": max_prompt_length,
+        "max_seq_length": max_seq_length,
+        "truncated_prompts": None,
+        "truncated_pairs": None,
+        "warnings": [],
+    }
+    if lengths is not None and max_prompt_length is not None:
+        report["truncated_prompts"] = sum(p > max_prompt_length for p, _, _ in lengths)
+    if lengths is not None and max_seq_length is not None:
+        cap = max_prompt_length if max_prompt_length is not None else math.inf
+        report["truncated_pairs"] = sum(min(p, cap) + max(c, r) > max_seq_length for p, c, r in lengths)
+
+    warnings: list[str] = report["warnings"]
+    if total == 0:
+        warnings.append("no pairs")
+        return report
+    if ties:
+        warnings.append(
+            f"{ties} pair(s) ({_percent(ties, total)}) have chosen identical to rejected: "
+            "the preference loss gets no signal from them"
+        )
+    if exact_duplicates:
+        warnings.append(
+            f"{exact_duplicates} exact duplicate pair(s) ({_percent(exact_duplicates, total)}): "
+            "duplicates weigh those pairs more and can leak between train and eval splits"
+        )
+    share = report["chosen_longer_share"]
+    low, high = LENGTH_BIAS_BAND
+    if share > high or share < low:
+        warnings.append(
+            f"chosen is longer than rejected in {_percent(chosen_longer, total)} of pairs "
+            f"(rejected longer in {_percent(rejected_longer, total)}): "
+            "the model may learn length instead of quality"
+        )
+    if report["truncated_prompts"]:
+        n = report["truncated_prompts"]
+        warnings.append(f"{n} prompt(s) ({_percent(n, total)}) exceed max_prompt_length={max_prompt_length}")
+    if report["truncated_pairs"]:
+        n = report["truncated_pairs"]
+        warnings.append(
+            f"{n} pair(s) ({_percent(n, total)}) exceed max_seq_length={max_seq_length}: "
+            "their completions will be truncated"
+        )
+    return report
+
+
+def _number(value: Any, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as a few aligned lines for a terminal."""
+    total = report["num_pairs"]
+
+    def share(count: int | None) -> str:
+        if count is None:
+            return "-"
+        return f"{count} ({_percent(count, total)})" if total else str(count)
+
+    rows = [
+        ("pairs", f"{total} ({report['conversational']} conversational)"),
+        ("empty prompts", share(report["empty_prompts"])),
+        ("exact duplicates", share(report["exact_duplicates"])),
+        ("unique prompts", f"{report['unique_prompts']} ({report['duplicate_prompts']} repeated)"),
+        ("chosen == rejected", share(report["chosen_equals_rejected"])),
+        (
+            "chosen longer than rejected",
+            "-"
+            if report["chosen_longer_share"] is None
+            else f"{100 * report['chosen_longer_share']:.1f}% of pairs",
+        ),
+        ("prompt distinct-1/2", f"{_number(report['distinct_1'])} / {_number(report['distinct_2'])}"),
+    ]
+    if report.get("truncated_prompts") is not None:
+        rows.append((f"prompts > {report['max_prompt_length']} tokens", share(report["truncated_prompts"])))
+    if report.get("truncated_pairs") is not None:
+        rows.append((f"pairs > {report['max_seq_length']} tokens", share(report["truncated_pairs"])))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label:<{width}}{value}" for label, value in rows]
+
+    columns = ("min", "mean", "median", "p95", "max")
+    lines.append("")
+    lines.append(f"{'length (' + report['length_unit'] + ')':<{width}}" + "".join(f"{c:>9}" for c in columns))
+    for name, stats in report["lengths"].items():
+        # counts are whole numbers; mean, median and p95 may fall between them
+        cells = "".join(
+            f"{_number(None if stats is None else stats[c], 0 if c in ('min', 'max') else 1):>9}"
+            for c in columns
+        )
+        lines.append(f"  {name:<{width - 2}}{cells}")
+    if report["warnings"]:
+        lines.append("")
+        lines.append("warnings:")
+        lines.extend(f"  - {w}" for w in report["warnings"])
+    return "\n".join(lines)
