@@ -1,0 +1,191 @@
+"""Tokenization, truncation and collation of preference pairs.
+
+The scoring rule (shared with every evaluator of this project): prompt and completion are tokenized
+separately and concatenated, so no token spans the boundary. Prompt ids are `tokenizer(prompt)` with
+the tokenizer's own special tokens, or the chat template with the generation prompt for messages;
+completion ids are `tokenizer(completion, add_special_tokens=False)` followed by EOS unless already
+there. Tokenizing the two parts separately is also what lets a pair's prompt be encoded once and
+shared by both completions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from preftune.data import PreferenceExample
+
+
+@dataclass
+class TokenizedPair:
+    """One preference pair as token ids, after truncation."""
+
+    index: int  # position in the dataset: keys precomputed reference log-probs
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    prompt_truncated: bool = False
+    chosen_truncated: bool = False
+    rejected_truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens of the two sequences the pair is scored on (prompt counted for each)."""
+        return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class TruncationStats:
+    pairs: int = 0
+    prompts_truncated: int = 0
+    chosen_truncated: int = 0
+    rejected_truncated: int = 0
+    longest_prompt: int = 0
+    longest_completion: int = 0
+    examples: list[str] = field(default_factory=list)  # locations of the first truncated pairs
+
+    def summary(self) -> str:
+        return (
+            f"{self.pairs} pairs tokenized; truncated: {self.prompts_truncated} prompts (from the left), "
+            f"{self.chosen_truncated} chosen and {self.rejected_truncated} rejected completions (from the right); "
+            f"longest prompt {self.longest_prompt} tokens, longest completion {self.longest_completion} tokens"
+        )
+
+
+def _ids(encoded: Any) -> list[int]:
+    """Plain ids from whatever a tokenizer call returned (list, BatchEncoding or dict)."""
+    if hasattr(encoded, "keys") and "input_ids" in encoded:
+        encoded = encoded["input_ids"]
+    return [int(i) for i in encoded]
+
+
+def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
+    """Prompt ids: the tokenizer's own special tokens, or the chat template with the generation
+    prompt. The template is tokenized without adding special tokens again (no doubled BOS)."""
+    if isinstance(prompt, list):
+        ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+    else:
+        ids = _ids(tokenizer(prompt))
+    if not ids:
+        # An empty prompt leaves the first completion token without context; give it the
+        # sequence-start token a language model was trained to continue from.
+        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        ids = [start]
+    return ids
+
+
+def completion_text(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict]) -> str:
+    """The text of a completion. For messages it is what the chat template renders after the
+    prompt's generation prompt (end-of-turn markers included), cut after the last EOS text so the
+    template's trailing newline does not become a token after EOS."""
+    if isinstance(completion, str):
+        return completion
+    rendered_prompt = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+    if full.startswith(rendered_prompt):
+        text = full[len(rendered_prompt) :]
+    else:
+        # Templates that rewrite earlier turns (e.g. drop reasoning) do not prefix-match: fall back
+        # to the contents, which EOS then closes.
+        text = "".join(m["content"] for m in completion)
+    eos = tokenizer.eos_token
+    if eos and eos in text:
+        text = text[: text.rindex(eos) + len(eos)]
+    return text
+
+
+def encode_completion(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict]) -> list[int]:
+    ids = _ids(tokenizer(completion_text(tokenizer, prompt, completion), add_special_tokens=False))
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def effective_prompt_length(max_seq_length: int, max_prompt_length: int | None) -> int:
+    """The prompt limit in force: half the sequence when unset, and never so long that it leaves no
+    room for a completion (half the sequence then too)."""
+    if max_prompt_length is None or max_prompt_length >= max_seq_length:
+        return max(1, max_seq_length // 2)
+    return max_prompt_length
+
+
+def truncate_pair(
+    index: int,
+    prompt_ids: list[int],
+    chosen_ids: list[int],
+    rejected_ids: list[int],
+    max_seq_length: int,
+    max_prompt_length: int | None,
+) -> TokenizedPair:
+    """Prompt cut from the left (its end is what the answer follows), then each completion cut from
+    the right so prompt + completion fits `max_seq_length`. Both completions obey the same rule, and
+    each keeps at least one token, so no pair scores an empty completion."""
+    max_prompt_length = effective_prompt_length(max_seq_length, max_prompt_length)
+    prompt_truncated = len(prompt_ids) > max_prompt_length
+    if prompt_truncated:
+        prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_seq_length - len(prompt_ids)
+    chosen_truncated = len(chosen_ids) > budget
+    rejected_truncated = len(rejected_ids) > budget
+    return TokenizedPair(
+        index=index,
+        prompt_ids=list(prompt_ids),
+        chosen_ids=list(chosen_ids[:budget]),
+        rejected_ids=list(rejected_ids[:budget]),
+        prompt_truncated=prompt_truncated,
+        chosen_truncated=chosen_truncated,
+        rejected_truncated=rejected_truncated,
+    )
+
+
+def tokenize_dataset(
+    tokenizer: Any,
+    examples: Sequence[PreferenceExample],
+    max_seq_length: int,
+    max_prompt_length: int | None,
+) -> tuple[list[TokenizedPair], TruncationStats]:
+    pairs: list[TokenizedPair] = []
+    stats = TruncationStats()
+    for i, example in enumerate(examples):
+        prompt_ids = encode_prompt(tokenizer, example.prompt)
+        chosen_ids = encode_completion(tokenizer, example.prompt, example.chosen)
+        rejected_ids = encode_completion(tokenizer, example.prompt, example.rejected)
+        stats.longest_prompt = max(stats.longest_prompt, len(prompt_ids))
+        stats.longest_completion = max(stats.longest_completion, len(chosen_ids), len(rejected_ids))
+        pair = truncate_pair(i, prompt_ids, chosen_ids, rejected_ids, max_seq_length, max_prompt_length)
+        stats.pairs += 1
+        stats.prompts_truncated += pair.prompt_truncated
+        stats.chosen_truncated += pair.chosen_truncated
+        stats.rejected_truncated += pair.rejected_truncated
+        if (pair.prompt_truncated or pair.chosen_truncated or pair.rejected_truncated) and len(stats.examples) < 3:
+            stats.examples.append(example.location)
+        pairs.append(pair)
+    return pairs, stats
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One batch of 2B right-padded rows: the B chosen sequences, then the B rejected ones.
+
+    `completion_mask` marks the completion tokens, whose log-probabilities are summed; padding and
+    prompt tokens are never scored. `index` carries dataset positions for cached reference log-probs.
+    """
+    rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
+    masks = [[0] * len(p.prompt_ids) + [1] * len(p.chosen_ids) for p in pairs] + [
+        [0] * len(p.prompt_ids) + [1] * len(p.rejected_ids) for p in pairs
+    ]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row, mask) in enumerate(zip(rows, masks)):
+        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[i, : len(row)] = 1
+        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "completion_mask": completion_mask,
+        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+    }
