@@ -1,0 +1,193 @@
+"""The `preftune` command line.
+
+Bad input ends in one line on stderr and a non-zero exit; the traceback is shown only with
+`--debug`. `python -m preftune` runs the same `main`, so launchers such as
+`accelerate launch -m preftune train CONFIG` work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Sequence
+
+from preftune import __version__
+from preftune.errors import PreftuneError
+
+log = logging.getLogger("preftune")
+
+
+def _setup_logging(debug: bool) -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[preftune] %(message)s"))
+    log.handlers[:] = [handler]
+    log.propagate = False
+    log.setLevel(logging.DEBUG if debug else logging.INFO if rank == 0 else logging.WARNING)
+    if not debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # Library chatter (weight-loading bars, deprecation notes) buries the lines that matter.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        try:
+            import transformers
+
+            transformers.logging.set_verbosity_error()
+            transformers.logging.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+    from preftune.trainer import train
+
+    cfg = load_config(args.config, args.set or [])
+    final = train(cfg)
+    summary = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k in ("loss", "eval_loss", "eval_rewards/accuracies"))
+    log.info("done: %s -> %s", summary or "no steps", cfg.output_dir)
+    return 0
+
+
+def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int]]:
+    from preftune.batching import encode_completion, encode_prompt
+    from preftune.models import load_tokenizer
+
+    tokenizer = load_tokenizer(model_name)
+    return [
+        (
+            len(encode_prompt(tokenizer, e.prompt)),
+            len(encode_completion(tokenizer, e.prompt, e.chosen)),
+            len(encode_completion(tokenizer, e.prompt, e.rejected)),
+        )
+        for e in examples
+    ]
+
+
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from preftune.data import check_data, format_report, quality_report
+
+    model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
+    if args.config:
+        from preftune.config import load_config
+
+        cfg = load_config(args.config)
+        model_name = model_name or cfg.model_name
+        max_seq = max_seq or cfg.max_seq_length
+        max_prompt = max_prompt or cfg.max_prompt_length
+    if max_seq:
+        from preftune.batching import effective_prompt_length
+
+        max_prompt = effective_prompt_length(max_seq, max_prompt)
+    examples, errors = check_data(args.path, args.split)
+    lengths = _report_lengths(examples, model_name) if (model_name and examples) else None
+    report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
+    report["invalid_records"] = len(errors)
+    report["errors"] = errors[:100]
+    if args.format == "json":
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+    if errors:
+        for message in errors[:20]:
+            print(f"preftune: error: {message}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"preftune: error: ... and {len(errors) - 20} more invalid records", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+
+    parser = argparse.ArgumentParser(
+        prog="preftune",
+        description="Preference fine-tuning (DPO and its family) for causal language models.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train from a JSON/YAML config",
+        description="Train a model from a JSON or YAML config (see the README for every key).",
+    )
+    p.add_argument("config", help="config file (.yaml, .yml or .json)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key, the value parsed as YAML (repeatable): --set beta=0.2 --set lora_r=0",
+    )
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", parents=[common], help="inspect preference data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
+    c = data_sub.add_parser(
+        "check",
+        parents=[common],
+        help="validate a dataset and print its quality report",
+        description="Validate every record (errors name the line and field) and report duplicates, ties, "
+        "length bias, prompt diversity and truncation. Exits 1 when any record is invalid.",
+    )
+    c.add_argument("path", help="JSONL/JSON/Parquet/CSV file, a datasets folder, or a cached hub dataset name")
+    c.add_argument("--format", choices=("text", "json"), default="text")
+    c.add_argument("--split", default="train", help="split of a datasets folder or hub dataset (default: train)")
+    c.add_argument("--model", help="count lengths in this model's tokens (default: whitespace words)")
+    c.add_argument("--config", help="take model_name, max_seq_length and max_prompt_length from a training config")
+    c.add_argument("--max-seq-length", type=int, help="report pairs that this limit would truncate")
+    c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
+    c.set_defaults(func=cmd_data_check)
+    data.set_defaults(func=lambda a: data.print_help() or 2)
+    return parser
+
+
+def _out_of_memory_message(exc: BaseException) -> str:
+    return (
+        f"out of memory ({str(exc).splitlines()[0][:120]}): lower per_device_train_batch_size (and raise "
+        "gradient_accumulation_steps to keep the global batch), lower max_seq_length, use LoRA (lora_r > 0), "
+        "use_4bit on a GPU, gradient_checkpointing: true, or reference: precomputed"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = bool(getattr(args, "debug", False))
+    _setup_logging(debug)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except PreftuneError as exc:
+        if debug:
+            raise
+        print(f"preftune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("preftune: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything unforeseen still ends in one line unless --debug
+        if debug:
+            raise
+        import torch
+
+        if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower():
+            print(f"preftune: error: {_out_of_memory_message(exc)}", file=sys.stderr)
+        else:
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            print(f"preftune: error: {type(exc).__name__}: {first} (run with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The frozen reference model of DPO, in three forms that trade memory for flexibility.
+
+- `AdapterReference`: under LoRA the base model *is* the reference; disabling the adapter gives it
+  back for free (no second copy in memory).
+- `ModelReference`: a separate frozen model (a copy of the start point, or `ref_model_name`).
+- `PrecomputedReference`: the reference never changes and neither does the data, so its log-probs
+  are computed once, before training, and cached on disk keyed by fingerprints of the model weights,
+  the tokenized data and the settings. A later run with the same three reuses the file; a change in
+  any of them gives a new key, so a stale cache is never read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from preftune.batching import TokenizedPair, collate_pairs
+from preftune.logprobs import CompletionLogprobs
+
+log = logging.getLogger("preftune")
+
+CACHE_FORMAT = 1  # bump when the meaning of a cached file changes
+
+
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """Reference scores are taken without dropout, whatever mode the policy is in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+def _split(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    half = sums.shape[0] // 2
+    return sums[:half], sums[half:]
+
+
+class AdapterReference:
+    """The base model seen through the policy with its LoRA adapter switched off."""
+
+    def __init__(self, policy: CompletionLogprobs) -> None:
+        self.policy = policy
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        with eval_mode(self.policy), self.policy.model.disable_adapter():
+            sums, _ = self.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return _split(sums)
+
+
+class ModelReference:
+    """A separate frozen model."""
+
+    def __init__(self, module: CompletionLogprobs) -> None:
+        self.module = module.eval()
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        sums, _ = self.module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        return _split(sums)
+
+
+class PrecomputedReference:
+    """Log-probs looked up by dataset position (`batch["index"]`)."""
+
+    def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
+        self.chosen = chosen.float()
+        self.rejected = rejected.float()
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = batch["index"].cpu()
+        device = batch["input_ids"].device
+        return self.chosen[index].to(device), self.rejected[index].to(device)
+
+
+def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+    """Hash of the exact token ids scored: covers the data, the tokenizer and the truncation."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in pairs:
+        h.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+    return h.hexdigest()
+
+
+def cache_key(model_fingerprint: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+    payload = json.dumps(
+        {"format": CACHE_FORMAT, "model": model_fingerprint, "data": data_fingerprint(pairs), "settings": settings},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_logps(
+    module: CompletionLogprobs,
+    pairs: Sequence[TokenizedPair],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(chosen, rejected) summed log-probs for every pair, indexed by `TokenizedPair.index`."""
+    from tqdm.auto import tqdm
+
+    size = max(p.index for p in pairs) + 1 if pairs else 0
+    chosen = torch.zeros(size, dtype=torch.float32)
+    rejected = torch.zeros(size, dtype=torch.float32)
+    # Longest first: the first batch shows at once whether memory suffices.
+    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].num_tokens)
+    starts = range(0, len(order), batch_size)
+    with eval_mode(module):
+        for start in tqdm(starts, desc="reference log-probs", disable=not progress, unit="batch"):
+            chunk = [pairs[i] for i in order[start : start + batch_size]]
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            with autocast() if autocast else contextlib.nullcontext():
+                sums, _ = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            c, r = _split(sums.float().cpu())
+            chosen[batch["index"].cpu()] = c
+            rejected[batch["index"].cpu()] = r
+    return chosen, rejected
+
+
+def load_cached(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The cached tensors, or None when absent or unreadable (then they are recomputed)."""
+    if not path.is_file():
+        return None
+    try:
+        tensors = load_file(str(path))
+        return tensors["chosen"], tensors["rejected"]
+    except Exception as exc:  # a damaged file is recomputed, never trusted
+        log.warning("ignoring unreadable reference cache %s (%s); recomputing", path, exc)
+        return None
+
+
+def save_cached(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, metadata: dict[str, str]) -> None:
+    """Atomic: written beside the target, then renamed, so a crash leaves no half file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,719 @@
+"""The DPO training loop: explicit, one screen per concern, on top of `accelerate`.
+
+Why not `transformers.Trainer`: batching and the log-prob computation are where preference
+training spends its time and memory, and both are ours (see `batching.py`, `logprobs.py`). The loop
+below reads top to bottom: plan the step's examples, forward and backward each micro-batch, clip,
+step, schedule, log, evaluate, checkpoint. `accelerate` supplies devices, mixed precision and the
+distributed wrappers; nothing here is a home-made distributed layer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from preftune import models
+from preftune.batching import TokenizedPair, collate_pairs, effective_prompt_length, tokenize_dataset
+from preftune.config import TrainConfig, to_yaml
+from preftune.data import PreferenceExample, load_preference_data
+from preftune.errors import PreftuneError
+from preftune.logprobs import CompletionLogprobs
+from preftune.losses import preference_loss
+from preftune.reference import (
+    AdapterReference,
+    ModelReference,
+    PrecomputedReference,
+    cache_key,
+    compute_logps,
+    load_cached,
+    save_cached,
+)
+
+log = logging.getLogger("preftune")
+
+METRIC_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers: schedule, data plan
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> float:
+    """Multiplier of the peak learning rate for optimizer step `step` (0-based).
+
+    Linear warmup reaches the peak on the last warmup step (never a wasted zero-lr first step),
+    then `linear` decays towards 0 at `total_steps`, `cosine` follows half a cosine, `constant` holds.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if kind == "linear":
+        return max(0.0, 1.0 - progress)
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    raise ValueError(kind)
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed run
+    finds its place from the step number alone."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def step_examples(num_examples: int, global_batch: int, seed: int, step: int) -> tuple[list[int], int]:
+    """(dataset positions used by optimizer step `step` (0-based), its epoch). The last step of an
+    epoch may be smaller; gradients are normalised by its true size."""
+    steps_per_epoch = math.ceil(num_examples / global_batch)
+    epoch, position = divmod(step, steps_per_epoch)
+    order = epoch_order(num_examples, seed, epoch)
+    return order[position * global_batch : (position + 1) * global_batch], epoch
+
+
+def split_for_eval(
+    examples: Sequence[PreferenceExample], eval_split: float, seed: int
+) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """Seeded random hold-out: a fraction in (0, 1) or a whole count; 0 means no evaluation."""
+    if not eval_split:
+        return list(examples), []
+    n = len(examples)
+    n_eval = int(eval_split) if eval_split >= 1 else max(1, round(eval_split * n))
+    if n_eval >= n:
+        raise PreftuneError(f"'eval_split' {eval_split} leaves no training pairs out of {n}")
+    generator = torch.Generator().manual_seed(seed)
+    held = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
+    train = [e for i, e in enumerate(examples) if i not in held]
+    evals = [e for i, e in enumerate(examples) if i in held]
+    return train, evals
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """As TRL does by default: with dropout on, policy and reference disagree even at step 0."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Run state
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    bco_count: int = 0  # running mean of rewards for `bco_pair`, as TRL keeps it
+    bco_mean: float = 0.0
+    nonfinite_skips: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class MetricsLog:
+    """`metrics.jsonl`, one JSON object per line, written by the main process only."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def truncate_after(self, step: int) -> None:
+        """After a resume, records past the checkpoint's step are dropped so each step appears once."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def reset(self) -> None:
+        if self.enabled and self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
+    root = output_dir / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.name.startswith("step-") and (p / "trainer_state.json").is_file():
+                try:
+                    found.append((int(p.name[5:]), p))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
+    if spec == "latest":
+        found = _checkpoint_dirs(output_dir)
+        return found[-1][1] if found else None
+    path = Path(spec)
+    if not (path / "trainer_state.json").is_file():
+        raise PreftuneError(f"resume_from_checkpoint: {spec} is not a complete checkpoint (no trainer_state.json)")
+    return path
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Adapter (PEFT) or full model via `save_pretrained`: a checkpoint is also a loadable model."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def _load_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PreftuneError(f"checkpoint {folder} holds no weights")
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        for f in files:
+            set_peft_model_state_dict(model, load_file(str(f)))
+    else:
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise PreftuneError(f"checkpoint {folder} does not match the model (unexpected {unexpected[:3]})")
+        if model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
+            model.tie_weights()
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer
+
+
+class DPOTrainer:
+    """A recipe: `setup()` builds everything from the config, `train()` runs the loop."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.cfg = config
+        self.output_dir = Path(config.output_dir)
+
+    # -- setup ----------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        if cfg.strategy != "dpo":
+            raise PreftuneError(
+                f"strategy '{cfg.strategy}' is not available in preftune {__import__('preftune').__version__}; "
+                "use strategy: dpo (the preference losses of DPO's family are chosen with 'loss_type')"
+            )
+        if not cfg.dataset:
+            raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
+
+        use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
+        bf16 = cfg.bf16 if cfg.bf16 is not None else (use_cuda and torch.cuda.is_bf16_supported())
+        if bf16 and use_cuda and not torch.cuda.is_bf16_supported():
+            raise PreftuneError("bf16: this GPU does not support bfloat16; set bf16: false")
+        self.bf16 = bool(bf16)
+        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not use_cuda)
+        self.is_main = acc.is_main_process
+        if self.bf16 and acc.device.type == "cpu":
+            log.warning("bf16 on CPU is much slower than fp32 on most CPUs; set bf16: false for speed")
+        set_seed(cfg.seed)
+        cfg.bf16 = self.bf16
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._check_writable()
+
+        # Data
+        self.tokenizer = models.load_tokenizer(cfg.model_name)
+        examples = load_preference_data(cfg.dataset, cfg.dataset_split)
+        if cfg.eval_dataset:
+            train_ex, eval_ex = examples, load_preference_data(cfg.eval_dataset, "test")
+        else:
+            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed)
+        if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
+            log.warning(
+                "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
+                cfg.max_prompt_length,
+                cfg.max_seq_length,
+                effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length),
+            )
+        self.train_pairs, stats = tokenize_dataset(self.tokenizer, train_ex, cfg.max_seq_length, cfg.max_prompt_length)
+        eval_pairs, eval_stats = tokenize_dataset(self.tokenizer, eval_ex, cfg.max_seq_length, cfg.max_prompt_length)
+        offset = len(self.train_pairs)  # eval pairs get their own positions in the reference cache
+        for p in eval_pairs:
+            p.index += offset
+        self.eval_pairs = eval_pairs
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.is_main:
+            log.info("train: %s", stats.summary())
+            if eval_pairs:
+                log.info("eval: %s", eval_stats.summary())
+            if stats.examples:
+                log.info("first truncated pairs: %s", ", ".join(stats.examples))
+
+        # Model, reference, adapter
+        self.model_dtype = torch.bfloat16 if (self.bf16 and cfg.use_lora) else torch.float32
+        model = models.load_model(
+            cfg.model_name,
+            dtype=self.model_dtype,
+            use_4bit=cfg.use_4bit,
+            device=acc.device,
+            attn_implementation=cfg.attn_implementation,
+            gradient_checkpointing=cfg.gradient_checkpointing,
+            provider=cfg.provider,
+        )
+        if cfg.disable_dropout:
+            disable_dropout(model)
+        self.reference_kind = cfg.reference
+        if cfg.reference == "auto":
+            self.reference_kind = "adapter" if (cfg.use_lora and not cfg.ref_model_name) else "copy"
+        self.reference: Any = None
+        if self.reference_kind == "precomputed":
+            self.reference = self._precompute_reference(model)
+        elif self.reference_kind == "copy":
+            ref = models.load_model(
+                cfg.ref_model_name or cfg.model_name,
+                dtype=torch.bfloat16 if self.bf16 else torch.float32,
+                use_4bit=cfg.use_4bit,
+                device=acc.device,
+                attn_implementation=cfg.attn_implementation,
+                provider=cfg.provider,
+            )
+            self.reference = ModelReference(CompletionLogprobs(ref))
+        if cfg.use_lora:
+            model = models.apply_lora(
+                model, r=int(cfg.lora_r), alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+            )
+        model.train()
+        policy = CompletionLogprobs(model)
+
+        # Optimisation
+        params = [p for p in policy.parameters() if p.requires_grad]
+        self.num_trainable = sum(p.numel() for p in params)
+        self.num_params = sum(p.numel() for p in policy.parameters())
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.learning_rate,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_epsilon,
+            weight_decay=cfg.weight_decay,
+        )
+        self.world = acc.num_processes
+        self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
+        self.steps_per_epoch = math.ceil(len(self.train_pairs) / self.global_batch)
+        if cfg.max_steps > 0:
+            self.total_steps = cfg.max_steps
+        else:
+            self.total_steps = max(1, math.ceil(cfg.num_train_epochs * self.steps_per_epoch))
+        self.warmup_steps = math.ceil(cfg.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
+        )
+        self.policy, self.optimizer = acc.prepare(policy, optimizer)
+        self.inner = acc.unwrap_model(self.policy)
+        if self.reference_kind == "adapter":
+            self.reference = AdapterReference(self.inner)
+        self.state = TrainState()
+        self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
+        self._resume()
+        if self.is_main:
+            (self.output_dir / "config.resolved.yaml").write_text(to_yaml(cfg))
+            log.info(
+                "training %d pairs (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters trainable, "
+                "reference: %s, device: %s%s",
+                len(self.train_pairs),
+                len(self.eval_pairs),
+                self.total_steps,
+                self.total_steps / self.steps_per_epoch,
+                self.global_batch,
+                f"{self.num_trainable:,}",
+                f"{self.num_params:,}",
+                self.reference_kind,
+                acc.device,
+                f" x {self.world} processes" if self.world > 1 else "",
+            )
+        self.tb = self._tensorboard()
+
+    def _check_writable(self) -> None:
+        probe = self.output_dir / ".write-test"
+        try:
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PreftuneError(f"output_dir {self.output_dir} is not writable ({exc.strerror})") from None
+
+    def _tensorboard(self) -> Any:
+        if self.cfg.report_to != "tensorboard" or not self.is_main:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise PreftuneError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
+        return SummaryWriter(str(self.output_dir / "tensorboard"))
+
+    def _precompute_reference(self, model: torch.nn.Module) -> PrecomputedReference:
+        """One pass of the reference over train and eval pairs, cached on disk (see reference.py)."""
+        cfg, acc = self.cfg, self.accelerator
+        ref_model = model
+        if cfg.ref_model_name:
+            ref_model = models.load_model(cfg.ref_model_name, dtype=self.model_dtype, device=acc.device, provider=cfg.provider)
+        pairs = self.train_pairs + self.eval_pairs
+        settings = {"dtype": str(self.model_dtype), "bf16": self.bf16, "4bit": cfg.use_4bit}
+        key = cache_key(models.model_fingerprint(ref_model), pairs, settings)
+        root = Path(cfg.cache_dir) if cfg.cache_dir else models.cache_dir()
+        path = root / "reference" / f"{key}.safetensors"
+        cached = load_cached(path)
+        if cached is not None and cached[0].shape[0] == len(pairs):
+            if self.is_main:
+                log.info("reusing precomputed reference log-probs: %s (%d pairs)", path, len(pairs))
+            return PrecomputedReference(*cached)
+        if self.is_main:
+            started = time.perf_counter()
+            batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+            chosen, rejected = compute_logps(
+                CompletionLogprobs(ref_model),
+                pairs,
+                batch_size,
+                self.pad_id,
+                acc.device,
+                autocast=acc.autocast,
+                progress=cfg.progress_bar,
+            )
+            save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": cfg.ref_model_name or cfg.model_name})
+            log.info(
+                "precomputed reference log-probs for %d pairs in %.1fs: %s", len(pairs), time.perf_counter() - started, path
+            )
+        acc.wait_for_everyone()
+        cached = load_cached(path)
+        if cached is None:
+            raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
+        if ref_model is not model:
+            del ref_model
+        return PrecomputedReference(*cached)
+
+    # -- one batch ------------------------------------------------------------------------------
+    def _forward(
+        self, module: Any, batch: dict[str, torch.Tensor], training: bool = True
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per-example losses and the raw values metrics are made of."""
+        cfg = self.cfg
+        sums, lengths = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        half = sums.shape[0] // 2
+        policy_chosen, policy_rejected = sums[:half], sums[half:]
+        with self.accelerator.autocast():
+            ref_chosen, ref_rejected = self.reference.logps(batch)
+        ref_chosen, ref_rejected = ref_chosen.float().detach(), ref_rejected.float().detach()
+        types, weights = cfg.loss_mix()
+        bco_delta = self.state.bco_mean
+        if "bco_pair" in types and training:
+            bco_delta = self._update_bco(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            loss_type=types,
+            loss_weights=weights,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            chosen_lengths=lengths[:half],
+            rejected_lengths=lengths[half:],
+            discopop_tau=cfg.discopop_tau,
+            f_divergence_type=cfg.f_divergence_type,
+            f_alpha=cfg.f_alpha,
+            bco_delta=bco_delta,
+        )
+        values = {
+            "loss": losses.detach(),
+            "rewards/chosen": chosen_rewards.detach(),
+            "rewards/rejected": rejected_rewards.detach(),
+            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
+            "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
+            "logps/chosen": policy_chosen.detach(),
+            "logps/rejected": policy_rejected.detach(),
+        }
+        return losses, values
+
+    def _update_bco(self, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
+        """TRL's running mean of all rewards seen, current batch included, as BCO's baseline delta."""
+        rewards = self.cfg.beta * torch.cat([pc.detach() - rc, pr.detach() - rr])
+        batch_mean = self.accelerator.reduce(rewards.mean().reshape(1), "mean").item()
+        n = rewards.numel() * self.world
+        total = self.state.bco_count + n
+        self.state.bco_mean += (batch_mean - self.state.bco_mean) * n / total
+        self.state.bco_count = total
+        return self.state.bco_mean
+
+    def _device_batch(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.accelerator.device) for k, v in collate_pairs(pairs, self.pad_id).items()}
+
+    def _reduce_means(self, sums: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
+        totals = self.accelerator.reduce(torch.cat([sums, count.reshape(1)]).to(self.accelerator.device), "sum").cpu()
+        n = max(1.0, totals[-1].item())
+        return {k: totals[i].item() / n for i, k in enumerate(METRIC_KEYS)}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        rank = acc.process_index
+        bar = tqdm(
+            total=self.total_steps,
+            initial=self.state.step,
+            desc="dpo",
+            unit="step",
+            disable=not (self.is_main and cfg.progress_bar),
+            dynamic_ncols=True,
+        )
+        last: dict[str, float] = {}
+        while self.state.step < self.total_steps:
+            step = self.state.step  # 0-based index of the optimizer step being taken
+            started = time.perf_counter()
+            indices, epoch = step_examples(len(self.train_pairs), self.global_batch, cfg.seed, step)
+            n_global = len(indices)
+            mine = indices[rank :: self.world]
+            micro = [mine[i : i + cfg.per_device_train_batch_size] for i in range(0, len(mine), cfg.per_device_train_batch_size)]
+            # A rank with no example in a short last step still joins the collectives (else DDP
+            # hangs): it runs one example with zero weight.
+            weight = self.world / n_global
+            if not micro:
+                micro, weight = [[indices[0]]], 0.0
+            sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+            count = torch.zeros((), dtype=torch.float64)
+            tokens = 0
+            for i, chunk in enumerate(micro):
+                batch = self._device_batch([self.train_pairs[j] for j in chunk])
+                sync = i == len(micro) - 1
+                with nullcontext() if sync else acc.no_sync(self.policy):
+                    losses, values = self._forward(self.policy, batch)
+                    # Sum over the step's examples / their count: the same gradient as one big
+                    # batch, whatever the split into micro-batches and ranks (DDP averages ranks).
+                    acc.backward(losses.sum() * weight)
+                if weight:
+                    sums += torch.stack([values[k].double().sum().cpu() for k in METRIC_KEYS])
+                    count += len(chunk)
+                    tokens += int(batch["attention_mask"].sum())
+            max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+            grad_norm = acc.clip_grad_norm_(self.inner.parameters(), max_norm)
+            grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            lr = self.scheduler.get_last_lr()[0]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.state.step += 1
+            means = self._reduce_means(sums, count)
+            total_tokens = int(acc.reduce(torch.tensor(float(tokens), device=acc.device), "sum").item())
+            seconds = time.perf_counter() - started
+            record = {
+                "step": self.state.step,
+                "epoch": round(epoch + (step % self.steps_per_epoch + 1) / self.steps_per_epoch, 4),
+                **means,
+                "learning_rate": lr,
+                "grad_norm": grad_norm,
+                "step_seconds": round(seconds, 4),
+                "tokens_per_second": round(total_tokens / seconds, 2) if seconds > 0 else 0.0,
+            }
+            last = record
+            s = self.state.step
+            if s == 1 or s % cfg.logging_steps == 0 or s == self.total_steps:
+                self._log(record)
+            bar.set_postfix(
+                loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}", margin=f"{means['rewards/margins']:.3f}"
+            )
+            bar.update(1)
+            if self.eval_pairs and cfg.eval_steps and s % cfg.eval_steps == 0 and s != self.total_steps:
+                self._log({"step": s, "epoch": record["epoch"], **self.evaluate()})
+            if s % cfg.save_steps == 0 and s != self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        if self.eval_pairs:
+            eval_record = self.evaluate()
+            self._log({"step": self.state.step, "epoch": last.get("epoch", 0.0), **eval_record})
+            last.update(eval_record)
+        self.save_checkpoint()
+        self.save_final()
+        if self.tb is not None:
+            self.tb.close()
+        return last
+
+    def _log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.tb is not None:
+            for k, v in record.items():
+                if k not in ("step",) and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean metrics over the whole eval set, `eval_`-prefixed as TRL names them."""
+        cfg, acc = self.cfg, self.accelerator
+        batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+        mine = self.eval_pairs[acc.process_index :: self.world]
+        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+        count = torch.zeros((), dtype=torch.float64)
+        was_training = self.inner.training
+        self.inner.eval()
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            with acc.autocast():
+                _, values = self._forward(self.inner, self._device_batch(chunk), training=False)
+            sums += torch.stack([values[k].double().sum().cpu() for k in METRIC_KEYS])
+            count += len(chunk)
+        self.inner.train(was_training)
+        return {f"eval_{k}": v for k, v in self._reduce_means(sums, count).items()}
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        """Everything needed to resume exactly, written to a temporary folder and renamed, so
+        `checkpoints/step-N` exists only once complete."""
+        acc = self.accelerator
+        root = self.output_dir / "checkpoints"
+        final = root / f"step-{self.state.step}"
+        tmp = root / f".tmp-step-{self.state.step}"
+        if self.is_main:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        acc.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+        if self.is_main:
+            _save_weights(self.inner.model, tmp / "model")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+            state = {
+                "step": self.state.step,
+                "total_steps": self.total_steps,
+                "global_batch": self.global_batch,
+                "world_size": self.world,
+                "bco_count": self.state.bco_count,
+                "bco_mean": self.state.bco_mean,
+                "nonfinite_skips": self.state.nonfinite_skips,
+            }
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+        acc.wait_for_everyone()
+        if self.is_main:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.cfg.save_total_limit
+        if limit is None:
+            return
+        for _, path in _checkpoint_dirs(self.output_dir)[:-limit]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _resume(self) -> None:
+        cfg = self.cfg
+        if not cfg.resume_from_checkpoint:
+            self.metrics.reset()
+            return
+        path = find_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
+        if path is None:
+            if self.is_main:
+                log.info("resume_from_checkpoint: latest, but %s has no checkpoint yet: starting from step 0", self.output_dir)
+            self.metrics.reset()
+            return
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state.get("global_batch") != self.global_batch:
+            raise PreftuneError(
+                f"checkpoint {path} was trained with global batch {state.get('global_batch')}, this run has "
+                f"{self.global_batch}: keep per_device_train_batch_size x gradient_accumulation_steps x processes equal to resume exactly"
+            )
+        _load_weights(self.inner.model, path / "model")
+        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
+        if rng_file.is_file():
+            _set_rng_state(torch.load(rng_file, weights_only=False))
+        self.state = TrainState(
+            step=state["step"],
+            bco_count=state.get("bco_count", 0),
+            bco_mean=state.get("bco_mean", 0.0),
+            nonfinite_skips=state.get("nonfinite_skips", 0),
+        )
+        self.metrics.truncate_after(self.state.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.state.step)
+
+    def save_final(self) -> Path:
+        """`final/`: the adapter (LoRA) or the full model, with the tokenizer beside it."""
+        self.accelerator.wait_for_everyone()
+        final = self.output_dir / "final"
+        if self.is_main:
+            _replace_dir(final, lambda tmp: (_save_weights(self.inner.model, tmp), self.tokenizer.save_pretrained(tmp)))
+            if self.cfg.merge_lora and self.cfg.use_lora:
+                merged = self.inner.model.merge_and_unload()
+                _replace_dir(
+                    self.output_dir / "final_merged",
+                    lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True), self.tokenizer.save_pretrained(tmp)),
+                )
+            log.info("saved %s", final)
+        self.accelerator.wait_for_everyone()
+        return final
+
+
+def _replace_dir(target: Path, write: Any) -> None:
+    """Write a folder beside `target`, then swap it in: readers never see a half-written one."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".old-{target.name}")
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def train(config: TrainConfig) -> dict[str, float]:
+    trainer = DPOTrainer(config)
+    trainer.setup()
+    return trainer.train()

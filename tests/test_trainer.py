@@ -1,0 +1,221 @@
+"""The training loop end to end on a tiny seeded model: metrics, learning, accumulation, references,
+checkpoints and resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from preftune.config import TrainConfig, validate
+from preftune.trainer import DPOTrainer, lr_factor, step_examples, train
+
+POSITIVE = ["good", "great", "happy", "yes", "wonderful"]
+NEGATIVE = ["bad", "awful", "sad", "no", "terrible"]
+SUBJECTS = ["the movie", "the film", "the sky", "the grass", "it", "this", "the answer", "the question"]
+
+
+def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
+    """A preference any model can learn: chosen answers are positive words, rejected negative."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        subject = rng.choice(SUBJECTS)
+        rows.append(
+            {
+                "prompt": f"Question: is {subject} {rng.choice(POSITIVE + NEGATIVE)}? Answer:",
+                "chosen": f" {rng.choice(POSITIVE)}, {subject} was {rng.choice(POSITIVE)}.",
+                "rejected": f" {rng.choice(NEGATIVE)}, {subject} was {rng.choice(NEGATIVE)}.",
+            }
+        )
+    return rows
+
+
+@pytest.fixture(autouse=True)
+def _propagate_logs():
+    logging.getLogger("preftune").propagate = True
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(48)))
+    return path
+
+
+def make_config(tmp_path, model_dir, pairs_file, **overrides) -> TrainConfig:
+    base = dict(
+        model_name=str(model_dir),
+        dataset=str(pairs_file),
+        output_dir=str(tmp_path / "run"),
+        per_device_train_batch_size=4,
+        learning_rate=5e-3,
+        max_steps=4,
+        warmup_ratio=0.0,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        eval_split=8,
+        lora_r=0,
+        max_seq_length=64,
+        max_prompt_length=32,
+        progress_bar=False,
+        cache_dir=str(tmp_path / "cache"),
+        seed=3,
+    )
+    base.update(overrides)
+    return validate(TrainConfig(**base))
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_schedule_and_plan_are_pure():
+    assert [lr_factor(s, 10, 2, "linear") for s in (0, 1, 2, 6)] == [0.5, 1.0, 1.0, 0.5]
+    assert lr_factor(2, 10, 2, "cosine") == 1.0 and lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+    first, epoch = step_examples(10, 4, seed=1, step=0)
+    third, _ = step_examples(10, 4, seed=1, step=2)
+    assert len(first) == 4 and len(third) == 2 and epoch == 0
+    again, epoch1 = step_examples(10, 4, seed=1, step=3)
+    assert epoch1 == 1 and set(first + step_examples(10, 4, 1, 1)[0] + third) == set(range(10))
+
+
+def test_first_sigmoid_step_is_ln2_and_metrics_use_trl_names(tmp_path, tiny_model_dir, pairs_file):
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, lora_r=8, lora_alpha=16, max_steps=2)
+    train(cfg)
+    records = read_metrics(tmp_path / "run")
+    first = records[0]
+    assert first["step"] == 1
+    assert abs(first["loss"] - math.log(2)) < 1e-4
+    for key in (
+        "epoch", "loss", "learning_rate", "grad_norm", "rewards/chosen", "rewards/rejected",
+        "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected",
+        "step_seconds", "tokens_per_second",
+    ):
+        assert key in first, key
+    assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-6)
+    assert first["learning_rate"] == pytest.approx(5e-3)
+    evals = [r for r in records if "eval_loss" in r]
+    assert len(evals) == 1 and evals[0]["step"] == 2 and "eval_rewards/accuracies" in evals[0]
+    # LoRA: final/ is a PEFT adapter folder with the tokenizer beside it.
+    final = tmp_path / "run" / "final"
+    assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
+    assert (final / "tokenizer_config.json").is_file()
+    assert (tmp_path / "run" / "config.resolved.yaml").is_file()
+
+
+def test_learns_a_synthetic_preference(tmp_path, tiny_model_dir, pairs_file):
+    from transformers import AutoModelForCausalLM
+
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=30, eval_steps=10, learning_rate=3e-3)
+    result = train(cfg)
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30]
+    assert result["eval_rewards/accuracies"] >= 0.9
+    assert evals[-1]["eval_loss"] < math.log(2)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")  # a full model folder
+    assert model.config.vocab_size > 0
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+def test_gradient_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir, pairs_file):
+    # A large Adam epsilon makes each update linear in the gradient, so equal weights mean equal
+    # gradients (with the default 1e-8, fp32 noise on near-zero gradients flips update signs).
+    a = make_config(tmp_path / "a", tiny_model_dir, pairs_file, per_device_train_batch_size=4, max_steps=3, adam_epsilon=1.0)
+    b = make_config(
+        tmp_path / "b", tiny_model_dir, pairs_file, per_device_train_batch_size=1, gradient_accumulation_steps=4,
+        max_steps=3, adam_epsilon=1.0,
+    )
+    train(a)
+    train(b)
+    ra = [r for r in read_metrics(tmp_path / "a" / "run") if "eval_loss" not in r]
+    rb = [r for r in read_metrics(tmp_path / "b" / "run") if "eval_loss" not in r]
+    for x, y in zip(ra, rb):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+    wa, wb = final_weights(tmp_path / "a" / "run"), final_weights(tmp_path / "b" / "run")
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def test_lora_with_disabled_adapter_reference(tmp_path, tiny_model_dir, pairs_file):
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, lora_r=4, lora_alpha=8, max_steps=3)
+    trainer = DPOTrainer(cfg)
+    trainer.setup()
+    assert trainer.reference_kind == "adapter"
+    trainer.train()
+    # Training moved the adapter, yet the reference is still the untouched base model.
+    from preftune.batching import collate_pairs
+    from preftune.logprobs import CompletionLogprobs
+    from transformers import AutoModelForCausalLM
+
+    batch = collate_pairs(trainer.train_pairs[:4], trainer.pad_id)
+    base = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
+    with torch.no_grad():
+        expected, _ = base(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        policy, _ = trainer.inner(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+    chosen, rejected = trainer.reference.logps(batch)
+    assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-5)
+    assert not torch.allclose(policy, expected, atol=1e-4)
+
+
+def test_precomputed_reference_is_cached_and_reused(tmp_path, tiny_model_dir, pairs_file, caplog):
+    caplog.set_level(logging.INFO, logger="preftune")
+    first = make_config(tmp_path / "one", tiny_model_dir, pairs_file, reference="precomputed", max_steps=2,
+                        cache_dir=str(tmp_path / "cache"))
+    train(first)
+    assert "precomputed reference log-probs for 48 pairs" in caplog.text
+    assert "reusing" not in caplog.text
+    caplog.clear()
+    second = make_config(tmp_path / "two", tiny_model_dir, pairs_file, reference="precomputed", max_steps=2,
+                         cache_dir=str(tmp_path / "cache"))
+    train(second)
+    assert "reusing precomputed reference log-probs" in caplog.text
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 1
+    # Same numbers as a live frozen copy of the reference.
+    live = make_config(tmp_path / "three", tiny_model_dir, pairs_file, reference="copy", max_steps=2)
+    train(live)
+    for run in ("one", "two"):
+        for x, y in zip(read_metrics(tmp_path / run / "run"), read_metrics(tmp_path / "three" / "run")):
+            key = "loss" if "loss" in x else "eval_loss"
+            assert x[key] == pytest.approx(y[key], abs=1e-5)
+    # A different truncation is different data: a new cache entry, never the stale one.
+    third = make_config(tmp_path / "four", tiny_model_dir, pairs_file, reference="precomputed", max_steps=1,
+                        max_seq_length=20, cache_dir=str(tmp_path / "cache"))
+    train(third)
+    assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2
+
+
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, pairs_file):
+    full = make_config(tmp_path / "full", tiny_model_dir, pairs_file, max_steps=6, save_steps=2, save_total_limit=None)
+    train(full)
+    run = tmp_path / "full" / "run"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
+    # Pretend the run died just after step 4's checkpoint: a copy without what came later.
+    crashed = tmp_path / "crashed" / "run"
+    shutil.copytree(run, crashed)
+    shutil.rmtree(crashed / "checkpoints" / "step-6")
+    shutil.rmtree(crashed / "final")
+    resumed = make_config(
+        tmp_path / "crashed", tiny_model_dir, pairs_file, max_steps=6, save_steps=2, save_total_limit=None,
+        resume_from_checkpoint="latest",
+    )
+    train(resumed)
+    a, b = read_metrics(run), read_metrics(crashed)
+    assert [r["step"] for r in b if "eval_loss" not in r] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["step"] == y["step"]
+        assert x.get("loss", x.get("eval_loss")) == pytest.approx(y.get("loss", y.get("eval_loss")), abs=1e-6)
+    wa, wb = final_weights(run), final_weights(crashed)
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], atol=1e-6), name
