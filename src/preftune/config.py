@@ -72,7 +72,7 @@ class TrainConfig:
 
     # Sequence lengths
     max_seq_length: int = 1024
-    max_prompt_length: int = 512
+    max_prompt_length: int | None = None  # null: half of max_seq_length
 
     # Model and precision
     lora_r: int | None = 16  # 0 or null: full fine-tune
@@ -209,7 +209,11 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
     _check(cfg.f_alpha > 0, where, "'f_alpha' must be > 0")
     _check(cfg.max_seq_length >= 2, where, f"'max_seq_length' must be >= 2, got {cfg.max_seq_length}")
-    _check(cfg.max_prompt_length >= 1, where, f"'max_prompt_length' must be >= 1, got {cfg.max_prompt_length}")
+    _check(
+        cfg.max_prompt_length is None or cfg.max_prompt_length >= 1,
+        where,
+        f"'max_prompt_length' must be >= 1 or null, got {cfg.max_prompt_length}",
+    )
     _check(
         cfg.eval_split == 0 or 0 < cfg.eval_split < 1 or (cfg.eval_split >= 1 and float(cfg.eval_split).is_integer()),
         where,

@@ -376,7 +376,7 @@ class DPOTrainer:
         self.tb = self._tensorboard()
 
     def _check_writable(self) -> None:
-        probe = self.output_dir / ".write-test"
+        probe = self.output_dir / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
         try:
             probe.write_text("ok")
             probe.unlink()

@@ -1,0 +1,125 @@
+"""The command line as a user meets it: exit codes and one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from preftune import __version__
+from preftune.cli import main
+from test_trainer import synthetic_pairs
+
+
+@pytest.fixture()
+def pairs(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(16)))
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("preftune: error:")]
+
+
+def test_version_and_module_entry_point():
+    done = subprocess.run([sys.executable, "-m", "preftune", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"preftune {__version__}"
+
+
+@pytest.mark.parametrize(
+    "config_text, set_args, expected",
+    [
+        ("learning_rat: 0.1\n", [], "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
+        ("beta: 0.1\n", ["--set", "bta=0.2"], "--set: unknown key 'bta' (did you mean 'beta'?)"),
+        ("beta: zero\n", [], "'beta' must be a number, got 'zero'"),
+        ("strategy: dpoo\n", [], "'strategy' must be one of sft, dpo, kto, orpo, simpo, reward; got 'dpoo' (did you mean 'dpo'?)"),
+        ("loss_type: [sigmoid, sft]\nloss_weights: [1.0]\n", [], "loss_weights"),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, capsys, config_text, set_args, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(config_text)
+    code, _, err = run(capsys, "train", str(cfg), *set_args)
+    assert code == 2
+    assert "Traceback" not in err
+    lines = error_lines(err)
+    assert len(lines) == 1 and expected in lines[0], err
+
+
+def test_missing_files_and_models(tmp_path, capsys, pairs):
+    code, _, err = run(capsys, "train", str(tmp_path / "none.yaml"))
+    assert code == 2 and error_lines(err) == [f"preftune: error: config file not found: {tmp_path / 'none.yaml'}"]
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {tmp_path / 'missing.jsonl'}\nmodel_name: {tmp_path}\n")
+    code, _, err = run(capsys, "train", str(cfg))
+    assert code == 2 and len(error_lines(err)) == 1
+
+    cfg.write_text(f"dataset: {pairs}\nmodel_name: no-such-model\noutput_dir: {tmp_path / 'out'}\n")
+    code, _, err = run(capsys, "train", str(cfg))
+    assert code == 2
+    assert error_lines(err) == [
+        "preftune: error: model not found: 'no-such-model' (not a local folder, a .gguf file, a cached hub model, "
+        "or a known alias: smollm2-135m-instruct)"
+    ]
+
+
+def test_bad_record_in_training_data(tmp_path, capsys, tiny_model_dir):
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {data}\nmodel_name: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\n")
+    code, _, err = run(capsys, "train", str(cfg))
+    assert code == 2
+    assert error_lines(err) == ["preftune: error: pairs.jsonl:2: field 'rejected' is missing"]
+
+
+def test_4bit_on_cpu_is_refused_clearly(tmp_path, capsys, tiny_model_dir, pairs):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"dataset: {pairs}\nmodel_name: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\nuse_4bit: true\n")
+    code, _, err = run(capsys, "train", str(cfg))
+    assert code == 2 and "use_4bit needs a CUDA GPU" in error_lines(err)[0]
+
+
+def test_data_check_reports_and_fails_on_invalid_records(tmp_path, capsys, pairs):
+    code, out, _ = run(capsys, "data", "check", str(pairs), "--format", "json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["num_pairs"] == 16 and report["invalid_records"] == 0
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\nnot json\n{"prompt": "p", "chosen": "", "rejected": "b"}\n')
+    code, out, err = run(capsys, "data", "check", str(bad))
+    assert code == 1
+    lines = error_lines(err)
+    assert lines[0].startswith("preftune: error: bad.jsonl:2: invalid JSON")
+    assert lines[1] == "preftune: error: bad.jsonl:3: field 'chosen' is empty"
+    assert "pairs" in out
+
+
+def test_train_through_the_cli_writes_the_run(tmp_path, capsys, tiny_model_dir, pairs):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"dataset: {pairs}\nmodel_name: {tiny_model_dir}\noutput_dir: {tmp_path / 'out'}\nmax_steps: 2\n"
+        "lora_r: 4\nlora_alpha: 8\nmerge_lora: true\neval_split: 0\nprogress_bar: false\n"
+    )
+    code, _, err = run(capsys, "train", str(cfg), "--set", "beta=0.25")
+    assert code == 0, err
+    out = tmp_path / "out"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]  # eval_split 0: no evaluation records
+    assert "beta: 0.25" in (out / "config.resolved.yaml").read_text()
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "final_merged")
+    assert not any("lora" in name for name, _ in merged.named_parameters())

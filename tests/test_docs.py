@@ -1,0 +1,33 @@
+"""The README stays true: every config key is documented, and CI installs and tests as it says."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+from preftune.config import TrainConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def readme() -> str:
+    return (ROOT / "README.md").read_text()
+
+
+def test_every_config_key_is_in_the_reference_table():
+    table = readme().split("## Config reference", 1)[1].split("## Coming from TRL", 1)[0]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", table))
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in documented]
+    assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_ci_runs_the_readme_install_and_test_commands():
+    text = readme()
+    ci = (ROOT / ".ci" / "run").read_text()
+    install = text.split("CPU machine (laptop, CI):", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    for line in install.strip().splitlines()[1:]:  # the venv line differs only in its folder name
+        command = line.split("#", 1)[0].strip()
+        assert command in ci, command
+    test_command = text.split("## Tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
+    assert test_command in ci
