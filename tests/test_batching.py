@@ -64,13 +64,17 @@ def test_tokenize_dataset_counts_truncation(tiny_tokenizer):
     assert len(pairs[1].prompt_ids) == 4
 
 
-def test_collate_layout():
+def test_collate_separate_layout():
     pairs = [
         truncate_pair(7, [1, 2], [3], [4, 5, 6], 16, 8),
         truncate_pair(9, [1], [3, 3], [4], 16, 8),
     ]
-    batch = collate_pairs(pairs, pad_id=0)
+    batch = collate_pairs(pairs, pad_id=0, share_prompt=False)
     assert batch["input_ids"].tolist() == [[1, 2, 3, 0, 0], [1, 3, 3, 0, 0], [1, 2, 4, 5, 6], [1, 4, 0, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
-    assert batch["completion_mask"].tolist() == [[0, 0, 1, 0, 0], [0, 1, 1, 0, 0], [0, 0, 1, 1, 1], [0, 1, 0, 0, 0]]
-    assert batch["index"].tolist() == [7, 9]
+    # Scored tokens: row, predicting position, own position, which completion.
+    assert batch["score_row"].tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert batch["score_src"].tolist() == [1, 0, 1, 1, 2, 3, 0]
+    assert batch["score_tgt"].tolist() == [2, 1, 2, 2, 3, 4, 1]
+    assert batch["score_out"].tolist() == [0, 1, 1, 2, 2, 2, 3]
+    assert batch["index"].tolist() == [7, 9] and int(batch["num_tokens"]) == 3 + 3 + 5 + 2

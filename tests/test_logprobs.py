@@ -1,63 +1,92 @@
-"""Chunked completion log-probs equal the textbook full-logits computation, values and gradients."""
+"""Completion log-probs: the chunked computation equals the textbook full-logits one, and the
+shared-prompt layout equals separate encoding, in values and gradients."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from conftest import build_tiny_model
-from preftune.logprobs import CompletionLogprobs, split_body_and_head
+from preftune.batching import collate_pairs, truncate_pair
+from preftune.logprobs import CompletionLogprobs, completion_logps, split_body_and_head
 
 
-def naive_logps(model, input_ids, attention_mask, completion_mask):
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-    logps = logits[:, :-1].log_softmax(-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    mask = completion_mask[:, 1:].float()
-    return (logps * mask).sum(-1), mask.sum(-1).long()
+def naive_logps(model, pairs):
+    """Each completion in its own unpadded sequence, full logits, log_softmax, sum."""
+    chosen, rejected = [], []
+    for p in pairs:
+        for completion, out in ((p.chosen_ids, chosen), (p.rejected_ids, rejected)):
+            ids = torch.tensor([p.prompt_ids + completion])
+            logps = model(input_ids=ids).logits.float()[0, :-1].log_softmax(-1)
+            scored = logps[len(p.prompt_ids) - 1 :].gather(-1, ids[0, len(p.prompt_ids) :, None])
+            out.append(scored.sum())
+    return torch.stack(chosen + rejected)
 
 
-def make_batch(vocab: int):
+def make_pairs(vocab: int):
     g = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, vocab, (4, 9), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    attention_mask[1, 7:] = 0  # right padding
-    attention_mask[3, 5:] = 0
-    completion_mask = torch.zeros_like(input_ids)
-    completion_mask[0, 3:9] = 1
-    completion_mask[1, 2:7] = 1
-    completion_mask[2, 6:9] = 1
-    completion_mask[3, 4:5] = 1
-    return input_ids, attention_mask, completion_mask
+
+    def ids(n):
+        return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+    # Different prompt and completion lengths, so both layouts need padding.
+    return [
+        truncate_pair(0, ids(5), ids(4), ids(2), 64, 32),
+        truncate_pair(1, ids(2), ids(1), ids(6), 64, 32),
+        truncate_pair(2, ids(7), ids(3), ids(3), 64, 32),
+    ]
 
 
-def test_chunked_equals_full_logits_values_and_gradients():
+@pytest.mark.parametrize("share_prompt", [False, True])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_layouts_and_chunking_match_separate_full_logits(share_prompt, attn):
     model = build_tiny_model(64, seed=1)
-    batch = make_batch(64)
+    model.config._attn_implementation = attn
+    pairs = make_pairs(64)
     module = CompletionLogprobs(model, chunk_size=3)  # several chunks, one partial
     assert split_body_and_head(model) is not None
 
-    sums, lengths = module(*batch)
+    sums, counts = completion_logps(module, collate_pairs(pairs, pad_id=0, share_prompt=share_prompt))
     sums.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
 
-    ref_sums, ref_lengths = naive_logps(model, *batch)
-    ref_sums.sum().backward()
-    assert lengths.tolist() == ref_lengths.tolist() == [6, 5, 3, 1]
-    assert torch.allclose(sums, ref_sums, atol=1e-5)
+    expected = naive_logps(model, pairs)
+    expected.sum().backward()
+    assert counts.tolist() == [4, 1, 3, 2, 6, 3]
+    assert torch.allclose(sums, expected, atol=1e-5), (sums, expected)
     for n, p in model.named_parameters():
         assert torch.allclose(grads[n], p.grad, atol=1e-5), n
 
 
-def test_no_grad_path_and_lora_model():
+def test_shared_layout_mask_and_positions():
+    pair = truncate_pair(0, [11, 12], [21, 22], [31], 64, 32)
+    batch = collate_pairs([pair], pad_id=0, share_prompt=True)
+    assert batch["input_ids"].tolist() == [[11, 12, 21, 22, 31]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
+    allowed = batch["attention_mask"][0, 0].int().tolist()
+    assert allowed == [
+        [1, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0],
+        [1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0],
+        [1, 1, 0, 0, 1],  # the rejected token sees the prompt and itself, not the chosen tokens
+    ]
+    # Chosen tokens 2, 3 are predicted from 1, 2; the rejected token 4 from the prompt's end, 1.
+    assert batch["score_src"].tolist() == [1, 2, 1] and batch["score_tgt"].tolist() == [2, 3, 4]
+    assert batch["score_out"].tolist() == [0, 0, 1] and int(batch["num_tokens"]) == 5
+
+
+def test_lora_model_and_no_grad_path():
     from peft import LoraConfig, get_peft_model
 
     model = build_tiny_model(64, seed=2)
-    batch = make_batch(64)
+    pairs = make_pairs(64)
     with torch.no_grad():
-        expected, _ = naive_logps(model, *batch)
+        expected = naive_logps(model, pairs)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
-        sums, _ = CompletionLogprobs(peft_model, chunk_size=4)(*batch)
+        sums, _ = completion_logps(CompletionLogprobs(peft_model, chunk_size=4), collate_pairs(pairs, 0))
     # Fresh LoRA (B = 0) leaves the model unchanged.
     assert torch.allclose(sums, expected, atol=1e-5)
 
@@ -66,8 +95,8 @@ def test_logit_transforms_take_the_generic_path():
     model = build_tiny_model(64, seed=3)
     model.config.final_logit_softcapping = 30.0  # a Gemma-2 style head: not a plain projection
     assert split_body_and_head(model) is None
-    batch = make_batch(64)
+    pairs = make_pairs(64)
     with torch.no_grad():
-        sums, _ = CompletionLogprobs(model)(*batch)
-        expected, _ = naive_logps(model, *batch)
+        sums, _ = completion_logps(CompletionLogprobs(model), collate_pairs(pairs, 0))
+        expected = naive_logps(model, pairs)
     assert torch.allclose(sums, expected, atol=1e-5)

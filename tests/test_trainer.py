@@ -149,21 +149,21 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir, pa
 
 
 def test_lora_with_disabled_adapter_reference(tmp_path, tiny_model_dir, pairs_file):
-    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, lora_r=4, lora_alpha=8, max_steps=3)
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, lora_r=4, lora_alpha=8, max_steps=3, reference="adapter")
     trainer = DPOTrainer(cfg)
     trainer.setup()
     assert trainer.reference_kind == "adapter"
     trainer.train()
     # Training moved the adapter, yet the reference is still the untouched base model.
     from preftune.batching import collate_pairs
-    from preftune.logprobs import CompletionLogprobs
+    from preftune.logprobs import CompletionLogprobs, completion_logps
     from transformers import AutoModelForCausalLM
 
     batch = collate_pairs(trainer.train_pairs[:4], trainer.pad_id)
     base = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
     with torch.no_grad():
-        expected, _ = base(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        policy, _ = trainer.inner(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        expected, _ = completion_logps(base, batch)
+        policy, _ = completion_logps(trainer.inner, batch)
     chosen, rejected = trainer.reference.logps(batch)
     assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-5)
     assert not torch.allclose(policy, expected, atol=1e-4)
@@ -219,3 +219,17 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, pairs_file):
     wa, wb = final_weights(run), final_weights(crashed)
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-6), name
+
+
+def test_shared_prompt_path_gives_the_plain_path_loss_curve(tmp_path, tiny_model_dir, pairs_file):
+    kwargs = dict(max_steps=5, adam_epsilon=1.0, reference="copy")
+    train(make_config(tmp_path / "shared", tiny_model_dir, pairs_file, share_prompt=True, **kwargs))
+    train(make_config(tmp_path / "plain", tiny_model_dir, pairs_file, share_prompt=False, **kwargs))
+    a, b = read_metrics(tmp_path / "shared" / "run"), read_metrics(tmp_path / "plain" / "run")
+    assert len(a) == len(b) == 6
+    for x, y in zip(a, b):
+        for key in ("loss", "eval_loss", "rewards/margins", "logps/chosen", "grad_norm"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-5), (key, x[key], y[key])
+    # The shared layout reads each prompt once: fewer real tokens for the same pairs.
+    assert a[0]["tokens_per_second"] * a[0]["step_seconds"] < b[0]["tokens_per_second"] * b[0]["step_seconds"]

@@ -165,27 +165,90 @@ def tokenize_dataset(
     return pairs, stats
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One batch of 2B right-padded rows: the B chosen sequences, then the B rejected ones.
+def _scores(rows: list[int], sources: list[int], targets: list[int], outs: list[int]) -> dict[str, torch.Tensor]:
+    return {
+        "score_row": torch.tensor(rows, dtype=torch.long),
+        "score_src": torch.tensor(sources, dtype=torch.long),
+        "score_tgt": torch.tensor(targets, dtype=torch.long),
+        "score_out": torch.tensor(outs, dtype=torch.long),
+    }
 
-    `completion_mask` marks the completion tokens, whose log-probabilities are summed; padding and
-    prompt tokens are never scored. `index` carries dataset positions for cached reference log-probs.
-    """
+
+def collate_separate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """The textbook layout: 2B right-padded rows, the B `prompt + chosen` sequences, then the B
+    `prompt + rejected` ones. Every prompt is encoded twice; kept as the yardstick and for attention
+    kernels that take no custom mask (flash-attention)."""
     rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    masks = [[0] * len(p.prompt_ids) + [1] * len(p.chosen_ids) for p in pairs] + [
-        [0] * len(p.prompt_ids) + [1] * len(p.rejected_ids) for p in pairs
-    ]
+    prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-        completion_mask[i, : len(row)] = torch.tensor(mask, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    for r, (row, start) in enumerate(zip(rows, prompt_lengths)):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[r, : len(row)] = 1
+        position_ids[r, : len(row)] = torch.arange(len(row))
+        for t in range(start, len(row)):  # token t is predicted by the output at t - 1
+            score[0].append(r), score[1].append(t - 1), score[2].append(t), score[3].append(r)
     return {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
-        "completion_mask": completion_mask,
+        "position_ids": position_ids,
+        **_scores(*score),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(r) for r in rows)),  # real tokens read: what tokens/s counts
     }
+
+
+def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, `prompt + chosen + rejected`, so the prompt is encoded once for both.
+
+    A block attention mask lets the chosen tokens see the prompt and themselves, and the rejected
+    tokens see the prompt and themselves (never the chosen ones); position ids restart at the
+    prompt's end for the rejected block. Each completion then sees exactly what it would see in its
+    own sequence, so the log-probs equal the separate layout's, at the cost of the prompt once, not
+    twice. `attention_mask` is (B, 1, L, L) boolean, True where attention is allowed; a padding
+    query attends to itself only, so no softmax row is empty.
+    """
+    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    n = len(pairs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
+    for r, p in enumerate(pairs):
+        lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        input_ids[r, : lp + lc + lr] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
+        position_ids[r, : lp + lc] = torch.arange(lp + lc)
+        position_ids[r, lp + lc : lp + lc + lr] = torch.arange(lp, lp + lr)
+        segment[r, :lp], segment[r, lp : lp + lc], segment[r, lp + lc : lp + lc + lr] = 0, 1, 2
+        for t in range(lp, lp + lc):
+            score[0].append(r), score[1].append(t - 1), score[2].append(t), score[3].append(r)
+        for t in range(lp + lc, lp + lc + lr):
+            # The first rejected token follows the prompt, not the chosen completion.
+            score[0].append(r), score[1].append(t - 1 if t > lp + lc else lp - 1), score[2].append(t)
+            score[3].append(n + r)
+    q, k = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal & (k != 3) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool) & (q == 3)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": allowed[:, None],
+        "position_ids": position_ids,
+        **_scores(*score),
+        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)),
+    }
+
+
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+    """A batch of pairs in the shared-prompt layout (default) or the separate one.
+
+    Either way the batch carries the scoring plan: for each scored token, its row, the position whose
+    output predicts it (`score_src`), its own position (`score_tgt`) and which completion it belongs
+    to (`score_out`: pair i's chosen is i, its rejected is B + i). Prompt and padding tokens are never
+    scored. `index` carries dataset positions for cached reference log-probs.
+    """
+    return collate_shared(pairs, pad_id) if share_prompt else collate_separate(pairs, pad_id)

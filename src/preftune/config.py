@@ -85,6 +85,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at step 0
+    share_prompt: bool = True  # encode each prompt once for both completions (see batching.py)
 
     # Reference model
     reference: str = "auto"

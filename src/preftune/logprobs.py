@@ -61,11 +61,29 @@ def chunked_token_logps(
     return torch.cat(parts)
 
 
-class CompletionLogprobs(nn.Module):
-    """Wraps a causal LM: forward returns each row's summed completion log-prob and token count.
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_row", "score_src", "score_tgt", "score_out", "index")
 
-    Wrapping (rather than calling a function on the model) keeps the whole computation inside one
-    `forward`, so `accelerate`'s DDP/FSDP wrappers see it and synchronise gradients as usual.
+
+def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
+    """A 4D boolean mask as the model's attention kernel wants it: eager attention adds the mask
+    to the scores, so it needs 0 / -inf rather than True / False."""
+    if mask.dim() != 4:
+        return mask
+    impl = getattr(getattr(_unwrap_peft(model), "config", None), "_attn_implementation", None)
+    if impl == "eager":
+        return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return mask
+
+
+class CompletionLogprobs(nn.Module):
+    """Wraps a causal LM: forward returns each completion's summed log-prob and token count.
+
+    The batch says which tokens to score and which position predicts each (see `batching.py`), so
+    one forward serves both the separate layout and the shared-prompt layout. Wrapping (rather than
+    calling a function on the model) keeps the whole computation inside one `forward`, so
+    `accelerate`'s DDP/FSDP wrappers see it and synchronise gradients as usual.
     """
 
     def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
@@ -74,20 +92,35 @@ class CompletionLogprobs(nn.Module):
         self.chunk_size = chunk_size
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        score_row: torch.Tensor,
+        score_src: torch.Tensor,
+        score_tgt: torch.Tensor,
+        score_out: torch.Tensor,
+        index: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Position t's token is scored by the output at t - 1.
-        scored = completion_mask[:, 1:].bool()
-        targets = input_ids[:, 1:][scored]
-        rows = scored.nonzero(as_tuple=True)[0]
+        """(sums, counts), each of length 2B: pair i's chosen completion at i, its rejected at B + i."""
+        mask = _attention_mask(self.model, attention_mask)
+        targets = input_ids[score_row, score_tgt]
         parts = split_body_and_head(self.model)
         if parts is not None:
             body, head = parts
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            token_logps = chunked_token_logps(head, hidden[:, :-1][scored], targets, self.chunk_size)
+            hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
+            token_logps = chunked_token_logps(head, hidden[score_row, score_src], targets, self.chunk_size)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = -F.cross_entropy(logits[:, :-1][scored].float(), targets, reduction="none")
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=input_ids.device)
-        sums = sums.index_add(0, rows, token_logps)
-        return sums, scored.sum(dim=1)
+            logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
+            token_logps = -F.cross_entropy(logits[score_row, score_src].float(), targets, reduction="none")
+        num_out = 2 * index.shape[0]
+        sums = torch.zeros(num_out, dtype=torch.float32, device=input_ids.device).index_add(0, score_out, token_logps)
+        counts = torch.zeros(num_out, dtype=torch.long, device=input_ids.device).index_add(
+            0, score_out, torch.ones_like(score_out)
+        )
+        return sums, counts
+
+
+def completion_logps(module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call a (possibly DDP-wrapped) `CompletionLogprobs` on a collated batch."""
+    return module(*(batch[name] for name in MODEL_INPUTS))

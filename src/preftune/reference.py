@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.batching import TokenizedPair, collate_pairs
-from preftune.logprobs import CompletionLogprobs
+from preftune.logprobs import CompletionLogprobs, completion_logps
 
 log = logging.getLogger("preftune")
 
@@ -56,7 +56,7 @@ class AdapterReference:
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with eval_mode(self.policy), self.policy.model.disable_adapter():
-            sums, _ = self.policy(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+            sums, _ = completion_logps(self.policy, batch)
         return _split(sums)
 
 
@@ -70,7 +70,7 @@ class ModelReference:
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, _ = self.module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        sums, _ = completion_logps(self.module, batch)
         return _split(sums)
 
 
@@ -112,6 +112,7 @@ def compute_logps(
     device: torch.device,
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
+    share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed log-probs for every pair, indexed by `TokenizedPair.index`."""
     from tqdm.auto import tqdm
@@ -125,9 +126,9 @@ def compute_logps(
     with eval_mode(module):
         for start in tqdm(starts, desc="reference log-probs", disable=not progress, unit="batch"):
             chunk = [pairs[i] for i in order[start : start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id).items()}
+            batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
             with autocast() if autocast else contextlib.nullcontext():
-                sums, _ = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+                sums, _ = completion_logps(module, batch)
             c, r = _split(sums.float().cpu())
             chosen[batch["index"].cpu()] = c
             rejected[batch["index"].cpu()] = r

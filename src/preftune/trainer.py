@@ -29,7 +29,7 @@ from preftune.batching import TokenizedPair, collate_pairs, effective_prompt_len
 from preftune.config import TrainConfig, to_yaml
 from preftune.data import PreferenceExample, load_preference_data
 from preftune.errors import PreftuneError
-from preftune.logprobs import CompletionLogprobs
+from preftune.logprobs import CompletionLogprobs, completion_logps
 from preftune.losses import preference_loss
 from preftune.reference import (
     AdapterReference,
@@ -305,9 +305,12 @@ class DPOTrainer:
         )
         if cfg.disable_dropout:
             disable_dropout(model)
-        self.reference_kind = cfg.reference
-        if cfg.reference == "auto":
-            self.reference_kind = "adapter" if (cfg.use_lora and not cfg.ref_model_name) else "copy"
+        impl = getattr(model.config, "_attn_implementation", None)
+        # Flash-attention takes no custom mask: there the prompt is encoded once per completion.
+        self.share_prompt = cfg.share_prompt and impl not in ("flash_attention_2", "flash_attention_3")
+        # The reference is frozen and offline data is fixed, so by default its log-probs are
+        # computed once (and cached): no reference forward per step, no second model in memory.
+        self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
         self.reference: Any = None
         if self.reference_kind == "precomputed":
             self.reference = self._precompute_reference(model)
@@ -419,6 +422,7 @@ class DPOTrainer:
                 acc.device,
                 autocast=acc.autocast,
                 progress=cfg.progress_bar,
+                share_prompt=self.share_prompt,
             )
             save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": cfg.ref_model_name or cfg.model_name})
             log.info(
@@ -438,7 +442,7 @@ class DPOTrainer:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Per-example losses and the raw values metrics are made of."""
         cfg = self.cfg
-        sums, lengths = module(batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        sums, lengths = completion_logps(module, batch)
         half = sums.shape[0] // 2
         policy_chosen, policy_rejected = sums[:half], sums[half:]
         with self.accelerator.autocast():
@@ -486,7 +490,8 @@ class DPOTrainer:
         return self.state.bco_mean
 
     def _device_batch(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
-        return {k: v.to(self.accelerator.device) for k, v in collate_pairs(pairs, self.pad_id).items()}
+        batch = collate_pairs(pairs, self.pad_id, self.share_prompt)
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
     def _reduce_means(self, sums: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
         totals = self.accelerator.reduce(torch.cat([sums, count.reshape(1)]).to(self.accelerator.device), "sum").cpu()
@@ -513,6 +518,10 @@ class DPOTrainer:
             started = time.perf_counter()
             indices, epoch = step_examples(len(self.train_pairs), self.global_batch, cfg.seed, step)
             n_global = len(indices)
+            # Longest first, dealt round-robin: ranks get equal work and each micro-batch holds pairs
+            # of similar length, so little padding. The step's set of pairs, hence its gradient, is
+            # unchanged.
+            indices = sorted(indices, key=lambda j: -self.train_pairs[j].num_tokens)
             mine = indices[rank :: self.world]
             micro = [mine[i : i + cfg.per_device_train_batch_size] for i in range(0, len(mine), cfg.per_device_train_batch_size)]
             # A rank with no example in a short last step still joins the collectives (else DDP
@@ -534,7 +543,7 @@ class DPOTrainer:
                 if weight:
                     sums += torch.stack([values[k].double().sum().cpu() for k in METRIC_KEYS])
                     count += len(chunk)
-                    tokens += int(batch["attention_mask"].sum())
+                    tokens += int(batch["num_tokens"])
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.inner.parameters(), max_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
