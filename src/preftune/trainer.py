@@ -312,6 +312,7 @@ class DPOTrainer:
         # computed once (and cached): no reference forward per step, no second model in memory.
         self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
         self.reference: Any = None
+        self.reference_seconds = 0.0  # wall time of the one-off reference pass, when there is one
         if self.reference_kind == "precomputed":
             self.reference = self._precompute_reference(model)
         elif self.reference_kind == "copy":
@@ -341,6 +342,8 @@ class DPOTrainer:
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
+            # One fused kernel instead of a Python loop over tensors: several times faster on CPU.
+            fused=all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params) or None,
         )
         self.world = acc.num_processes
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
@@ -411,8 +414,8 @@ class DPOTrainer:
             if self.is_main:
                 log.info("reusing precomputed reference log-probs: %s (%d pairs)", path, len(pairs))
             return PrecomputedReference(*cached)
+        started = time.perf_counter()
         if self.is_main:
-            started = time.perf_counter()
             batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
             chosen, rejected = compute_logps(
                 CompletionLogprobs(ref_model),
@@ -429,6 +432,7 @@ class DPOTrainer:
                 "precomputed reference log-probs for %d pairs in %.1fs: %s", len(pairs), time.perf_counter() - started, path
             )
         acc.wait_for_everyone()
+        self.reference_seconds = time.perf_counter() - started
         cached = load_cached(path)
         if cached is None:
             raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
