@@ -1,0 +1,711 @@
+"""Human preference labeling: items from a data file, a SQLite store, and the web app around it.
+
+People judge pairs of responses as the usual preference methodology has it: a prompt with two
+responses, the annotator picks A, B, a tie, or skips, several annotators judge each item, and only
+confident majority labels are kept (`preftune.agreement` does the vote and the report).
+
+Design points:
+
+- An *item* is a prompt with two responses, `first` and `second`. For a pairs file `first` is the
+  file's `chosen` and `second` its `rejected`; the page never says which is which. A samples file
+  (`{"prompt", "completions": [...]}`) gives one item per unordered pair of distinct completions.
+  Item ids are content hashes, so serving the same file again adds nothing and a restart resumes.
+- Which response is shown on the left is drawn at random per annotator and item and stored with the
+  judgement, so position bias can be measured and undone (Zheng et al. 2023, "Judging LLM-as-a-Judge
+  with MT-Bench and Chatbot Arena", sec. 3.3, report the same bias in model judges).
+- Each item goes to at most `annotators_per_item` distinct annotators. Handing an item out takes a
+  *lease* (a row in `assignments`); leases of others and their ratings fill the item's slots, so
+  several browsers at once never over-fill an item. A lease left idle longer than `lease_seconds`
+  stops holding its slot. Every write runs in a `BEGIN IMMEDIATE` transaction, which SQLite
+  serialises, and the database runs in WAL mode so readers never block the writer.
+- A skip is not a rating: it frees the slot for someone else and the item is not shown to that
+  annotator again. Undo marks the annotator's latest judgement as undone (it stays in the table for
+  the record) and gives the item back to them first, shown the same way round.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import logging
+import random
+import secrets
+import socket
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from preftune.data import load_records, validate_record
+from preftune.errors import PreftuneError
+
+__all__ = [
+    "Item",
+    "LabelStore",
+    "Conflict",
+    "UnknownItem",
+    "load_items",
+    "create_app",
+    "serve",
+]
+
+log = logging.getLogger("preftune")
+
+SIDES = ("first", "second")
+CHOICES = ("A", "B", "tie", "skip")
+SCHEMA_VERSION = "1"
+TOKEN_HEADER = "X-Label-Token"
+MAX_NAME_LENGTH = 64
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS items (
+    id TEXT PRIMARY KEY,
+    position INTEGER NOT NULL,          -- order of first appearance, so items are served in file order
+    source TEXT NOT NULL,               -- where it came from: "pairs.jsonl:7"
+    prompt TEXT NOT NULL,               -- the original values as JSON, written back by export
+    first TEXT NOT NULL,
+    second TEXT NOT NULL,
+    prompt_text TEXT NOT NULL,          -- the same as the page shows them
+    first_text TEXT NOT NULL,
+    second_text TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assignments (
+    item_id TEXT NOT NULL REFERENCES items(id),
+    annotator TEXT NOT NULL,
+    shown_left TEXT NOT NULL CHECK (shown_left IN ('first', 'second')),
+    assigned_at REAL NOT NULL,          -- unix time the item was last shown to this annotator
+    PRIMARY KEY (item_id, annotator)
+);
+CREATE TABLE IF NOT EXISTS judgements (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    item_id TEXT NOT NULL REFERENCES items(id),
+    annotator TEXT NOT NULL,
+    shown_left TEXT NOT NULL CHECK (shown_left IN ('first', 'second')),
+    choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie', 'skip')),   -- A is the left response
+    shown_at REAL NOT NULL,
+    answered_at REAL NOT NULL,
+    undone_at REAL                      -- set by undo; the row is kept
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_live_judgement
+    ON judgements (item_id, annotator) WHERE undone_at IS NULL;
+CREATE INDEX IF NOT EXISTS judgements_by_annotator ON judgements (annotator, id);
+"""
+
+
+# ---------------------------------------------------------------------------------------------
+# Items from a data file
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Item:
+    """A prompt and two responses, as stored (`prompt`, `first`, `second`: the original values)."""
+
+    id: str
+    source: str
+    prompt: Any
+    first: Any
+    second: Any
+
+    @property
+    def texts(self) -> tuple[str, str, str]:
+        """Prompt, first and second as the page shows them."""
+        return display_text(self.prompt), display_text(self.first), display_text(self.second)
+
+
+def display_text(value: Any) -> str:
+    """A text as is; chat messages as "role: content" lines (one assistant reply: its content)."""
+    if isinstance(value, str):
+        return value
+    if len(value) == 1 and value[0]["role"] == "assistant":
+        return value[0]["content"]
+    return "\n".join(f"{m['role']}: {m['content']}" for m in value)
+
+
+def item_id(prompt: Any, first: Any, second: Any) -> str:
+    """A content hash, so the same pair from the same or another file is one item."""
+    canonical = json.dumps([prompt, first, second], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _check_messages(field: str, value: list, first_role: str | None = None) -> None:
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(
+            message.get("content"), str
+        ):
+            raise PreftuneError(f"field '{field}[{i}]' must be a message with string 'role' and 'content'")
+    if not value:
+        raise PreftuneError(f"field '{field}' is an empty list")
+    if first_role and value[0]["role"] != first_role:
+        raise PreftuneError(f"field '{field}[0]' must be an {first_role} message, got role '{value[0]['role']}'")
+
+
+def _sample_items(location: str, record: dict) -> list[Item]:
+    """Items from one samples record: every unordered pair of distinct completions, in order."""
+    prompt = record.get("prompt")
+    if prompt is None:
+        raise PreftuneError("field 'prompt' is missing")
+    if isinstance(prompt, list):
+        _check_messages("prompt", prompt)
+    elif not isinstance(prompt, str):
+        raise PreftuneError(f"field 'prompt' must be a string or a list of messages, got {_type_name(prompt)}")
+    completions = record["completions"]
+    if not isinstance(completions, list):
+        raise PreftuneError(f"field 'completions' must be a list, got {_type_name(completions)}")
+    normalised: list[Any] = []
+    for i, completion in enumerate(completions):
+        field = f"completions[{i}]"
+        if isinstance(completion, str):
+            if not completion.strip():
+                raise PreftuneError(f"field '{field}' is empty")
+            # A bare reply to a conversation is the assistant's turn, as in pair files.
+            normalised.append([{"role": "assistant", "content": completion}] if isinstance(prompt, list) else completion)
+        elif isinstance(completion, list):
+            if isinstance(prompt, str):
+                raise PreftuneError(f"field '{field}' is a list of messages but 'prompt' is a string")
+            _check_messages(field, completion, first_role="assistant")
+            normalised.append(completion)
+        else:
+            raise PreftuneError(f"field '{field}' must be a string or a list of messages, got {_type_name(completion)}")
+    distinct: list[Any] = []
+    for completion in normalised:
+        if completion not in distinct:
+            distinct.append(completion)
+    return [
+        Item(item_id(prompt, a, b), location, prompt, a, b)
+        for i, a in enumerate(distinct)
+        for b in distinct[i + 1 :]
+    ]
+
+
+def load_items(source: str | Path) -> list[Item]:
+    """Items to label from a pairs or samples file (any format `preftune.data` reads).
+
+    A record with `completions` is a sample (one item per unordered pair of distinct completions);
+    any other record is a preference pair, validated by `preftune.data.validate_record`, whose
+    `chosen` becomes `first`. Duplicates (same prompt and responses) are kept once. Every invalid
+    record is collected; the first is raised with the count of the others.
+    """
+    items: dict[str, Item] = {}
+    errors: list[str] = []
+    for location, record in load_records(source):
+        try:
+            if isinstance(record, dict) and "completions" in record:
+                new = _sample_items(location, record)
+            else:
+                pair = validate_record(location, record)
+                new = [Item(item_id(pair.prompt, pair.chosen, pair.rejected), location, pair.prompt, pair.chosen, pair.rejected)]
+        except PreftuneError as exc:
+            message = str(exc)
+            errors.append(message if message.startswith(location) else f"{location}: {message}")
+            continue
+        for item in new:
+            items.setdefault(item.id, item)
+    if errors:
+        more = len(errors) - 1
+        raise PreftuneError(errors[0] + (f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""))
+    if not items:
+        raise PreftuneError(f"{Path(source).name}: no item to label (every sample has fewer than two distinct completions)")
+    return list(items.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+# ---------------------------------------------------------------------------------------------
+
+
+class UnknownItem(PreftuneError):
+    """A request names an item the database does not hold."""
+
+
+class Conflict(PreftuneError):
+    """A request that clashes with what is stored (already labelled, item full, nothing to undo)."""
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One stored judgement, as export reads it."""
+
+    id: int
+    item_id: str
+    annotator: str
+    shown_left: str
+    choice: str
+    shown_at: float
+    answered_at: float
+
+
+# The slots of an item taken by annotators other than :me: their live ratings, plus their leases
+# that are still fresh and not yet answered.
+_LOAD = """
+    (SELECT COUNT(*) FROM judgements j
+        WHERE j.item_id = i.id AND j.undone_at IS NULL AND j.choice != 'skip' AND j.annotator != :me)
+  + (SELECT COUNT(*) FROM assignments a
+        WHERE a.item_id = i.id AND a.annotator != :me AND a.assigned_at > :cutoff
+          AND NOT EXISTS (SELECT 1 FROM judgements j2 WHERE j2.item_id = a.item_id
+                          AND j2.annotator = a.annotator AND j2.undone_at IS NULL))
+"""
+_MINE = "EXISTS (SELECT 1 FROM judgements m WHERE m.item_id = i.id AND m.annotator = :me AND m.undone_at IS NULL)"
+
+
+class LabelStore:
+    """The labeling database: items, leases and judgements in one SQLite file in WAL mode.
+
+    Each thread gets its own connection, kept open for the store's life (closing the last
+    connection of a WAL database checkpoints it, which would cost a disk flush per request), so
+    the store is safe to share between the web server's worker threads; SQLite's lock orders the
+    writers and the busy timeout makes them wait their turn.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        annotators_per_item: int | None = None,
+        lease_seconds: float = 1800.0,
+        rng: random.Random | None = None,
+        create: bool = True,
+    ) -> None:
+        self.path = Path(path)
+        self.lease_seconds = lease_seconds
+        self._rng = rng or random.SystemRandom()
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        if not self.path.exists() and not create:
+            raise PreftuneError(f"labeling database not found: {self.path}")
+        if create and not self.path.parent.is_dir():
+            raise PreftuneError(f"cannot create {self.path}: folder {self.path.parent} does not exist")
+        con = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise PreftuneError(f"{self.path}: SQLite cannot use WAL mode here (got '{mode}')")
+            tables = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and "judgements" not in tables:
+                raise PreftuneError(f"{self.path}: an SQLite database, but not a preftune labeling database")
+            con.executescript(SCHEMA)
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            if annotators_per_item is not None:
+                if annotators_per_item < 1:
+                    raise PreftuneError(f"annotators per item must be at least 1, got {annotators_per_item}")
+                con.execute(
+                    "INSERT INTO meta VALUES ('annotators_per_item', ?) "
+                    "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(annotators_per_item),),
+                )
+            row = con.execute("SELECT value FROM meta WHERE key = 'annotators_per_item'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise PreftuneError(f"{self.path}: cannot open the labeling database ({exc})") from None
+        finally:
+            con.close()
+        self.annotators_per_item = int(row[0]) if row else 1
+
+    def _open(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        # In WAL mode NORMAL loses nothing when the process stops or crashes; only a power cut can
+        # take the last commits. FULL would flush the disk on every answer.
+        con.execute("PRAGMA synchronous=NORMAL")
+        con.execute("PRAGMA foreign_keys=ON")
+        return con
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = self._open()
+            with self._lock:
+                self._connections.append(con)
+        yield con
+
+    def close(self) -> None:
+        """Close every thread's connection (the last close checkpoints the WAL into the file)."""
+        with self._lock:
+            for con in self._connections:
+                con.close()
+            self._connections.clear()
+        self._local = threading.local()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One serialised write transaction: taken before reading, so checks and writes agree."""
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- items ---------------------------------------------------------------------------------
+
+    def add_items(self, items: Sequence[Item]) -> int:
+        """Store items not yet present (by id); returns how many were new."""
+        with self._write() as con:
+            start = con.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM items").fetchone()[0]
+            added = 0
+            for item in items:
+                prompt_text, first_text, second_text = item.texts
+                cursor = con.execute(
+                    "INSERT OR IGNORE INTO items VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        item.id,
+                        start + added,
+                        item.source,
+                        json.dumps(item.prompt, ensure_ascii=False),
+                        json.dumps(item.first, ensure_ascii=False),
+                        json.dumps(item.second, ensure_ascii=False),
+                        prompt_text,
+                        first_text,
+                        second_text,
+                    ),
+                )
+                added += cursor.rowcount
+        return added
+
+    def items(self) -> list[Item]:
+        with self._connect() as con:
+            rows = con.execute("SELECT id, source, prompt, first, second FROM items ORDER BY position").fetchall()
+        return [Item(r[0], r[1], json.loads(r[2]), json.loads(r[3]), json.loads(r[4])) for r in rows]
+
+    def judgements(self, include_undone: bool = False) -> list[Judgement]:
+        """Stored judgements in the order they were made; undone ones only when asked."""
+        where = "" if include_undone else "WHERE undone_at IS NULL"
+        with self._connect() as con:
+            rows = con.execute(
+                f"SELECT id, item_id, annotator, shown_left, choice, shown_at, answered_at FROM judgements {where} ORDER BY id"
+            ).fetchall()
+        return [Judgement(*r) for r in rows]
+
+    # -- the annotator's queue -------------------------------------------------------------------
+
+    def _params(self, annotator: str) -> dict[str, Any]:
+        return {"me": annotator, "cutoff": time.time() - self.lease_seconds, "k": self.annotators_per_item}
+
+    def _shown(self, con: sqlite3.Connection, item: str, shown_left: str) -> dict[str, str]:
+        prompt, first, second = con.execute(
+            "SELECT prompt_text, first_text, second_text FROM items WHERE id = ?", (item,)
+        ).fetchone()
+        left, right = (first, second) if shown_left == "first" else (second, first)
+        return {"id": item, "prompt": prompt, "a": left, "b": right}
+
+    def next_item(self, annotator: str) -> dict[str, str] | None:
+        """The item to show this annotator now (taking a lease on it), or None when none is left.
+
+        Their own unanswered items come first (an undone one, or the one a reload asks for again),
+        shown the same way round as before; then the item with the most slots already taken, so
+        items reach their full count of annotators early, and input order among equals.
+        """
+        with self._write() as con:
+            params = self._params(annotator)
+            now = time.time()
+            own = con.execute(
+                f"SELECT a.item_id, a.shown_left, {_LOAD} AS load FROM assignments a JOIN items i ON i.id = a.item_id "
+                f"WHERE a.annotator = :me AND NOT {_MINE} ORDER BY a.assigned_at DESC",
+                params,
+            ).fetchall()
+            for item, shown_left, load in own:
+                if load < params["k"]:
+                    con.execute(
+                        "UPDATE assignments SET assigned_at = ? WHERE item_id = ? AND annotator = ?",
+                        (now, item, annotator),
+                    )
+                    return self._shown(con, item, shown_left)
+                # Its lease lapsed and others filled the item meanwhile.
+                con.execute("DELETE FROM assignments WHERE item_id = ? AND annotator = ?", (item, annotator))
+            row = con.execute(
+                f"SELECT id FROM (SELECT i.id, i.position, {_LOAD} AS load FROM items i WHERE NOT {_MINE}) "
+                "WHERE load < :k ORDER BY load DESC, position LIMIT 1",
+                params,
+            ).fetchone()
+            if row is None:
+                return None
+            shown_left = self._rng.choice(SIDES)
+            con.execute(
+                "INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
+                "DO UPDATE SET shown_left = excluded.shown_left, assigned_at = excluded.assigned_at",
+                (row[0], annotator, shown_left, now),
+            )
+            return self._shown(con, row[0], shown_left)
+
+    def judge(self, annotator: str, item: str, choice: str) -> int:
+        """Store one judgement of an item shown to this annotator; returns its row id.
+
+        Sending the same judgement twice (a retried request) returns the stored row instead of
+        failing; a different one for the same item needs an undo first.
+        """
+        if choice not in CHOICES:
+            raise PreftuneError(f"choice must be one of {', '.join(CHOICES)}, got '{choice}'")
+        with self._write() as con:
+            if con.execute("SELECT 1 FROM items WHERE id = ?", (item,)).fetchone() is None:
+                raise UnknownItem(f"no item '{item}' in this database")
+            existing = con.execute(
+                "SELECT id, choice FROM judgements WHERE item_id = ? AND annotator = ? AND undone_at IS NULL",
+                (item, annotator),
+            ).fetchone()
+            if existing is not None:
+                if existing[1] == choice:
+                    return int(existing[0])
+                raise Conflict(f"you already answered '{existing[1]}' for item '{item}': undo it first to change it")
+            lease = con.execute(
+                "SELECT shown_left, assigned_at FROM assignments WHERE item_id = ? AND annotator = ?", (item, annotator)
+            ).fetchone()
+            if lease is None:
+                raise Conflict(f"item '{item}' was not shown to '{annotator}': ask for the next item first")
+            params = self._params(annotator)
+            (load,) = con.execute(f"SELECT {_LOAD} FROM items i WHERE i.id = :item", {**params, "item": item}).fetchone()
+            if choice != "skip" and load >= params["k"]:
+                raise Conflict(
+                    f"item '{item}' already has its {params['k']} annotator(s): it was passed on while you were away"
+                )
+            cursor = con.execute(
+                "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (item, annotator, lease[0], choice, lease[1], time.time()),
+            )
+            return int(cursor.lastrowid)
+
+    def undo(self, annotator: str) -> dict[str, str]:
+        """Withdraw the annotator's latest live judgement; the item comes back to them next."""
+        with self._write() as con:
+            row = con.execute(
+                "SELECT id, item_id, shown_left, choice FROM judgements WHERE annotator = ? AND undone_at IS NULL "
+                "ORDER BY id DESC LIMIT 1",
+                (annotator,),
+            ).fetchone()
+            if row is None:
+                raise Conflict(f"nothing to undo for '{annotator}'")
+            now = time.time()
+            con.execute("UPDATE judgements SET undone_at = ? WHERE id = ?", (now, row[0]))
+            con.execute(
+                "INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
+                "DO UPDATE SET shown_left = excluded.shown_left, assigned_at = excluded.assigned_at",
+                (row[1], annotator, row[2], now),
+            )
+        return {"item_id": row[1], "choice": row[3]}
+
+    def progress(self, annotator: str) -> dict[str, int]:
+        """What this annotator did, what is left for them, and how far the whole set is."""
+        params = self._params(annotator)
+        with self._connect() as con:
+            done, skipped = con.execute(
+                "SELECT COUNT(*), COALESCE(SUM(choice = 'skip'), 0) FROM judgements WHERE annotator = :me AND undone_at IS NULL",
+                params,
+            ).fetchone()
+            (remaining,) = con.execute(
+                f"SELECT COUNT(*) FROM (SELECT {_LOAD} AS load FROM items i WHERE NOT {_MINE}) WHERE load < :k",
+                params,
+            ).fetchone()
+            items, complete = con.execute(
+                "SELECT COUNT(*), COALESCE(SUM(n >= :k), 0) FROM (SELECT i.id, (SELECT COUNT(*) FROM judgements j "
+                "WHERE j.item_id = i.id AND j.undone_at IS NULL AND j.choice != 'skip') AS n FROM items i)",
+                params,
+            ).fetchone()
+        return {
+            "done": int(done),
+            "skipped": int(skipped),
+            "remaining": int(remaining),
+            "items": int(items),
+            "complete": int(complete),
+            "annotators_per_item": self.annotators_per_item,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Web app
+# ---------------------------------------------------------------------------------------------
+
+PAGE_DIR = resources.files("preftune") / "labeling_page"
+_STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+# The page loads only its own script and style: injected markup could not run even if it got in.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+def _clean_name(value: str) -> str:
+    name = " ".join(value.split())
+    if not name:
+        raise ValueError("the annotator name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise ValueError(f"the annotator name is longer than {MAX_NAME_LENGTH} characters")
+    if not name.isprintable():
+        raise ValueError("the annotator name holds control characters")
+    return name
+
+
+class AnnotatorBody(BaseModel):
+    """A request that names its annotator; unknown fields are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    annotator: str
+
+    @field_validator("annotator")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _clean_name(value)
+
+
+class JudgementBody(AnnotatorBody):
+    item_id: str
+    choice: Literal["A", "B", "tie", "skip"]
+
+
+def create_app(store: LabelStore, token: str | None = None):
+    """The FastAPI app: the page at `/`, its files under `/static/`, and a small JSON API.
+
+    API (all POST, JSON bodies, `X-Label-Token` header when a token is set): `api/next`
+    `{annotator}` gives `{item: {id, prompt, a, b} | null, progress}`; `api/judgements`
+    `{annotator, item_id, choice}` with choice A (left), B (right), tie or skip; `api/undo`
+    `{annotator}`; `api/progress` `{annotator}`. Errors are 4xx with a one-line `detail`.
+    """
+    from fastapi import Depends, FastAPI, Header, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    def check_token(x_label_token: str | None = Header(default=None)) -> None:
+        if token and not (x_label_token and secrets.compare_digest(x_label_token.encode(), token.encode())):
+            raise HTTPException(401, "missing or wrong access token: open the link with ?token=... that you were given")
+
+    app = FastAPI(title="preftune labeling", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+            if error.get("type") == "json_invalid":
+                problems.append("the request body is not valid JSON")
+            else:
+                message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+                problems.append(f"field '{where}': {message}" if where else message)
+        return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(sqlite3.OperationalError)
+    async def _busy(request: Request, exc: sqlite3.OperationalError) -> JSONResponse:
+        return JSONResponse({"detail": f"the database is busy ({exc}): try again"}, status_code=503)
+
+    def page_file(name: str, media_type: str) -> Response:
+        return Response((PAGE_DIR / name).read_bytes(), media_type=media_type)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> Response:
+        return page_file("index.html", "text/html; charset=utf-8")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    def static(name: str) -> Response:
+        if name not in _STATIC:
+            raise HTTPException(404, f"no file '{name}'")
+        return page_file(name, _STATIC[name] + "; charset=utf-8")
+
+    api = [Depends(check_token)]
+
+    @app.post("/api/next", dependencies=api)
+    def next_item(body: AnnotatorBody) -> dict:
+        item = store.next_item(body.annotator)
+        return {"item": item, "progress": store.progress(body.annotator)}
+
+    @app.post("/api/judgements", dependencies=api)
+    def judge(body: JudgementBody) -> dict:
+        try:
+            row = store.judge(body.annotator, body.item_id, body.choice)
+        except UnknownItem as exc:
+            raise HTTPException(404, str(exc)) from None
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"stored": row, "progress": store.progress(body.annotator)}
+
+    @app.post("/api/undo", dependencies=api)
+    def undo(body: AnnotatorBody) -> dict:
+        try:
+            undone = store.undo(body.annotator)
+        except Conflict as exc:
+            raise HTTPException(409, str(exc)) from None
+        return {"undone": undone, "progress": store.progress(body.annotator)}
+
+    @app.post("/api/progress", dependencies=api)
+    def progress(body: AnnotatorBody) -> dict:
+        return {"progress": store.progress(body.annotator)}
+
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_port_free(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise PreftuneError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port") from None
+
+
+def serve(
+    input_path: str | Path,
+    db_path: str | Path,
+    annotators_per_item: int = 3,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    token: str | None = None,
+) -> None:
+    """Add the input's items to the database and serve the labeling page until interrupted.
+
+    The input file is only read. Binding anything but a loopback address without a token is
+    allowed (a trusted network) but warned about.
+    """
+    import uvicorn
+
+    if not 0 < port < 65536:
+        raise PreftuneError(f"--port must be between 1 and 65535, got {port}")
+    items = load_items(input_path)
+    store = LabelStore(db_path, annotators_per_item=annotators_per_item)
+    added = store.add_items(items)
+    total = len(store.items())
+    _check_port_free(host, port)
+    if not _is_loopback(host) and not token:
+        log.warning("listening on %s without --token: anyone who reaches this address can label", host)
+    shown_host = f"[{host}]" if ":" in host else host
+    url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
+    log.info(
+        "%d items from %s (%d new), %d in %s, %d annotators per item",
+        len(items), Path(input_path).name, added, total, db_path, annotators_per_item,
+    )
+    log.info("annotators open %s (Ctrl+C stops; nothing is lost)", url)
+    uvicorn.Server(uvicorn.Config(create_app(store, token), host=host, port=port, log_level="warning")).run()
+
+
+def new_token() -> str:
+    """An access token for `label serve --token` without a value."""
+    return secrets.token_urlsafe(16)
