@@ -1,0 +1,230 @@
+"""From human judgements to preference pairs: majority vote, agreement and position bias.
+
+Each live judgement of an item is mapped from what the annotator saw (A = left, B = right) back to
+the item's own order: `first` better, `second` better, or `tie`; skips are not ratings. An item
+with at least `min_annotators` ratings is *rated*; it is exported when one of first/second has a
+strict majority of its ratings (more than half), with the winner as `chosen`. A majority for tie,
+or no majority at all, drops the item: a label that most annotators do not back is noise that DPO
+would learn as signal.
+
+Agreement is Krippendorff's alpha for nominal data (Krippendorff 2011, "Computing Krippendorff's
+Alpha-Reliability"; Hayes & Krippendorff 2007), over the rated items with the three categories.
+Alpha rather than Fleiss' kappa because here items need not have the same number of ratings
+(annotators skip, `--annotators-per-item` can change between sessions, `--min-annotators` can be
+lower than it) and alpha takes any number of ratings per item; with equal counts the two differ only
+by alpha's small-sample correction. 1 is perfect agreement, 0 is what chance gives.
+
+Position bias is the share of left (A) picks among the ratings that picked a side: 0.5 when the
+side does not matter. Sides are drawn at random per annotator and item, so a bias shows in this
+share but cannot tilt the exported labels in a consistent direction.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from preftune.errors import PreftuneError
+from preftune.labeling import Judgement, LabelStore
+
+__all__ = ["category", "majority", "krippendorff_alpha", "agreement_report", "export_labels", "format_agreement"]
+
+CATEGORIES = ("first", "second", "tie")
+
+
+def category(choice: str, shown_left: str) -> str | None:
+    """The rating in the item's own order (first/second/tie), or None for a skip."""
+    if choice == "skip":
+        return None
+    if choice == "tie":
+        return "tie"
+    other = "second" if shown_left == "first" else "first"
+    return shown_left if choice == "A" else other
+
+
+def majority(ratings: Sequence[str]) -> str | None:
+    """The category held by more than half of the ratings, or None when there is none."""
+    if not ratings:
+        return None
+    winner, count = Counter(ratings).most_common(1)[0]
+    return winner if 2 * count > len(ratings) else None
+
+
+def krippendorff_alpha(counts: Sequence[Sequence[int]]) -> float | None:
+    """Nominal Krippendorff's alpha from an items x categories table of rating counts.
+
+    None when it is undefined: fewer than two items with two or more ratings, or every rating in
+    one category (no expected disagreement to compare with).
+    """
+    import krippendorff
+    import numpy as np
+
+    table = np.asarray([row for row in counts if sum(row) >= 2], dtype=float)
+    if len(table) < 2 or np.count_nonzero(table.sum(axis=0)) < 2:
+        return None
+    return float(krippendorff.alpha(value_counts=table, level_of_measurement="nominal"))
+
+
+def agreement_report(
+    judgements: Sequence[Judgement], item_ids: Sequence[str], min_annotators: int = 3
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The agreement report, and the exported label (`first`/`second`) of each item that has one."""
+    if min_annotators < 1:
+        raise PreftuneError(f"--min-annotators must be at least 1, got {min_annotators}")
+    ratings: dict[str, list[tuple[str, str]]] = defaultdict(list)  # item -> (annotator, category)
+    per_annotator: dict[str, Counter] = defaultdict(Counter)
+    for j in judgements:
+        stats = per_annotator[j.annotator]
+        rating = category(j.choice, j.shown_left)
+        if rating is None:
+            stats["skips"] += 1
+            continue
+        ratings[j.item_id].append((j.annotator, rating))
+        stats["ratings"] += 1
+        stats["ties"] += rating == "tie"
+        if rating != "tie":
+            stats["left" if j.choice == "A" else "right"] += 1
+
+    rated = [i for i in item_ids if len(ratings.get(i, ())) >= min_annotators]
+    labels: dict[str, str] = {}
+    dropped = Counter()
+    for item in rated:
+        votes = [r for _, r in ratings[item]]
+        winner = majority(votes)
+        if winner is None:
+            dropped["no_majority"] += 1
+        elif winner == "tie":
+            dropped["tie"] += 1
+        else:
+            labels[item] = winner
+        if winner is not None:
+            for annotator, rating in ratings[item]:
+                per_annotator[annotator]["compared"] += 1
+                per_annotator[annotator]["agreed"] += rating == winner
+
+    counts = [[sum(r == c for _, r in ratings[item]) for c in CATEGORIES] for item in rated]
+    left = sum(s["left"] for s in per_annotator.values())
+    right = sum(s["right"] for s in per_annotator.values())
+    report: dict[str, Any] = {
+        "min_annotators": min_annotators,
+        "items": len(item_ids),
+        "items_rated": len(rated),
+        "items_with_too_few_ratings": sum(0 < len(ratings.get(i, ())) < min_annotators for i in item_ids),
+        "items_unrated": sum(not ratings.get(i) for i in item_ids),
+        "exported": len(labels),
+        "dropped_tie": dropped["tie"],
+        "dropped_no_majority": dropped["no_majority"],
+        "ratings": sum(len(ratings[i]) for i in rated),
+        "krippendorff_alpha": krippendorff_alpha(counts),
+        "position_bias": {"left": left, "right": right, "left_share": _share(left, left + right)},
+        "annotators": {
+            name: {
+                "ratings": s["ratings"],
+                "ties": s["ties"],
+                "skips": s["skips"],
+                "agreement_with_majority": _share(s["agreed"], s["compared"]),
+                "compared_with_majority": s["compared"],
+                "left_share": _share(s["left"], s["left"] + s["right"]),
+            }
+            for name, s in sorted(per_annotator.items())
+        },
+    }
+    return report, labels
+
+
+def _share(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Written beside the target and renamed: a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_labels(
+    db_path: str | Path, out: str | Path, min_annotators: int = 3, report_path: str | Path | None = None
+) -> dict[str, Any]:
+    """Write the majority-labelled pairs as JSONL and the agreement report as JSON; return the report.
+
+    Each line is a preference pair that `preftune train` reads (`prompt`, `chosen`, `rejected` in
+    the original form, text or chat messages), plus `votes` (ratings for chosen, rejected and tie),
+    `item_id` and `source`. The report goes to `report_path`, by default beside `out` with the suffix
+    `.agreement.json`.
+    """
+    out = Path(out)
+    report_path = Path(report_path) if report_path else out.with_suffix(".agreement.json")
+    for path in (out, report_path):
+        if not path.parent.is_dir():
+            raise PreftuneError(f"cannot write {path}: folder {path.parent} does not exist")
+    store = LabelStore(db_path, create=False)
+    items = store.items()
+    judgements = store.judgements()
+    report, labels = agreement_report(judgements, [i.id for i in items], min_annotators)
+    votes: dict[str, Counter] = defaultdict(Counter)
+    for j in judgements:
+        rating = category(j.choice, j.shown_left)
+        if rating is not None:
+            votes[j.item_id][rating] += 1
+    lines = []
+    for item in items:
+        winner = labels.get(item.id)
+        if winner is None:
+            continue
+        loser = "second" if winner == "first" else "first"
+        count = votes[item.id]
+        record = {
+            "prompt": item.prompt,
+            "chosen": getattr(item, winner),
+            "rejected": getattr(item, loser),
+            "votes": {"chosen": count[winner], "rejected": count[loser], "tie": count["tie"]},
+            "item_id": item.id,
+            "source": item.source,
+        }
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    report["output"] = str(out)
+    _write_atomic(out, "".join(lines))
+    _write_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    report["report"] = str(report_path)
+    return report
+
+
+def _fmt(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def format_agreement(report: dict[str, Any]) -> str:
+    """The report as a few aligned lines for a terminal."""
+    bias = report["position_bias"]
+    rows = [
+        ("items", f"{report['items']} ({report['items_rated']} with >= {report['min_annotators']} ratings, "
+         f"{report['items_with_too_few_ratings']} with fewer, {report['items_unrated']} unrated)"),
+        ("exported pairs", f"{report['exported']} (dropped: {report['dropped_tie']} tie majority, "
+         f"{report['dropped_no_majority']} no majority)"),
+        ("Krippendorff's alpha", f"{_fmt(report['krippendorff_alpha'])} (nominal, {report['ratings']} ratings of rated items)"),
+        ("position bias", f"left picked {_fmt(bias['left_share'])} of {bias['left'] + bias['right']} side picks (0.5 = none)"),
+    ]
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label:<{width}}{value}" for label, value in rows]
+    if report["annotators"]:
+        name_width = max(9, *(len(n) for n in report["annotators"])) + 2
+        lines.append("")
+        lines.append(f"{'annotator':<{name_width}}{'ratings':>8}{'ties':>6}{'skips':>7}{'agrees w/ majority':>20}{'left share':>12}")
+        for name, s in report["annotators"].items():
+            agree = _fmt(s["agreement_with_majority"])
+            lines.append(
+                f"{name:<{name_width}}{s['ratings']:>8}{s['ties']:>6}{s['skips']:>7}"
+                f"{agree + ' of ' + str(s['compared_with_majority']):>20}{_fmt(s['left_share']):>12}"
+            )
+    return "\n".join(lines)
