@@ -102,6 +102,23 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_label_serve(args: argparse.Namespace) -> int:
+    from preftune.labeling import new_token, serve
+
+    token = new_token() if args.token == "" else args.token
+    serve(args.input, args.db, args.annotators_per_item, args.host, args.port, token)
+    return 0
+
+
+def cmd_label_export(args: argparse.Namespace) -> int:
+    from preftune.agreement import export_labels, format_agreement
+
+    report = export_labels(args.db, args.out, args.min_annotators, args.report)
+    print(format_agreement(report))
+    log.info("wrote %d pairs to %s and the report to %s", report["exported"], report["output"], report["report"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
@@ -147,6 +164,44 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
     c.set_defaults(func=cmd_data_check)
     data.set_defaults(func=lambda a: data.print_help() or 2)
+
+    label = sub.add_parser("label", parents=[common], help="label preference pairs by hand in a web page")
+    label_sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
+    s = label_sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the labeling page",
+        description="Serve a web page where annotators pick the better of two responses (keys: 1 = A, 2 = B, "
+        "t = tie, s = skip, u = undo). Every judgement goes to an SQLite database; stopping and starting "
+        "again loses nothing. The input file is only read.",
+    )
+    s.add_argument("--input", required=True, help="pairs (prompt/chosen/rejected) or samples (prompt/completions) file")
+    s.add_argument("--db", required=True, help="SQLite database to keep the judgements in (created if missing)")
+    s.add_argument("--annotators-per-item", type=int, default=3, help="distinct annotators each item goes to (default: 3)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument(
+        "--token",
+        nargs="?",
+        const="",
+        help="require this access token from annotators (given alone, a random one is made); "
+        "the link to share ends in ?token=...",
+    )
+    s.set_defaults(func=cmd_label_serve)
+    e = label_sub.add_parser(
+        "export",
+        parents=[common],
+        help="write majority-vote pairs and the agreement report",
+        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) as JSONL "
+        "for training, and print the agreement report (Krippendorff's alpha, each annotator's agreement with "
+        "the majority, position bias), also written as JSON.",
+    )
+    e.add_argument("--db", required=True, help="labeling database written by 'label serve'")
+    e.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    e.add_argument("--min-annotators", type=int, default=3, help="ratings an item needs to be voted on (default: 3)")
+    e.add_argument("--report", help="agreement report to write (default: OUT with the suffix .agreement.json)")
+    e.set_defaults(func=cmd_label_export)
+    label.set_defaults(func=lambda a: label.print_help() or 2)
     return parser
 
 

@@ -1,0 +1,495 @@
+"""Human labeling: items from files, the store's rules, the API, concurrency, export and agreement."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import sqlite3
+import threading
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from live_server import live_server
+
+from preftune.agreement import agreement_report, category, export_labels, krippendorff_alpha, majority
+from preftune.cli import main
+from preftune.errors import PreftuneError
+from preftune.labeling import PAGE_DIR, Item, LabelStore, create_app, item_id, load_items
+
+TOKEN = "s3cret-token"
+AUTH = {"X-Label-Token": TOKEN}
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def simple_items(n: int) -> list[Item]:
+    return [Item(item_id(f"p{i}", f"good {i}", f"bad {i}"), f"gen:{i + 1}", f"p{i}", f"good {i}", f"bad {i}") for i in range(n)]
+
+
+def make_store(tmp_path: Path, n: int = 3, k: int = 2, **kwargs) -> LabelStore:
+    store = LabelStore(tmp_path / "labels.sqlite", annotators_per_item=k, **kwargs)
+    store.add_items(simple_items(n))
+    return store
+
+
+def rows(db: Path, sql: str, *args) -> list[tuple]:
+    with sqlite3.connect(db) as con:
+        return con.execute(sql, args).fetchall()
+
+
+# ---------------------------------------------------------------------------------------------
+# Items from files
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pairs_file_gives_items_with_chosen_first(tmp_path):
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl",
+        [
+            {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."},
+            {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"},
+            {"chosen": "The sky is blue.", "rejected": "The sky is black."},
+            {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Go away."},  # duplicate: kept once
+        ],
+    )
+    items = load_items(path)
+    assert [i.source for i in items] == ["pairs.jsonl:1", "pairs.jsonl:2", "pairs.jsonl:3"]
+    assert items[0].texts == ("Say hi", "Hi!", "Go away.")
+    assert items[1].texts == ("system: Be brief.\nuser: 2+2?", "4", "5")
+    assert items[1].first == [{"role": "assistant", "content": "4"}]  # normalised as preftune.data does
+    assert items[2].texts == ("The sky is", " blue.", " black.")
+
+
+def test_samples_file_pairs_every_two_distinct_completions(tmp_path):
+    path = write_jsonl(
+        tmp_path / "samples.jsonl",
+        [
+            {"prompt": "Review:", "completions": ["great", "bad", "fine", "great"], "scores": [0.9, -0.5, 0.1, 0.9]},
+            {  # as the generate command writes it
+                "index": 1,
+                "prompt": [{"role": "user", "content": "Hi"}],
+                "completions": ["Hello", "Hey"],
+                "lengths": [2, 2],
+                "stopped": [True, True],
+                "sampling": {"temperature": 0.7, "seed": 0},
+            },
+            {"prompt": "Same", "completions": ["x", "x"]},  # one distinct completion: nothing to compare
+        ],
+    )
+    items = load_items(path)
+    assert [(i.first, i.second) for i in items[:3]] == [("great", "bad"), ("great", "fine"), ("bad", "fine")]
+    assert items[3].texts == ("user: Hi", "Hello", "Hey")
+    assert items[3].second == [{"role": "assistant", "content": "Hey"}]
+    assert len(items) == 4
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "p", "completions": "abc"}, "samples.jsonl:2: field 'completions' must be a list, got str"),
+        ({"prompt": "p", "completions": ["a", "  "]}, "samples.jsonl:2: field 'completions[1]' is empty"),
+        ({"completions": ["a", "b"]}, "samples.jsonl:2: field 'prompt' is missing"),
+        ({"prompt": "p", "completions": ["a", 3]}, "samples.jsonl:2: field 'completions[1]' must be a string or a list of messages, got int"),
+        ({"prompt": "p", "chosen": "a"}, "samples.jsonl:2: field 'rejected' is missing"),
+    ],
+)
+def test_bad_records_name_line_and_field(tmp_path, record, message):
+    path = write_jsonl(tmp_path / "samples.jsonl", [{"prompt": "ok", "completions": ["a", "b"]}, record])
+    with pytest.raises(PreftuneError) as info:
+        load_items(path)
+    assert str(info.value) == message
+
+
+# ---------------------------------------------------------------------------------------------
+# Store rules
+# ---------------------------------------------------------------------------------------------
+
+
+def test_database_is_wal_and_adding_items_twice_adds_nothing(tmp_path):
+    store = make_store(tmp_path, n=3)
+    assert store.add_items(simple_items(4)) == 1
+    assert rows(store.path, "PRAGMA journal_mode") == [("wal",)]
+    assert [r[0] for r in rows(store.path, "SELECT position FROM items ORDER BY position")] == [0, 1, 2, 3]
+
+
+def test_each_item_goes_to_the_configured_number_of_distinct_annotators(tmp_path):
+    store = make_store(tmp_path, n=2, k=2)
+    seen: dict[str, list[str]] = {}
+    for name in ("ann", "bob", "cy"):
+        while (item := store.next_item(name)) is not None:
+            seen.setdefault(name, []).append(item["id"])
+            store.judge(name, item["id"], "A")
+    ids = [i.id for i in store.items()]
+    assert seen == {"ann": ids, "bob": ids}  # cy finds every item full
+    assert store.progress("cy") == {"done": 0, "skipped": 0, "remaining": 0, "items": 2, "complete": 2, "annotators_per_item": 2}
+
+
+def test_a_lease_holds_the_slot_and_a_reload_gets_the_same_item_the_same_way_round(tmp_path):
+    store = make_store(tmp_path, n=2, k=1)
+    first = store.next_item("ann")
+    assert store.next_item("ann") == first  # a reload shows the same thing
+    assert store.next_item("bob")["id"] != first["id"]  # ann's lease holds item 1's only slot
+    assert store.next_item("cy") is None
+
+
+def test_skip_frees_the_slot_for_someone_else(tmp_path):
+    store = make_store(tmp_path, n=1, k=1)
+    item = store.next_item("ann")
+    store.judge("ann", item["id"], "skip")
+    assert store.next_item("ann") is None
+    assert store.next_item("bob")["id"] == item["id"]
+
+
+def test_undo_withdraws_the_last_answer_and_shows_the_item_again(tmp_path):
+    store = make_store(tmp_path, n=2, k=1)
+    one = store.next_item("ann")
+    store.judge("ann", one["id"], "A")
+    two = store.next_item("ann")
+    store.judge("ann", two["id"], "tie")
+    assert store.undo("ann") == {"item_id": two["id"], "choice": "tie"}
+    assert store.next_item("bob") is None  # the undone item is ann's again, not free for others
+    assert store.next_item("ann") == two  # same item, same sides
+    store.judge("ann", two["id"], "B")
+    history = rows(store.path, "SELECT item_id, choice, undone_at IS NOT NULL FROM judgements ORDER BY id")
+    assert history == [(one["id"], "A", 0), (two["id"], "tie", 1), (two["id"], "B", 0)]
+    assert [j.choice for j in store.judgements()] == ["A", "B"]
+    store.undo("ann")
+    store.undo("ann")
+    with pytest.raises(PreftuneError, match="nothing to undo for 'ann'"):
+        store.undo("ann")
+
+
+def test_an_expired_lease_lets_others_take_the_item(tmp_path):
+    store = make_store(tmp_path, n=1, k=1, lease_seconds=0.0)
+    item = store.next_item("ann")
+    assert store.next_item("bob")["id"] == item["id"]
+    store.judge("bob", item["id"], "B")
+    with pytest.raises(PreftuneError, match=r"already has its 1 annotator\(s\): it was passed on while you were away"):
+        store.judge("ann", item["id"], "A")
+    assert store.next_item("ann") is None
+
+
+def test_restart_loses_nothing_and_resumes_each_queue(tmp_path):
+    store = make_store(tmp_path, n=3, k=2)
+    a = store.next_item("ann")
+    store.judge("ann", a["id"], "A")
+    shown = store.next_item("ann")
+    bob = store.next_item("bob")
+    again = LabelStore(store.path, annotators_per_item=2)
+    assert again.next_item("ann") == shown
+    assert again.next_item("bob") == bob
+    assert again.progress("ann")["done"] == 1
+    assert [(j.annotator, j.item_id, j.choice) for j in again.judgements()] == [("ann", a["id"], "A")]
+
+
+def test_a_file_that_is_no_labeling_database_is_refused(tmp_path):
+    other = tmp_path / "other.sqlite"
+    with sqlite3.connect(other) as con:
+        con.execute("CREATE TABLE t (x)")
+    with pytest.raises(PreftuneError, match="not a preftune labeling database"):
+        LabelStore(other)
+    text = tmp_path / "notes.sqlite"
+    text.write_text("hello " * 1000)
+    with pytest.raises(PreftuneError, match="cannot open the labeling database"):
+        LabelStore(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# API through the framework's test client
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(tmp_path):
+    store = make_store(tmp_path, n=3, k=2)
+    with TestClient(create_app(store, TOKEN)) as api:  # one event loop for all requests
+        yield api, store
+
+
+def test_page_is_plain_files_with_a_strict_content_policy(client):
+    api, _ = client
+    page = api.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="static/app.js"></script>' in page.text
+    script = api.get("/static/app.js")
+    assert script.status_code == 200 and script.text == (PAGE_DIR / "app.js").read_text()
+    assert "innerHTML" not in script.text and "textContent" in script.text
+    assert api.get("/static/../labeling.py").status_code == 404
+    assert api.get("/static/secrets.txt").json() == {"detail": "no file 'secrets.txt'"}
+
+
+def test_token_is_required_when_set(client):
+    api, _ = client
+    for headers in ({}, {"X-Label-Token": "wrong"}):
+        response = api.post("/api/next", json={"annotator": "ann"}, headers=headers)
+        assert response.status_code == 401
+        assert response.json()["detail"].startswith("missing or wrong access token")
+    assert api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).status_code == 200
+
+
+def test_label_round_trip_records_the_shown_order(client):
+    api, store = client
+    data = api.post("/api/next", json={"annotator": " ann  lee "}, headers=AUTH).json()
+    item = data["item"]
+    assert data["progress"] == {"done": 0, "skipped": 0, "remaining": 3, "items": 3, "complete": 0, "annotators_per_item": 2}
+    assert {item["a"], item["b"]} == {"good 0", "bad 0"} and item["prompt"] == "p0"
+    assert "chosen" not in json.dumps(data) and "first" not in json.dumps(data)
+    response = api.post("/api/judgements", json={"annotator": "ann lee", "item_id": item["id"], "choice": "A"}, headers=AUTH)
+    assert response.status_code == 200 and response.json()["progress"]["done"] == 1
+    [(annotator, shown_left, choice, shown_at, answered_at)] = rows(
+        store.path, "SELECT annotator, shown_left, choice, shown_at, answered_at FROM judgements"
+    )
+    assert annotator == "ann lee" and choice == "A" and shown_at <= answered_at
+    assert shown_left == ("first" if item["a"] == "good 0" else "second")
+    # the same answer again is a retry, not a second row
+    again = api.post("/api/judgements", json={"annotator": "ann lee", "item_id": item["id"], "choice": "A"}, headers=AUTH)
+    assert again.json()["stored"] == response.json()["stored"]
+    assert rows(store.path, "SELECT COUNT(*) FROM judgements") == [(1,)]
+
+
+def test_order_is_random_per_annotator(tmp_path):
+    store = make_store(tmp_path, n=40, k=2, rng=random.Random(0))
+    for name in ("ann", "bob"):
+        while (item := store.next_item(name)) is not None:
+            store.judge(name, item["id"], "tie")
+    sides = Counter(rows(store.path, "SELECT shown_left FROM judgements"))
+    assert sides[("first",)] + sides[("second",)] == 80
+    assert 25 <= sides[("first",)] <= 55  # 80 fair coin flips
+    per_item = rows(store.path, "SELECT COUNT(DISTINCT shown_left) FROM judgements GROUP BY item_id")
+    assert Counter(n for (n,) in per_item)[2] > 5  # the two annotators often saw an item differently
+
+
+@pytest.mark.parametrize(
+    "body, status, detail",
+    [
+        (b"{not json", 422, "the request body is not valid JSON"),
+        (b"[1, 2]", 422, "Input should be a valid dictionary or object to extract fields from"),
+        (b"{}", 422, "field 'annotator': Field required; field 'item_id': Field required; field 'choice': Field required"),
+        (b'{"annotator": "ann", "item_id": "x", "choice": "C"}', 422, "field 'choice': Input should be 'A', 'B', 'tie' or 'skip'"),
+        (b'{"annotator": "   ", "item_id": "x", "choice": "A"}', 422, "field 'annotator': the annotator name is empty"),
+        (b'{"annotator": "' + b"n" * 65 + b'", "item_id": "x", "choice": "A"}', 422, "field 'annotator': the annotator name is longer than 64 characters"),
+        (b'{"annotator": "a\\u0007", "item_id": "x", "choice": "A"}', 422, "field 'annotator': the annotator name holds control characters"),
+        (b'{"annotator": "ann", "item_id": "x", "choice": "A", "chosen": 1}', 422, "field 'chosen': Extra inputs are not permitted"),
+        (b'{"annotator": "ann", "item_id": 7, "choice": "A"}', 422, "field 'item_id': Input should be a valid string"),
+        (b'{"annotator": "ann", "item_id": "nope", "choice": "A"}', 404, "no item 'nope' in this database"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_clear_message(client, body, status, detail):
+    api, _ = client
+    response = api.post("/api/judgements", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status_code == status
+    assert response.json() == {"detail": detail}
+
+
+def test_conflicts_are_409(client):
+    api, store = client
+    unseen = store.items()[2].id
+    response = api.post("/api/judgements", json={"annotator": "ann", "item_id": unseen, "choice": "A"}, headers=AUTH)
+    assert response.status_code == 409 and response.json()["detail"] == f"item '{unseen}' was not shown to 'ann': ask for the next item first"
+    item = api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).json()["item"]
+    api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "A"}, headers=AUTH)
+    response = api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "B"}, headers=AUTH)
+    assert response.status_code == 409 and "you already answered 'A'" in response.json()["detail"]
+    assert api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH).json()["undone"] == {"item_id": item["id"], "choice": "A"}
+    response = api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH)
+    assert response.status_code == 409 and response.json() == {"detail": "nothing to undo for 'ann'"}
+    assert api.get("/api/next").status_code == 405
+
+
+def test_no_request_shape_gets_a_500(client):
+    api, _ = client
+    rng = random.Random(1)
+    values = ["", "A", "skip", None, 0, [], {}, "x" * 300, "ann", "\u202e", True]
+    for _ in range(60):
+        body = {key: rng.choice(values) for key in rng.sample(["annotator", "item_id", "choice", "extra"], rng.randint(0, 4))}
+        for path in ("/api/next", "/api/judgements", "/api/undo", "/api/progress"):
+            assert api.post(path, json=body, headers=AUTH).status_code < 500, (path, body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency: real HTTP, four annotators at once
+# ---------------------------------------------------------------------------------------------
+
+
+def test_four_annotators_posting_50_judgements_each_at_once(tmp_path):
+    store = make_store(tmp_path, n=120, k=3)
+    app = create_app(store, TOKEN)
+    barrier = threading.Barrier(4)
+    failures: list[str] = []
+
+    def annotate(name: str) -> None:
+        rng = random.Random(name)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+            barrier.wait()
+            for _ in range(50):
+                item = http.post("/api/next", json={"annotator": name}).json()["item"]
+                choice = rng.choice(["A", "B", "tie"])
+                response = http.post("/api/judgements", json={"annotator": name, "item_id": item["id"], "choice": choice})
+                if response.status_code != 200:
+                    failures.append(f"{name}: {response.status_code} {response.text}")
+
+    with live_server(app) as url:
+        threads = [threading.Thread(target=annotate, args=(f"annotator-{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert failures == []
+    total = rows(store.path, "SELECT COUNT(*), COUNT(DISTINCT item_id || '/' || annotator) FROM judgements")
+    per_annotator = dict(rows(store.path, "SELECT annotator, COUNT(*) FROM judgements GROUP BY annotator"))
+    per_item = Counter(n for (n,) in rows(store.path, "SELECT COUNT(*) FROM judgements GROUP BY item_id"))
+    print(f"rows={total[0][0]} distinct={total[0][1]} per annotator={per_annotator} items by count={dict(per_item)}")
+    assert total == [(200, 200)]
+    assert per_annotator == {f"annotator-{i}": 50 for i in range(4)}
+    assert max(per_item) == 3 and per_item[3] >= 50  # items fill to the limit, never past it
+
+
+# ---------------------------------------------------------------------------------------------
+# Export: majority vote and agreement, hand-computed
+# ---------------------------------------------------------------------------------------------
+
+# (item, annotator, shown_left, choice): the comment gives the rating in the item's own order.
+JUDGEMENTS = [
+    (1, "ann", "first", "A"), (1, "bob", "second", "B"), (1, "cy", "first", "A"),  # first first first
+    (2, "ann", "second", "B"), (2, "bob", "first", "A"), (2, "cy", "first", "B"),  # first first second
+    (3, "ann", "first", "B"), (3, "bob", "second", "A"), (3, "cy", "first", "tie"),  # second second tie
+    (4, "ann", "first", "A"), (4, "bob", "second", "A"), (4, "cy", "second", "tie"),  # first second tie
+    (5, "ann", "first", "tie"), (5, "bob", "second", "tie"), (5, "cy", "second", "B"),  # tie tie first
+    (6, "ann", "first", "A"), (6, "bob", "second", "A"), (6, "cy", "first", "skip"),  # first second (skip)
+]
+
+
+@pytest.fixture
+def labelled_db(tmp_path) -> Path:
+    db = tmp_path / "labels.sqlite"
+    store = LabelStore(db, annotators_per_item=3)
+    pairs = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": f"q{i}", "chosen": f"yes {i}", "rejected": f"no {i}"} for i in range(1, 7)]
+    )
+    store.add_items(load_items(pairs))
+    ids = {int(i.prompt[1:]): i.id for i in store.items()}
+    with sqlite3.connect(db) as con:
+        con.execute(  # withdrawn by undo: must not count
+            "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at, undone_at) "
+            "VALUES (?, 'cy', 'first', 'A', 1, 2, 3)",
+            (ids[6],),
+        )
+        for n, (item, annotator, shown_left, choice) in enumerate(JUDGEMENTS):
+            con.execute(
+                "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (ids[item], annotator, shown_left, choice, 10.0 + n, 11.0 + n),
+            )
+    return db
+
+
+def test_vote_helpers():
+    assert [category(c, s) for c, s in [("A", "first"), ("A", "second"), ("B", "first"), ("B", "second"), ("tie", "first"), ("skip", "first")]] == [
+        "first", "second", "second", "first", "tie", None
+    ]
+    assert majority(["first", "first", "second"]) == "first"
+    assert majority(["first", "second"]) is None
+    assert majority(["first", "second", "tie"]) is None
+    assert majority(["tie", "tie", "first"]) == "tie"
+    # hand-computed in test_export_majority_and_agreement: o_ff=4, o_ss=1, o_tt=1, every off-diagonal pair 1.5
+    assert krippendorff_alpha([[3, 0, 0], [2, 1, 0], [0, 2, 1], [1, 1, 1], [1, 0, 2]]) == pytest.approx(0.125)
+    assert krippendorff_alpha([[3, 0, 0], [0, 3, 0]]) == pytest.approx(1.0)
+    assert krippendorff_alpha([[3, 0, 0], [3, 0, 0]]) is None  # one category only: undefined
+
+
+def test_export_majority_and_agreement(labelled_db, tmp_path, capsys):
+    out = tmp_path / "voted.jsonl"
+    code = main(["label", "export", "--db", str(labelled_db), "--out", str(out), "--min-annotators", "3"])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # item 1: 3 of 3 for first; item 2: 2 of 3 for first; item 3: 2 of 3 for second, so the file's
+    # rejected becomes chosen. Item 4 has no majority, item 5 a tie majority, item 6 two ratings.
+    assert [(r["prompt"], r["chosen"], r["rejected"], r["votes"]) for r in records] == [
+        ("q1", "yes 1", "no 1", {"chosen": 3, "rejected": 0, "tie": 0}),
+        ("q2", "yes 2", "no 2", {"chosen": 2, "rejected": 1, "tie": 0}),
+        ("q3", "no 3", "yes 3", {"chosen": 2, "rejected": 0, "tie": 1}),
+    ]
+    assert [r["source"] for r in records] == ["pairs.jsonl:1", "pairs.jsonl:2", "pairs.jsonl:3"]
+    report = json.loads((tmp_path / "voted.agreement.json").read_text())
+    # Krippendorff's alpha over items 1-5 (nominal): coincidences o_ff=4, o_ss=1, o_tt=1 and 1.5 in
+    # each of the six off-diagonal cells; n=15, n_f=7, n_s=4, n_t=4.
+    # D_o = 9/15, D_e = (15^2 - 7^2 - 4^2 - 4^2) / (15 * 14) = 144/210, alpha = 1 - (9/15)/(144/210) = 1/8.
+    assert report["krippendorff_alpha"] == pytest.approx(0.125)
+    assert {k: report[k] for k in ("items", "items_rated", "items_with_too_few_ratings", "items_unrated", "exported", "dropped_tie", "dropped_no_majority", "ratings")} == {
+        "items": 6, "items_rated": 5, "items_with_too_few_ratings": 1, "items_unrated": 0,
+        "exported": 3, "dropped_tie": 1, "dropped_no_majority": 1, "ratings": 15,
+    }
+    # left (A) picks among side picks, items 1-6: 8 of 13
+    assert report["position_bias"] == {"left": 8, "right": 5, "left_share": pytest.approx(8 / 13)}
+    # agreement with the majority over items 1, 2, 3 and 5 (the items that have one)
+    assert report["annotators"] == {
+        "ann": {"ratings": 6, "ties": 1, "skips": 0, "agreement_with_majority": 1.0, "compared_with_majority": 4, "left_share": pytest.approx(3 / 5)},
+        "bob": {"ratings": 6, "ties": 1, "skips": 0, "agreement_with_majority": 1.0, "compared_with_majority": 4, "left_share": pytest.approx(4 / 5)},
+        "cy": {"ratings": 5, "ties": 2, "skips": 1, "agreement_with_majority": 0.25, "compared_with_majority": 4, "left_share": pytest.approx(1 / 3)},
+    }
+    printed = capsys.readouterr().out
+    assert "Krippendorff's alpha  0.125 (nominal, 15 ratings of rated items)" in printed
+    assert "left picked 0.615 of 13 side picks" in printed
+    assert "cy" in printed and "0.250 of 4" in printed
+
+
+def test_export_with_fewer_annotators_votes_on_more_items(labelled_db, tmp_path):
+    db_before = hashlib.sha256(labelled_db.read_bytes()).hexdigest()
+    from preftune.labeling import LabelStore as Store
+
+    report, labels = agreement_report(Store(labelled_db).judgements(), [i.id for i in Store(labelled_db).items()], 2)
+    assert (report["items_rated"], report["exported"], report["dropped_no_majority"]) == (6, 3, 2)  # item 6 splits 1-1
+    assert len(labels) == 3
+    assert hashlib.sha256(labelled_db.read_bytes()).hexdigest() == db_before
+
+
+def test_exported_pairs_train_as_preference_data(labelled_db, tmp_path):
+    from preftune.data import load_preference_data
+
+    out = tmp_path / "voted.jsonl"
+    export_labels(labelled_db, out)
+    examples = load_preference_data(out)
+    assert [(e.chosen, e.rejected) for e in examples] == [("yes 1", "no 1"), ("yes 2", "no 2"), ("no 3", "yes 3")]
+    assert examples[0].extra["votes"] == {"chosen": 3, "rejected": 0, "tie": 0}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "s.jsonl", [{"prompt": "p", "completions": ["a"]}, {"prompt": "p", "completions": [None, "b"]}])
+    assert main(["label", "serve", "--input", str(bad), "--db", str(tmp_path / "l.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert err == "preftune: error: s.jsonl:2: field 'completions[0]' must be a string or a list of messages, got null\n"
+    assert main(["label", "export", "--db", str(tmp_path / "none.sqlite"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert capsys.readouterr().err == f"preftune: error: labeling database not found: {tmp_path / 'none.sqlite'}\n"
+    good = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "b"}])
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "preftune: error: --port must be between 1 and 65535, got 70000\n"
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--annotators-per-item", "0"]) == 2
+    assert capsys.readouterr().err == "preftune: error: annotators per item must be at least 1, got 0\n"
+
+
+def test_serve_never_modifies_the_input_and_refuses_a_taken_port(tmp_path, capsys):
+    import socket
+
+    good = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a", "rejected": "<b>b</b>"}])
+    before = good.read_bytes()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--port", str(port)])
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    assert good.read_bytes() == before
+    assert [i.second for i in LabelStore(tmp_path / "l.sqlite").items()] == ["<b>b</b>"]
