@@ -98,6 +98,8 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # allow a new run in a folder that holds another run's files
+    max_nonfinite_steps: int = 5  # stop after this many NaN/Inf steps in a row (each is skipped)
     report_to: str = "none"
     progress_bar: bool = True
 
@@ -225,6 +227,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _check(0.0 <= cfg.lora_dropout < 1.0, where, f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
     _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
     _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
+    _check(cfg.max_nonfinite_steps >= 1, where, "'max_nonfinite_steps' must be >= 1")
     _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
     _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
     _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")

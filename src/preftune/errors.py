@@ -8,3 +8,9 @@ The CLI prints its message as one line on stderr and exits non-zero, without a t
 
 class PreftuneError(Exception):
     """A user-facing error: its message is the whole story, printed on one line."""
+
+
+class Interrupted(PreftuneError):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint: exit like an interrupted program."""
+
+    exit_code = 130

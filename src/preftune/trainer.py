@@ -13,22 +13,22 @@ import json
 import logging
 import math
 import os
-import random
 import shutil
+import signal
+import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from preftune import models
+from preftune import checkpoint, models
 from preftune.batching import TokenizedPair, collate_pairs, effective_prompt_length, tokenize_dataset
 from preftune.config import TrainConfig, to_yaml
 from preftune.data import PreferenceExample, load_preference_data
-from preftune.errors import PreftuneError
+from preftune.errors import Interrupted, PreftuneError
 from preftune.logprobs import CompletionLogprobs, completion_logps
 from preftune.losses import preference_loss
 from preftune.reference import (
@@ -125,8 +125,9 @@ class TrainState:
     step: int = 0  # optimizer steps completed
     bco_count: int = 0  # running mean of rewards for `bco_pair`, as TRL keeps it
     bco_mean: float = 0.0
-    nonfinite_skips: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    nonfinite_skips: int = 0  # optimizer steps skipped for a NaN/Inf loss or gradient, in all
+    nonfinite_in_a_row: int = 0
+    evaluated: bool = False  # this step's evaluation is already logged (resume must not repeat it)
 
 
 class MetricsLog:
@@ -140,7 +141,13 @@ class MetricsLog:
         """After a resume, records past the checkpoint's step are dropped so each step appears once."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash mid-write
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         os.replace(tmp, self.path)
@@ -156,75 +163,6 @@ class MetricsLog:
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def _checkpoint_dirs(output_dir: Path) -> list[tuple[int, Path]]:
-    root = output_dir / "checkpoints"
-    found = []
-    if root.is_dir():
-        for p in root.iterdir():
-            if p.name.startswith("step-") and (p / "trainer_state.json").is_file():
-                try:
-                    found.append((int(p.name[5:]), p))
-                except ValueError:
-                    continue
-    return sorted(found)
-
-
-def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    if spec == "latest":
-        found = _checkpoint_dirs(output_dir)
-        return found[-1][1] if found else None
-    path = Path(spec)
-    if not (path / "trainer_state.json").is_file():
-        raise PreftuneError(f"resume_from_checkpoint: {spec} is not a complete checkpoint (no trainer_state.json)")
-    return path
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Adapter (PEFT) or full model via `save_pretrained`: a checkpoint is also a loadable model."""
-    model.save_pretrained(folder, safe_serialization=True)
-
-
-def _load_weights(model: torch.nn.Module, folder: Path) -> None:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise PreftuneError(f"checkpoint {folder} holds no weights")
-    if hasattr(model, "peft_config"):
-        from peft import set_peft_model_state_dict
-
-        for f in files:
-            set_peft_model_state_dict(model, load_file(str(f)))
-    else:
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if unexpected:
-            raise PreftuneError(f"checkpoint {folder} does not match the model (unexpected {unexpected[:3]})")
-        if model.get_output_embeddings() is not None and getattr(model.config, "tie_word_embeddings", False):
-            model.tie_weights()
-
-
-# ---------------------------------------------------------------------------------------------
 # The trainer
 
 
@@ -234,6 +172,7 @@ class DPOTrainer:
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.output_dir = Path(config.output_dir)
+        self._stop_signal: int | None = None
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -263,6 +202,8 @@ class DPOTrainer:
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._check_writable()
+        if not cfg.resume_from_checkpoint:
+            self._check_fresh_output_dir()
 
         # Data
         self.tokenizer = models.load_tokenizer(cfg.model_name)
@@ -364,7 +305,9 @@ class DPOTrainer:
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
         self._resume()
         if self.is_main:
-            (self.output_dir / "config.resolved.yaml").write_text(to_yaml(cfg))
+            resolved = self.output_dir / "config.resolved.yaml"
+            resolved.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
+            os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
             log.info(
                 "training %d pairs (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters trainable, "
                 "reference: %s, device: %s%s",
@@ -504,6 +447,26 @@ class DPOTrainer:
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
+        """The loop. SIGTERM/SIGINT finish the current step, save a checkpoint and stop."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        if in_main_thread:
+            for sig in previous:
+                signal.signal(sig, self._on_signal)
+        try:
+            return self._train_loop()
+        finally:
+            if in_main_thread:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if self._stop_signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        log.warning("%s received: finishing step %d, then saving a checkpoint", signal.Signals(signum).name, self.state.step + 1)
+
+    def _train_loop(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
@@ -551,12 +514,21 @@ class DPOTrainer:
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.inner.parameters(), max_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+            means = self._reduce_means(sums, count)
             lr = self.scheduler.get_last_lr()[0]
-            self.optimizer.step()
+            # Gradients are all-reduced and means reduced, so every rank takes the same decision.
+            finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+                self.state.nonfinite_in_a_row = 0
+            else:
+                self.state.nonfinite_skips += 1
+                self.state.nonfinite_in_a_row += 1
+                log.warning("step %d: loss %s, grad_norm %s: update skipped", step + 1, means["loss"], grad_norm)
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.state.step += 1
-            means = self._reduce_means(sums, count)
+            self.state.evaluated = False
             total_tokens = int(acc.reduce(torch.tensor(float(tokens), device=acc.device), "sum").item())
             seconds = time.perf_counter() - started
             record = {
@@ -567,29 +539,56 @@ class DPOTrainer:
                 "grad_norm": grad_norm,
                 "step_seconds": round(seconds, 4),
                 "tokens_per_second": round(total_tokens / seconds, 2) if seconds > 0 else 0.0,
+                "nonfinite_skips": self.state.nonfinite_skips,
             }
             last = record
             s = self.state.step
-            if s == 1 or s % cfg.logging_steps == 0 or s == self.total_steps:
+            if s == 1 or s % cfg.logging_steps == 0 or s == self.total_steps or not finite:
                 self._log(record)
+            if self.state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+                good = checkpoint.find_checkpoint(self.output_dir, "latest")
+                raise PreftuneError(
+                    f"loss or gradient was NaN/Inf for {self.state.nonfinite_in_a_row} steps in a row (through step {s}); "
+                    f"stopped. Last good checkpoint: {good or 'none yet'}. Lower learning_rate, check the data with "
+                    "`preftune data check`, or set bf16: false"
+                )
             bar.set_postfix(
                 loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}", margin=f"{means['rewards/margins']:.3f}"
             )
             bar.update(1)
             if self.eval_pairs and cfg.eval_steps and s % cfg.eval_steps == 0 and s != self.total_steps:
                 self._log({"step": s, "epoch": record["epoch"], **self.evaluate()})
-            if s % cfg.save_steps == 0 and s != self.total_steps:
-                self.save_checkpoint()
+                self.state.evaluated = True
+            stop = self._stop_requested()
+            if (s % cfg.save_steps == 0 or stop) and s != self.total_steps and finite:
+                saved = self.save_checkpoint(evaluated=self.state.evaluated)
+                if stop:
+                    bar.close()
+                    raise Interrupted(
+                        f"stopped by {signal.Signals(stop).name} after step {s}; checkpoint saved: {saved}; "
+                        "resume with resume_from_checkpoint: latest"
+                    )
+            elif stop:
+                bar.close()
+                raise Interrupted(f"stopped by {signal.Signals(stop).name} after step {s}; resume with resume_from_checkpoint: latest")
         bar.close()
-        if self.eval_pairs:
+        if self.eval_pairs and not self.state.evaluated:
             eval_record = self.evaluate()
             self._log({"step": self.state.step, "epoch": last.get("epoch", 0.0), **eval_record})
             last.update(eval_record)
-        self.save_checkpoint()
+            self.state.evaluated = True
+        self.save_checkpoint(evaluated=True)
         self.save_final()
         if self.tb is not None:
             self.tb.close()
         return last
+
+    def _stop_requested(self) -> int:
+        """The signal number when any process was asked to stop (agreed across ranks), else 0."""
+        flag = torch.tensor(float(self._stop_signal or 0), device=self.accelerator.device)
+        if self.world > 1:
+            flag = self.accelerator.reduce(flag, "max")
+        return int(flag.item())
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
@@ -618,55 +617,61 @@ class DPOTrainer:
         return {f"eval_{k}": v for k, v in self._reduce_means(sums, count).items()}
 
     # -- checkpoints ----------------------------------------------------------------------------
-    def save_checkpoint(self) -> Path:
-        """Everything needed to resume exactly, written to a temporary folder and renamed, so
-        `checkpoints/step-N` exists only once complete."""
+    def save_checkpoint(self, evaluated: bool = False) -> Path:
+        """Everything needed to resume exactly (see checkpoint.py): written to a temporary folder,
+        sealed with a manifest of checksums, then renamed, so `checkpoints/step-N` exists only once
+        complete. `evaluated` records that this step's evaluation is already in metrics.jsonl."""
         acc = self.accelerator
         root = self.output_dir / "checkpoints"
         final = root / f"step-{self.state.step}"
         tmp = root / f".tmp-step-{self.state.step}"
-        if self.is_main:
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        acc.wait_for_everyone()
-        torch.save(_rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
-        if self.is_main:
-            _save_weights(self.inner.model, tmp / "model")
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
-            state = {
-                "step": self.state.step,
-                "total_steps": self.total_steps,
-                "global_batch": self.global_batch,
-                "world_size": self.world,
-                "bco_count": self.state.bco_count,
-                "bco_mean": self.state.bco_mean,
-                "nonfinite_skips": self.state.nonfinite_skips,
-            }
-            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
-        acc.wait_for_everyone()
-        if self.is_main:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune_checkpoints()
+        try:
+            if self.is_main:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            torch.save(checkpoint.rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+            if self.is_main:
+                checkpoint.save_weights(self.inner.model, tmp / "model")
+                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
+                state = {
+                    "step": self.state.step,
+                    "total_steps": self.total_steps,
+                    "global_batch": self.global_batch,
+                    "world_size": self.world,
+                    "evaluated": evaluated,
+                    "bco_count": self.state.bco_count,
+                    "bco_mean": self.state.bco_mean,
+                    "nonfinite_skips": self.state.nonfinite_skips,
+                    "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
+                }
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            acc.wait_for_everyone()
+            if self.is_main:
+                checkpoint.write_manifest(tmp, self.state.step)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+                checkpoint.prune(self.output_dir, self.cfg.save_total_limit)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = checkpoint.list_checkpoints(self.output_dir)
+            kept = f"; the last complete checkpoint is {previous[-1][1]}" if previous else ""
+            raise PreftuneError(
+                f"could not write checkpoint {final} ({exc.strerror or exc}){kept}; free disk space or "
+                "choose another output_dir, then resume with resume_from_checkpoint: latest"
+            ) from None
         acc.wait_for_everyone()
         return final
-
-    def _prune_checkpoints(self) -> None:
-        limit = self.cfg.save_total_limit
-        if limit is None:
-            return
-        for _, path in _checkpoint_dirs(self.output_dir)[:-limit]:
-            shutil.rmtree(path, ignore_errors=True)
 
     def _resume(self) -> None:
         cfg = self.cfg
         if not cfg.resume_from_checkpoint:
             self.metrics.reset()
             return
-        path = find_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
+        path = checkpoint.find_checkpoint(self.output_dir, cfg.resume_from_checkpoint)
         if path is None:
             if self.is_main:
                 log.info("resume_from_checkpoint: latest, but %s has no checkpoint yet: starting from step 0", self.output_dir)
@@ -678,52 +683,60 @@ class DPOTrainer:
                 f"checkpoint {path} was trained with global batch {state.get('global_batch')}, this run has "
                 f"{self.global_batch}: keep per_device_train_batch_size x gradient_accumulation_steps x processes equal to resume exactly"
             )
-        _load_weights(self.inner.model, path / "model")
+        checkpoint.load_weights(self.inner.model, path / "model")
         self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            _set_rng_state(torch.load(rng_file, weights_only=False))
+            checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
         self.state = TrainState(
             step=state["step"],
             bco_count=state.get("bco_count", 0),
             bco_mean=state.get("bco_mean", 0.0),
             nonfinite_skips=state.get("nonfinite_skips", 0),
+            nonfinite_in_a_row=state.get("nonfinite_in_a_row", 0),
+            evaluated=state.get("evaluated", False),
         )
         self.metrics.truncate_after(self.state.step)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.state.step)
+
+    def _check_fresh_output_dir(self) -> None:
+        """A new run does not silently mix its files with another run's."""
+        previous = self.output_dir / "config.resolved.yaml"
+        if self.cfg.overwrite_output_dir or not previous.is_file():
+            return
+        import yaml
+
+        ignored = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir"}
+        try:
+            old = {k: v for k, v in (yaml.safe_load(previous.read_text()) or {}).items() if k not in ignored}
+        except yaml.YAMLError:
+            old = None
+        new = {k: v for k, v in self.cfg.to_dict().items() if k not in ignored}
+        if old != new:
+            raise PreftuneError(
+                f"output_dir {self.output_dir} already holds a run with a different config; resume it with "
+                "resume_from_checkpoint: latest, pass --overwrite to replace it, or choose another output_dir"
+            )
 
     def save_final(self) -> Path:
         """`final/`: the adapter (LoRA) or the full model, with the tokenizer beside it."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / "final"
         if self.is_main:
-            _replace_dir(final, lambda tmp: (_save_weights(self.inner.model, tmp), self.tokenizer.save_pretrained(tmp)))
+            checkpoint.replace_dir(
+                final, lambda tmp: (checkpoint.save_weights(self.inner.model, tmp), self.tokenizer.save_pretrained(tmp))
+            )
             if self.cfg.merge_lora and self.cfg.use_lora:
                 merged = self.inner.model.merge_and_unload()
-                _replace_dir(
+                checkpoint.replace_dir(
                     self.output_dir / "final_merged",
                     lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True), self.tokenizer.save_pretrained(tmp)),
                 )
             log.info("saved %s", final)
         self.accelerator.wait_for_everyone()
         return final
-
-
-def _replace_dir(target: Path, write: Any) -> None:
-    """Write a folder beside `target`, then swap it in: readers never see a half-written one."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = target.with_name(f".old-{target.name}")
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def train(config: TrainConfig) -> dict[str, float]:

@@ -1,0 +1,173 @@
+"""Checkpoints that a crash cannot corrupt, and that a later run can check before trusting.
+
+A checkpoint is a folder `checkpoints/step-N/` holding the weights (adapter or full model, as
+`save_pretrained` writes them, so a checkpoint is also a loadable model), `optimizer.pt`,
+`scheduler.pt`, one `rng_state_<rank>.pt` per process and `trainer_state.json`. It is written under a
+temporary name; `manifest.json`, holding the SHA-256 of every file, is written last; then the folder
+is renamed into place. So `step-N` either does not exist or is complete, and a file damaged later (a
+bad disk, a partial copy) is caught by its checksum: `find_checkpoint("latest")` then falls back to
+the previous checkpoint with a warning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from preftune.errors import PreftuneError
+
+log = logging.getLogger("preftune")
+
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(folder: Path, step: int) -> None:
+    """The completion marker: checksums of every file, written (atomically) after all of them."""
+    manifest = {"step": step, "files": {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)}}
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / MANIFEST)
+
+
+def verify(folder: Path) -> str | None:
+    """None when the checkpoint is complete and intact, else what is wrong with it."""
+    manifest_path = folder / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest.json (incomplete)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        return "unreadable manifest.json"
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    if "trainer_state.json" not in files:
+        return "no trainer_state.json"
+    return None
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """(step, folder) of every `checkpoints/step-N`, oldest first (intact or not)."""
+    root = Path(output_dir) / "checkpoints"
+    found = []
+    if root.is_dir():
+        for p in root.iterdir():
+            if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit():
+                found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
+    """The checkpoint to resume from: the newest intact one for `latest` (None when there is
+    none), or the given folder, which must be intact."""
+    if spec == "latest":
+        for step, path in reversed(list_checkpoints(output_dir)):
+            problem = verify(path)
+            if problem is None:
+                return path
+            log.warning("checkpoint %s is damaged (%s); trying the one before it", path, problem)
+        return None
+    path = Path(spec)
+    if not path.is_dir():
+        raise PreftuneError(f"resume_from_checkpoint: {spec} does not exist")
+    problem = verify(path)
+    if problem is not None:
+        raise PreftuneError(f"resume_from_checkpoint: {spec} is not a usable checkpoint: {problem}")
+    return path
+
+
+def prune(output_dir: Path, keep: int | None) -> None:
+    """Keep the newest `keep` intact checkpoints; damaged ones older than them go too."""
+    if keep is None:
+        return
+    intact = [(s, p) for s, p in list_checkpoints(output_dir) if verify(p) is None]
+    if len(intact) <= keep:
+        return
+    oldest_kept = intact[-keep][0]
+    for step, path in list_checkpoints(output_dir):
+        if step < oldest_kept:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_weights(model: torch.nn.Module, folder: Path) -> None:
+    """Adapter (PEFT) or full model via `save_pretrained`: a checkpoint is also a loadable model."""
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+def load_weights(model: torch.nn.Module, folder: Path) -> None:
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise PreftuneError(f"checkpoint {folder} holds no weights")
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        for f in files:
+            set_peft_model_state_dict(model, load_file(str(f)))
+        return
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    _, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise PreftuneError(f"checkpoint {folder} does not match the model (unexpected weights {unexpected[:3]})")
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        model.tie_weights()
+
+
+def replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
+    """Write a folder beside `target`, then swap it in: readers never see a half-written one."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    old = target.with_name(f".old-{target.name}")
+    if old.exists():
+        shutil.rmtree(old)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.exists():
+        shutil.rmtree(old)
