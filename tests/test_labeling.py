@@ -15,7 +15,16 @@ import pytest
 from fastapi.testclient import TestClient
 from live_server import live_server
 
-from preftune.agreement import agreement_report, category, export_labels, krippendorff_alpha, majority
+from preftune.agreement import (
+    agreement_report,
+    category,
+    coincidences,
+    export_labels,
+    krippendorff_alpha,
+    majority,
+    observed_agreement,
+    symmetric_alpha,
+)
 from preftune.cli import main
 from preftune.errors import PreftuneError
 from preftune.labeling import PAGE_DIR, Item, LabelStore, create_app, item_id, load_items
@@ -402,6 +411,17 @@ def test_vote_helpers():
     assert krippendorff_alpha([[3, 0, 0], [2, 1, 0], [0, 2, 1], [1, 1, 1], [1, 0, 2]]) == pytest.approx(0.125)
     assert krippendorff_alpha([[3, 0, 0], [0, 3, 0]]) == pytest.approx(1.0)
     assert krippendorff_alpha([[3, 0, 0], [3, 0, 0]]) is None  # one category only: undefined
+    # the same table with chance equal for first and second: n_first = n_second = 5.5, n_tie = 4,
+    # alpha = 1 - 14 * 9 / (225 - 5.5^2 - 5.5^2 - 4^2) = 1 - 126/148.5 = 5/33
+    assert symmetric_alpha([[3, 0, 0], [2, 1, 0], [0, 2, 1], [1, 1, 1], [1, 0, 2]]) == pytest.approx(5 / 33)
+    assert observed_agreement([[3, 0, 0], [2, 1, 0], [0, 2, 1], [1, 1, 1], [1, 0, 2]]) == pytest.approx(6 / 15)
+    symmetric = [[2, 1, 0], [1, 2, 0], [0, 1, 2], [1, 0, 2]]  # first and second already balanced
+    assert symmetric_alpha(symmetric) == pytest.approx(krippendorff_alpha(symmetric))
+    # everyone always prefers the input's chosen: no disagreement beyond the input's own label
+    # to explain in the input's order, perfect agreement on which response is better
+    assert symmetric_alpha([[3, 0, 0], [3, 0, 0]]) == pytest.approx(1.0)
+    # first, first, second: ordered pairs (f, f) x2, (f, s) x2, (s, f) x2, each weighted 1 / (3 - 1)
+    assert coincidences([[2, 1, 0]]).tolist() == [[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
 
 
 def test_export_majority_and_agreement(labelled_db, tmp_path, capsys):
@@ -422,6 +442,8 @@ def test_export_majority_and_agreement(labelled_db, tmp_path, capsys):
     # each of the six off-diagonal cells; n=15, n_f=7, n_s=4, n_t=4.
     # D_o = 9/15, D_e = (15^2 - 7^2 - 4^2 - 4^2) / (15 * 14) = 144/210, alpha = 1 - (9/15)/(144/210) = 1/8.
     assert report["krippendorff_alpha"] == pytest.approx(0.125)
+    assert report["krippendorff_alpha_symmetric"] == pytest.approx(5 / 33)  # see test_vote_helpers
+    assert report["observed_agreement"] == pytest.approx(6 / 15)  # (o_ff + o_ss + o_tt) / n
     assert {k: report[k] for k in ("items", "items_rated", "items_with_too_few_ratings", "items_unrated", "exported", "dropped_tie", "dropped_no_majority", "ratings")} == {
         "items": 6, "items_rated": 5, "items_with_too_few_ratings": 1, "items_unrated": 0,
         "exported": 3, "dropped_tie": 1, "dropped_no_majority": 1, "ratings": 15,
@@ -435,7 +457,8 @@ def test_export_majority_and_agreement(labelled_db, tmp_path, capsys):
         "cy": {"ratings": 5, "ties": 2, "skips": 1, "agreement_with_majority": 0.25, "compared_with_majority": 4, "left_share": pytest.approx(1 / 3)},
     }
     printed = capsys.readouterr().out
-    assert "Krippendorff's alpha  0.125 (nominal, 15 ratings of rated items)" in printed
+    assert "Krippendorff's alpha  0.152 either response first, 0.125 in the input's order (nominal, 15 ratings" in printed
+    assert "observed agreement    0.400 of rating pairs within an item" in printed
     assert "left picked 0.615 of 13 side picks" in printed
     assert "cy" in printed and "0.250 of 4" in printed
 

@@ -8,11 +8,20 @@ or no majority at all, drops the item: a label that most annotators do not back 
 would learn as signal.
 
 Agreement is Krippendorff's alpha for nominal data (Krippendorff 2011, "Computing Krippendorff's
-Alpha-Reliability"; Hayes & Krippendorff 2007), over the rated items with the three categories.
+Alpha-Reliability"; Hayes & Krippendorff 2007) over the rated items, with the three categories.
 Alpha rather than Fleiss' kappa because here items need not have the same number of ratings
 (annotators skip, `--annotators-per-item` can change between sessions, `--min-annotators` can be
 lower than it) and alpha takes any number of ratings per item; with equal counts the two differ only
 by alpha's small-sample correction. 1 is perfect agreement, 0 is what chance gives.
+
+Two alphas are reported, because which response is `first` is not arbitrary in a pairs file (it is
+the file's `chosen`). `krippendorff_alpha` takes the categories in the item's order, as they are: it
+asks whether annotators agree on *which items* the input got wrong, and when the input's chosen is
+usually preferred it is near 0 however much the annotators agree (the prevalence effect of chance-
+corrected coefficients; Feinstein & Cicchetti 1990, "High agreement but low kappa"). The comparison
+itself is symmetric, so `krippendorff_alpha_symmetric` takes chance as the same for either response
+(the first/second marginals pooled): it asks whether annotators agree on which response is better.
+`observed_agreement` is the share of agreeing pairs of ratings within an item, before any correction.
 
 Position bias is the share of left (A) picks among the ratings that picked a side: 0.5 when the
 side does not matter. Sides are drawn at random per annotator and item, so a bias shows in this
@@ -27,12 +36,25 @@ import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from preftune.errors import PreftuneError
 from preftune.labeling import Judgement, LabelStore
 
-__all__ = ["category", "majority", "krippendorff_alpha", "agreement_report", "export_labels", "format_agreement"]
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = [
+    "category",
+    "majority",
+    "krippendorff_alpha",
+    "coincidences",
+    "symmetric_alpha",
+    "observed_agreement",
+    "agreement_report",
+    "export_labels",
+    "format_agreement",
+]
 
 CATEGORIES = ("first", "second", "tie")
 
@@ -68,6 +90,49 @@ def krippendorff_alpha(counts: Sequence[Sequence[int]]) -> float | None:
     if len(table) < 2 or np.count_nonzero(table.sum(axis=0)) < 2:
         return None
     return float(krippendorff.alpha(value_counts=table, level_of_measurement="nominal"))
+
+
+def coincidences(counts: Sequence[Sequence[int]]) -> np.ndarray:
+    """Krippendorff's coincidence matrix o[c, k]: the pairs of values (c, k) from different raters of
+    one item, each item's pairs weighted 1 / (ratings - 1); items with one rating pair with nothing."""
+    import numpy as np
+
+    size = len(counts[0]) if len(counts) else len(CATEGORIES)
+    o = np.zeros((size, size))
+    for row in counts:
+        x = np.asarray(row, dtype=float)
+        if x.sum() >= 2:
+            o += (np.outer(x, x) - np.diag(x)) / (x.sum() - 1)
+    return o
+
+
+def symmetric_alpha(counts: Sequence[Sequence[int]]) -> float | None:
+    """Nominal alpha of (first, second, tie) counts with chance the same for first and second.
+
+    Alpha is 1 - (n - 1) * sum of the off-diagonal coincidences / sum over c != k of n_c * n_k
+    (Krippendorff 2011, nominal metric). The observed disagreement does not depend on which
+    response is called first; only the expected one does, through n_first and n_second, so both are
+    replaced by their mean. Equals `krippendorff_alpha` when they are already equal.
+    """
+    import numpy as np
+
+    o = coincidences(counts)
+    n_c = o.sum(axis=1)
+    n_c[0] = n_c[1] = (n_c[0] + n_c[1]) / 2
+    n = n_c.sum()
+    expected = n * n - float(np.sum(n_c * n_c))
+    if n < 2 or expected <= 0 or sum(sum(row) >= 2 for row in counts) < 2:
+        return None
+    observed = n - float(np.trace(o))
+    return 1.0 - (n - 1) * observed / expected
+
+
+def observed_agreement(counts: Sequence[Sequence[int]]) -> float | None:
+    """Share of agreeing pairs among the pairs of ratings within an item (no chance correction)."""
+    import numpy as np
+
+    o = coincidences(counts)
+    return float(np.trace(o) / o.sum()) if o.sum() else None
 
 
 def agreement_report(
@@ -121,6 +186,8 @@ def agreement_report(
         "dropped_no_majority": dropped["no_majority"],
         "ratings": sum(len(ratings[i]) for i in rated),
         "krippendorff_alpha": krippendorff_alpha(counts),
+        "krippendorff_alpha_symmetric": symmetric_alpha(counts),
+        "observed_agreement": observed_agreement(counts),
         "position_bias": {"left": left, "right": right, "left_share": _share(left, left + right)},
         "annotators": {
             name: {
@@ -212,7 +279,9 @@ def format_agreement(report: dict[str, Any]) -> str:
          f"{report['items_with_too_few_ratings']} with fewer, {report['items_unrated']} unrated)"),
         ("exported pairs", f"{report['exported']} (dropped: {report['dropped_tie']} tie majority, "
          f"{report['dropped_no_majority']} no majority)"),
-        ("Krippendorff's alpha", f"{_fmt(report['krippendorff_alpha'])} (nominal, {report['ratings']} ratings of rated items)"),
+        ("Krippendorff's alpha", f"{_fmt(report['krippendorff_alpha_symmetric'])} either response first, "
+         f"{_fmt(report['krippendorff_alpha'])} in the input's order (nominal, {report['ratings']} ratings of rated items)"),
+        ("observed agreement", f"{_fmt(report['observed_agreement'])} of rating pairs within an item"),
         ("position bias", f"left picked {_fmt(bias['left_share'])} of {bias['left'] + bias['right']} side picks (0.5 = none)"),
     ]
     width = max(len(label) for label, _ in rows) + 2
