@@ -120,6 +120,16 @@ def test_label_with_the_keyboard_in_chromium(browser, tmp_path):
         expect(page.locator("#finished")).to_be_visible()
         assert page.title() == "preftune: which response is better?"
 
+        bob = browser.new_page()  # a second annotator in another browser profile
+        bob.goto(f"{url}/?token={TOKEN}")
+        bob.fill("#name", "Bob")
+        bob.keyboard.press("Enter")
+        expect(bob.locator("#progress")).to_have_text("0 done \u00b7 4 remaining \u00b7 0/4 items complete")
+        bob.keyboard.press("1")
+        expect(bob.locator("#progress")).to_contain_text("1 done")
+        bob.keyboard.press("t")
+        expect(bob.locator("#progress")).to_have_text("2 done \u00b7 2 remaining \u00b7 2/4 items complete")
+
         stranger = browser.new_page()  # another browser profile, without the token
         stranger.goto(f"{url}/")
         stranger.fill("#name", "Mallory")
@@ -131,7 +141,11 @@ def test_label_with_the_keyboard_in_chromium(browser, tmp_path):
     with sqlite3.connect(store.path) as con:
         live = con.execute(
             "SELECT i.prompt_text, j.annotator, j.shown_left, j.choice, j.item_id FROM judgements j "
-            "JOIN items i ON i.id = j.item_id WHERE j.undone_at IS NULL ORDER BY j.id"
+            "JOIN items i ON i.id = j.item_id WHERE j.undone_at IS NULL AND j.annotator = 'Alice' ORDER BY j.id"
+        ).fetchall()
+        bobs = con.execute(
+            "SELECT i.prompt_text, j.choice FROM judgements j JOIN items i ON i.id = j.item_id "
+            "WHERE j.annotator = 'Bob' ORDER BY j.id"
         ).fetchall()
         undone = con.execute("SELECT choice FROM judgements WHERE undone_at IS NOT NULL").fetchall()
     assert [(prompt, who, choice) for prompt, who, _, choice, _ in live] == [
@@ -141,6 +155,7 @@ def test_label_with_the_keyboard_in_chromium(browser, tmp_path):
         (PAIRS[3]["prompt"], "Alice", "B"),
     ]
     assert undone == [("skip",)]
+    assert bobs == [(PAIRS[0]["prompt"], "A"), (PAIRS[1]["prompt"], "tie")]
     # the order stored is the order the page showed
     for (prompt, left_text), (_, _, shown_left, _, item) in zip(shown, live):
         assert shown_left == ("first" if left_text == first_text[item] else "second"), prompt
