@@ -280,7 +280,8 @@ def test_order_is_random_per_annotator(tmp_path):
     "body, status, detail",
     [
         (b"{not json", 422, "the request body is not valid JSON"),
-        (b"[1, 2]", 422, "Input should be a valid dictionary or object to extract fields from"),
+        (b"[1, 2]", 422, "the request body must be a JSON object (Content-Type: application/json)"),
+        (b"", 422, "the request body must be a JSON object (Content-Type: application/json)"),
         (b"{}", 422, "field 'annotator': Field required; field 'item_id': Field required; field 'choice': Field required"),
         (b'{"annotator": "ann", "item_id": "x", "choice": "C"}', 422, "field 'choice': Input should be 'A', 'B', 'tie' or 'skip'"),
         (b'{"annotator": "   ", "item_id": "x", "choice": "A"}', 422, "field 'annotator': the annotator name is empty"),

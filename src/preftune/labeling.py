@@ -599,6 +599,8 @@ def create_app(store: LabelStore, token: str | None = None):
             where = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
             if error.get("type") == "json_invalid":
                 problems.append("the request body is not valid JSON")
+            elif not where:  # the body as a whole: missing, or not an object
+                problems.append("the request body must be a JSON object (Content-Type: application/json)")
             else:
                 message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
                 problems.append(f"field '{where}': {message}" if where else message)
