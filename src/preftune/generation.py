@@ -1,0 +1,507 @@
+"""Sampling completions from a causal LM: batched, seeded per prompt, resumable.
+
+Why not plain `model.generate(do_sample=True)`: its sampler draws from the global RNG, so a row's
+tokens depend on every other row of its batch and on everything sampled before. Here each sample
+(prompt `i`, sample `j`) owns a generator seeded from `(seed, i, j)`, and a token is drawn with the
+Gumbel-max trick (argmax of logits plus Gumbel noise is an exact draw from their softmax; Gumbel
+1954, used for sampling by Maddison et al. 2014, "A* Sampling"), applied after the temperature and
+top-p warpers. So a sample depends on its seed and prompt only: a rerun with the same seed gives
+the same file, and a run resumed after an interruption gives the same file as one that never
+stopped. The KV cache is `generate`'s own.
+
+Prompts are encoded with the scoring rule of `preftune.batching.encode_prompt` (chat template for
+messages), the ids training will later score the completions after. String prompts given to a chat
+model are sent as one user message, and the samples file records the messages actually used, so a
+pair built from them trains on the context it was sampled in.
+
+The samples file is JSONL, one line per prompt:
+`{"index", "prompt", "completions", "lengths", "stopped", "sampling", ...the prompt record's other fields}`.
+`lengths` counts generated tokens (EOS excluded); `stopped` says whether the sample ended with EOS
+rather than at `max_new_tokens`; `sampling` holds the settings, so a resume with different ones is
+refused instead of mixing two distributions in one file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from preftune.batching import encode_prompt
+from preftune.data import Text, _field, load_records
+from preftune.errors import PreftuneError
+
+log = logging.getLogger("preftune")
+
+ENGINES = ("auto", "transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """What decides the samples, besides the model and the prompts. Written into each record."""
+
+    num_samples: int = 4
+    temperature: float = 0.7
+    top_p: float = 1.0
+    max_new_tokens: int = 48
+    seed: int = 0
+
+    def check(self) -> SamplingSettings:
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            raise PreftuneError(f"--num-samples must be a whole number >= 1, got {self.num_samples!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise PreftuneError(f"--temperature must be >= 0 (0 is greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise PreftuneError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise PreftuneError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        return self
+
+
+@dataclass
+class PromptRecord:
+    """One prompt to sample from, with where it came from and the fields to carry along."""
+
+    index: int  # 0-based position among the source's prompts: keys resume and seeds
+    prompt: Text
+    location: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Samples:
+    """The completions of one prompt."""
+
+    completions: list[str]
+    lengths: list[int]
+    stopped: list[bool]
+    token_ids: list[list[int]]  # generated ids, EOS included where the sample stopped
+
+
+# (prompt ids of a batch, their prompt indices) -> the samples of each prompt
+Sampler = Callable[[list[list[int]], list[int]], list[Samples]]
+
+
+# --------------------------------------------------------------------------------------- prompts
+
+
+def load_prompts(path: str | Path) -> list[PromptRecord]:
+    """Prompts from a `.txt` file (one per line, blank lines skipped) or any data file
+    `preftune.data.load_records` reads (JSONL, JSON, Parquet, CSV) with a `prompt` field that is
+    text or a list of chat messages. Other fields are kept and copied into the samples."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise PreftuneError(f"prompts file not found: {path}")
+        try:
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as exc:
+            raise PreftuneError(f"{path.name}: not valid UTF-8 (byte {exc.start + 1} of the file)") from None
+        prompts = []
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                prompts.append(PromptRecord(len(prompts), line, f"{path.name}:{number}"))
+    else:
+        prompts = []
+        for location, record in load_records(path):
+            if not isinstance(record, dict):
+                raise PreftuneError(f"{location}: record must be an object with a 'prompt' field")
+            if record.get("prompt") is None:
+                raise PreftuneError(f"{location}: field 'prompt' is missing")
+            try:
+                prompt = _field("prompt", record["prompt"])
+            except PreftuneError as exc:
+                raise PreftuneError(f"{location}: {exc}") from None
+            if (not prompt.strip()) if isinstance(prompt, str) else not prompt:
+                raise PreftuneError(f"{location}: field 'prompt' is empty")
+            extra = {k: v for k, v in record.items() if k != "prompt"}
+            prompts.append(PromptRecord(len(prompts), prompt, location, extra))
+    if not prompts:
+        raise PreftuneError(f"no prompts in {path}")
+    return prompts
+
+
+def as_chat(prompt: Text, tokenizer: Any, chat: bool | None) -> Text:
+    """The prompt as the model will see it: a string becomes one user message when `chat` is True,
+    or, with `chat=None`, when the tokenizer has a chat template (an instruct model)."""
+    if isinstance(prompt, list):
+        return prompt
+    use_chat = bool(getattr(tokenizer, "chat_template", None)) if chat is None else chat
+    if use_chat and not getattr(tokenizer, "chat_template", None):
+        raise PreftuneError("--chat needs a tokenizer with a chat template; this one has none")
+    return [{"role": "user", "content": prompt}] if use_chat else prompt
+
+
+# --------------------------------------------------------------------------------------- sampling
+
+
+def sample_seed(seed: int, index: int, sample: int) -> int:
+    """The seed of sample `sample` of prompt `index`: a hash, so nearby seeds share no streams."""
+    digest = hashlib.blake2b(f"{seed}:{index}:{sample}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+class _GumbelMax:
+    """Logits processor that adds Gumbel noise from one generator per row; greedy decoding then
+    draws from the (warped) softmax. Rows draw once per step whatever their batch holds."""
+
+    def __init__(self, seeds: Sequence[int], device: torch.device) -> None:
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        vocab = scores.shape[-1]
+        uniform = torch.stack(
+            [torch.rand(vocab, generator=g, device=scores.device, dtype=torch.float32) for g in self.generators]
+        )
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(torch.finfo(torch.float32).tiny)))
+        return scores.float() + gumbel
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is not None:
+        ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    if not ids:
+        raise PreftuneError("the tokenizer has no EOS token: generation would never stop")
+    return sorted(int(i) for i in ids)
+
+
+@torch.no_grad()
+def sample_batch(
+    model: Any,
+    tokenizer: Any,
+    prompt_ids: Sequence[list[int]],
+    indices: Sequence[int],
+    settings: SamplingSettings,
+) -> list[Samples]:
+    """`settings.num_samples` completions for each prompt (given as ids), in one `generate` call.
+
+    Rows are left-padded so every prompt ends where generation starts. Sample `j` of prompt
+    `indices[k]` uses the generator seeded `sample_seed(settings.seed, indices[k], j)`.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+    n = settings.num_samples
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = [ids for ids in prompt_ids for _ in range(n)]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+
+    processors = LogitsProcessorList()
+    if settings.temperature > 0:
+        if settings.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_p < 1.0:
+            processors.append(TopPLogitsWarper(settings.top_p))
+        seeds = [sample_seed(settings.seed, i, j) for i in indices for j in range(n)]
+        processors.append(_GumbelMax(seeds, device))
+    eos = _eos_ids(model, tokenizer)
+    # A fresh config: the model's own defaults (top_k=50, repetition penalties, ...) would change
+    # the distribution behind the user's back; the noise above does the sampling.
+    config = GenerationConfig(
+        do_sample=False,
+        num_beams=1,
+        max_new_tokens=settings.max_new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        use_cache=True,
+    )
+    output = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=config,
+        logits_processor=processors,
+    )
+    generated = output[:, width:].tolist()
+    results: list[Samples] = []
+    for k in range(len(prompt_ids)):
+        texts, lengths, stopped, token_ids = [], [], [], []
+        for row in generated[k * n : (k + 1) * n]:
+            end = next((t for t, tok in enumerate(row) if tok in eos), None)
+            body = row if end is None else row[:end]
+            texts.append(tokenizer.decode(body, skip_special_tokens=True))
+            lengths.append(len(body))
+            stopped.append(end is not None)
+            token_ids.append(row if end is None else row[: end + 1])
+        results.append(Samples(texts, lengths, stopped, token_ids))
+    return results
+
+
+# --------------------------------------------------------------------------------------- samples file
+
+
+def read_samples(path: str | Path) -> list[tuple[str, dict]]:
+    """(location, record) of every line of a samples file, checked to hold prompt and completions."""
+    records = load_records(path)
+    for location, record in records:
+        if not isinstance(record, dict):
+            raise PreftuneError(f"{location}: a samples record must be an object")
+        if record.get("prompt") is None:
+            raise PreftuneError(f"{location}: field 'prompt' is missing")
+        completions = record.get("completions")
+        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+            raise PreftuneError(f"{location}: field 'completions' must be a list of strings")
+    return records
+
+
+def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
+    """Write a whole JSONL file through a temp file in the same folder and `os.replace`, so a
+    reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a torn last line (a run killed mid-write leaves one without its newline), atomically."""
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data[:cut])
+    os.replace(tmp, path)
+
+
+def _append_lines(path: Path, records: Sequence[dict]) -> None:
+    """Append whole lines in one write and sync them: an interruption leaves at most one torn
+    line at the end, which the next run drops (`_repair_tail`)."""
+    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, payload)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _done_indices(path: Path, prompts: Sequence[PromptRecord], sampling: dict[str, Any]) -> set[int]:
+    """Indices already in an earlier run's file, after checking it came from the same prompts and
+    settings (a mismatch would silently mix two distributions in one file)."""
+    _repair_tail(path)
+    if not path.read_bytes().strip():
+        return set()
+    done: set[int] = set()
+    for location, record in read_samples(path):
+        index = record.get("index")
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(prompts):
+            raise PreftuneError(f"{location}: field 'index' {index!r} is not a prompt of this prompts file")
+        if record["prompt"] != prompts[index].prompt:
+            raise PreftuneError(
+                f"{location}: prompt {index} differs from {prompts[index].location}: the prompts changed since "
+                "this file was written; use another --output or --overwrite"
+            )
+        earlier = record.get("sampling")
+        if earlier != sampling:
+            changed = sorted(k for k in sampling if not isinstance(earlier, dict) or earlier.get(k) != sampling[k])
+            was = ", ".join(f"{k}={earlier.get(k)!r}" for k in changed) if isinstance(earlier, dict) else "no settings"
+            now = ", ".join(f"{k}={sampling[k]!r}" for k in changed)
+            raise PreftuneError(
+                f"{location}: written with {was}, this run asks {now}; use another --output or --overwrite"
+            )
+        done.add(index)
+    return done
+
+
+def iter_samples(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptRecord],
+    settings: SamplingSettings,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "generate",
+    sampler: Sampler | None = None,
+) -> Iterator[tuple[list[PromptRecord], list[Samples]]]:
+    """Sample `prompts` (already in the form the model sees) batch by batch, in order, with a
+    progress bar in samples/s; yields each batch with its samples. `sampler` replaces the
+    transformers sampler (the vLLM engine passes its own)."""
+    from tqdm.auto import tqdm
+
+    settings.check()
+    if batch_size < 1:
+        raise PreftuneError(f"--batch-size must be >= 1, got {batch_size}")
+    if sampler is None:
+        def sampler(ids: list[list[int]], indices: list[int]) -> list[Samples]:
+            return sample_batch(model, tokenizer, ids, indices, settings)
+
+    with tqdm(
+        total=len(prompts) * settings.num_samples, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for start in range(0, len(prompts), batch_size):
+            batch = list(prompts[start : start + batch_size])
+            results = sampler([encode_prompt(tokenizer, p.prompt) for p in batch], [p.index for p in batch])
+            bar.update(len(batch) * settings.num_samples)
+            yield batch, results
+
+
+def generate_file(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptRecord],
+    output: str | Path,
+    settings: SamplingSettings,
+    *,
+    model_name: str,
+    batch_size: int = 8,
+    chat: bool | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    sampler: Sampler | None = None,
+) -> dict[str, Any]:
+    """Sample every prompt not yet in `output` and append its record; returns counts and timing.
+
+    Records are appended batch by batch in prompt order, so an interrupted run keeps every batch
+    it finished and a rerun continues after it.
+    """
+    settings.check()
+    output = Path(output)
+    prompts = [PromptRecord(p.index, as_chat(p.prompt, tokenizer, chat), p.location, p.extra) for p in prompts]
+    sampling = {"model": model_name, **asdict(settings)}
+    output.parent.mkdir(parents=True, exist_ok=True)
+    if overwrite and output.exists():
+        output.unlink()
+    done = _done_indices(output, prompts, sampling) if output.exists() else set()
+    todo = [p for p in prompts if p.index not in done]
+    if done:
+        log.info("%s: %d of %d prompts already sampled; sampling the other %d", output, len(done), len(prompts), len(todo))
+    started = time.perf_counter()
+    for batch, results in iter_samples(
+        model, tokenizer, todo, settings, batch_size=batch_size, progress=progress, sampler=sampler
+    ):
+        records = [
+            {
+                **p.extra,
+                "index": p.index,
+                "prompt": p.prompt,
+                "completions": s.completions,
+                "lengths": s.lengths,
+                "stopped": s.stopped,
+                "sampling": sampling,
+            }
+            for p, s in zip(batch, results, strict=True)
+        ]
+        _append_lines(output, records)
+    seconds = time.perf_counter() - started
+    made = len(todo) * settings.num_samples
+    return {
+        "prompts": len(prompts),
+        "skipped": len(done),
+        "samples": made,
+        "seconds": seconds,
+        "samples_per_second": made / seconds if seconds > 0 and made else 0.0,
+    }
+
+
+# --------------------------------------------------------------------------------------- models and engines
+
+
+def load_generation_model(name: str, device: torch.device | None = None) -> tuple[Any, Any]:
+    """(model in eval mode, tokenizer) for sampling: any name `preftune.models` loads, or a PEFT
+    adapter folder such as a LoRA run's `final/` (loaded onto the base model it names).
+    bf16 on a CUDA GPU that supports it, fp32 elsewhere (bf16 is ~10x slower on most CPUs)."""
+    from preftune import models
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.float32
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    folder = Path(name).expanduser()
+    adapter_config = folder / "adapter_config.json"
+    if adapter_config.is_file() and not (folder / "config.json").is_file():
+        from peft import PeftModel
+
+        try:
+            base_name = json.loads(adapter_config.read_text())["base_model_name_or_path"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise PreftuneError(f"{adapter_config}: no readable 'base_model_name_or_path' ({exc})") from None
+        base = models.load_model(base_name, dtype=dtype, device=device)
+        model = PeftModel.from_pretrained(base, folder)
+    else:
+        model = models.load_model(name, dtype=dtype, device=device)
+    tokenizer = models.load_tokenizer(name)
+    return model.eval(), tokenizer
+
+
+def vllm_usable() -> bool:
+    """vLLM is used only where it is installed and a CUDA GPU is present."""
+    return importlib.util.find_spec("vllm") is not None and torch.cuda.is_available()
+
+
+def choose_engine(engine: str, model_name: str) -> str:
+    if engine not in ENGINES:
+        raise PreftuneError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    is_adapter = (Path(model_name).expanduser() / "adapter_config.json").is_file()
+    if engine == "vllm":
+        if not vllm_usable():
+            raise PreftuneError("--engine vllm needs the vllm package and a CUDA GPU; use --engine transformers")
+        if is_adapter:
+            raise PreftuneError("--engine vllm takes a full model folder, not an adapter: merge it first (merge_lora: true)")
+        return "vllm"
+    if engine == "auto" and vllm_usable() and not is_adapter:
+        return "vllm"
+    return "transformers"
+
+
+def vllm_sampler(model_name: str, tokenizer: Any, settings: SamplingSettings) -> Sampler:
+    """The same contract as `sample_batch` on vLLM: prompts go in as the same token ids, each
+    prompt's request is seeded from `(seed, index)`; vLLM's own sampler draws the tokens, so its
+    samples differ from the transformers engine's but follow the same settings."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from preftune.models import resolve_model_path
+
+    llm = LLM(model=str(resolve_model_path(model_name)), dtype="bfloat16", seed=settings.seed)
+    eos = [tokenizer.eos_token_id]
+
+    def sample(prompt_ids: list[list[int]], indices: list[int]) -> list[Samples]:
+        params = [
+            SamplingParams(
+                n=settings.num_samples,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                max_tokens=settings.max_new_tokens,
+                seed=sample_seed(settings.seed, i, 0),
+                stop_token_ids=eos,
+            )
+            for i in indices
+        ]
+        outputs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids], params, use_tqdm=False)
+        results = []
+        for out in outputs:
+            ids = [list(o.token_ids) for o in out.outputs]
+            stopped = [o.finish_reason == "stop" for o in out.outputs]
+            lengths = [len(t) - (1 if s and t and t[-1] in eos else 0) for t, s in zip(ids, stopped)]
+            texts = [tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(ids, lengths)]
+            results.append(Samples(texts, lengths, stopped, ids))
+        return results
+
+    return sample
