@@ -1,0 +1,124 @@
+"""Preference pairs from scored samples: which two completions of a prompt become chosen/rejected.
+
+Strategies, per prompt:
+- `best-worst`: the highest-scored completion against the lowest (the first one in sample order
+  wins a tie for either place); one pair per prompt, the widest margin it has.
+- `all-pairs`: every two completions with different scores, the higher one chosen; k samples give
+  up to k(k-1)/2 pairs, as in the DPO paper's sentiment task (Rafailov et al. 2023,
+  arXiv:2305.18290, appendix C: 4 samples, 6 pairs per prefix).
+- `random`: two completions drawn at random (seeded by the seed and the prompt's index, so the
+  draw does not depend on the other prompts); one pair per prompt.
+
+Rules for all: a pair whose scores are equal is a tie and is skipped (it says nothing about which
+is better), as is a pair of identical texts; a pair whose score difference is below `min_margin` is
+skipped (small differences are mostly reward noise). The output keeps the scores as
+`chosen_score` / `rejected_score` and the sample record's other fields, minus the per-sample lists.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from preftune.errors import PreftuneError
+
+STRATEGIES = ("best-worst", "all-pairs", "random")
+
+# Per-sample lists of a samples record: they describe all completions, not the two of a pair.
+_PER_SAMPLE_FIELDS = ("completions", "scores", "lengths", "stopped")
+
+
+@dataclass
+class PairStats:
+    prompts: int = 0
+    pairs: int = 0
+    ties: int = 0  # candidate pairs skipped for equal scores or identical texts
+    below_margin: int = 0  # candidate pairs skipped for a score difference below min_margin
+    too_few: int = 0  # prompts with fewer than two completions
+
+    def summary(self) -> str:
+        return (
+            f"{self.pairs} pairs from {self.prompts} prompts; skipped {self.ties} ties and "
+            f"{self.below_margin} below the margin; {self.too_few} prompts had fewer than two completions"
+        )
+
+
+def _candidates(strategy: str, scores: Sequence[float], rng: random.Random) -> Iterator[tuple[int, int]]:
+    """Index pairs (a, b) to consider, in a fixed order; which one is chosen is decided later."""
+    n = len(scores)
+    if strategy == "best-worst":
+        best = max(range(n), key=lambda i: (scores[i], -i))
+        worst = min(range(n), key=lambda i: (scores[i], i))
+        yield best, worst
+    elif strategy == "all-pairs":
+        yield from itertools.combinations(range(n), 2)
+    else:
+        a, b = rng.sample(range(n), 2)
+        yield a, b
+
+
+def _check_record(location: str, record: Any) -> tuple[list[str], list[float]]:
+    if not isinstance(record, dict):
+        raise PreftuneError(f"{location}: a scored samples record must be an object")
+    completions, scores = record.get("completions"), record.get("scores")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise PreftuneError(f"{location}: field 'completions' must be a list of strings")
+    if scores is None:
+        raise PreftuneError(f"{location}: field 'scores' is missing: score the samples first (preftune score)")
+    if (
+        not isinstance(scores, list)
+        or len(scores) != len(completions)
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+    ):
+        raise PreftuneError(f"{location}: field 'scores' must be a list of {len(completions)} numbers, one per completion")
+    if record.get("prompt") is None:
+        raise PreftuneError(f"{location}: field 'prompt' is missing")
+    return completions, [float(s) for s in scores]
+
+
+def build_pairs(
+    records: Sequence[tuple[str, dict[str, Any]]],
+    strategy: str = "best-worst",
+    min_margin: float = 0.0,
+    seed: int = 0,
+) -> tuple[list[dict[str, Any]], PairStats]:
+    """Pairs from (location, scored samples record) entries, with counts of what was skipped."""
+    if strategy not in STRATEGIES:
+        from preftune.config import suggest
+
+        raise PreftuneError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}{suggest(strategy, STRATEGIES)}")
+    if min_margin < 0:
+        raise PreftuneError(f"--min-margin must be >= 0, got {min_margin}")
+    stats = PairStats()
+    pairs: list[dict[str, Any]] = []
+    for position, (location, record) in enumerate(records):
+        completions, scores = _check_record(location, record)
+        stats.prompts += 1
+        if len(completions) < 2:
+            stats.too_few += 1
+            continue
+        index = record.get("index", position)
+        rng = random.Random(f"{seed}:{index}")
+        kept = {k: v for k, v in record.items() if k not in _PER_SAMPLE_FIELDS and k != "prompt"}
+        for a, b in _candidates(strategy, scores, rng):
+            if scores[a] == scores[b] or completions[a] == completions[b]:
+                stats.ties += 1
+                continue
+            if abs(scores[a] - scores[b]) < min_margin:
+                stats.below_margin += 1
+                continue
+            chosen, rejected = (a, b) if scores[a] > scores[b] else (b, a)
+            pairs.append(
+                {
+                    "prompt": record["prompt"],
+                    "chosen": completions[chosen],
+                    "rejected": completions[rejected],
+                    "chosen_score": scores[chosen],
+                    "rejected_score": scores[rejected],
+                    **kept,
+                }
+            )
+            stats.pairs += 1
+    return pairs, stats
