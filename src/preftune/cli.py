@@ -47,7 +47,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from preftune.config import load_config
     from preftune.trainer import train
 
-    cfg = load_config(args.config, args.set or [])
+    overrides = list(args.set or []) + (["overwrite_output_dir=true"] if args.overwrite else [])
+    cfg = load_config(args.config, overrides)
     final = train(cfg)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k in ("loss", "eval_loss", "eval_rewards/accuracies"))
     log.info("done: %s -> %s", summary or "no steps", cfg.output_dir)
@@ -144,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, the value parsed as YAML (repeatable): --set beta=0.2 --set lora_r=0",
     )
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
     p.set_defaults(func=cmd_train)
 
     data = sub.add_parser("data", parents=[common], help="inspect preference data")
