@@ -229,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if debug:
             raise
         print(f"preftune: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)
         return 130
