@@ -101,7 +101,7 @@ def split_for_eval(
     n = len(examples)
     n_eval = int(eval_split) if eval_split >= 1 else max(1, round(eval_split * n))
     if n_eval >= n:
-        raise PreftuneError(f"'eval_split' {eval_split} leaves no training pairs out of {n}")
+        raise PreftuneError(f"'eval_split' {eval_split:g} leaves no training pairs out of {n}")
     generator = torch.Generator().manual_seed(seed)
     held = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
     train = [e for i, e in enumerate(examples) if i not in held]
@@ -200,7 +200,6 @@ class DPOTrainer:
         set_seed(cfg.seed)
         cfg.bf16 = self.bf16
 
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         self._check_writable()
         if not cfg.resume_from_checkpoint:
             self._check_fresh_output_dir()
@@ -327,10 +326,11 @@ class DPOTrainer:
     def _check_writable(self) -> None:
         probe = self.output_dir / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
         try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
             probe.write_text("ok")
             probe.unlink()
         except OSError as exc:
-            raise PreftuneError(f"output_dir {self.output_dir} is not writable ({exc.strerror})") from None
+            raise PreftuneError(f"output_dir {self.output_dir} is not writable ({exc.strerror or exc})") from None
 
     def _tensorboard(self) -> Any:
         if self.cfg.report_to != "tensorboard" or not self.is_main:
