@@ -176,6 +176,30 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
+def _shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> Any:
+    """The KV cache of every prompt but its last token, computed once per prompt and then
+    repeated for its `n` samples: the prompt's forward pass is shared instead of run n times.
+    `generate` continues from it with the last prompt token. Positions count real tokens only,
+    as `generate` counts them, so left padding does not shift them."""
+    from transformers import DynamicCache
+
+    if input_ids.shape[1] < 2:
+        return None
+    cache = DynamicCache()
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
+    model(
+        input_ids=input_ids[:, :-1],
+        attention_mask=attention_mask[:, :-1],
+        position_ids=position_ids[:, :-1],
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    if n > 1:
+        cache.batch_repeat_interleave(n)
+    return cache
+
+
 @torch.no_grad()
 def sample_batch(
     model: Any,
@@ -186,7 +210,8 @@ def sample_batch(
 ) -> list[Samples]:
     """`settings.num_samples` completions for each prompt (given as ids), in one `generate` call.
 
-    Rows are left-padded so every prompt ends where generation starts. Sample `j` of prompt
+    Rows are left-padded so every prompt ends where generation starts; each prompt's forward pass
+    is run once for all its samples (`_shared_prefill`). Sample `j` of prompt
     `indices[k]` uses the generator seeded `sample_seed(settings.seed, indices[k], j)`.
     """
     from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
@@ -194,13 +219,14 @@ def sample_batch(
     n = settings.num_samples
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    rows = [ids for ids in prompt_ids for _ in range(n)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, ids in enumerate(rows):
+    width = max(len(ids) for ids in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for r, ids in enumerate(prompt_ids):
         input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[r, width - len(ids) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    cache = _shared_prefill(model, input_ids, attention_mask, n)
 
     processors = LogitsProcessorList()
     if settings.temperature > 0:
@@ -222,8 +248,9 @@ def sample_batch(
         use_cache=True,
     )
     output = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
+        input_ids=input_ids.repeat_interleave(n, dim=0),
+        attention_mask=attention_mask.repeat_interleave(n, dim=0),
+        past_key_values=cache,
         generation_config=config,
         logits_processor=processors,
     )
