@@ -148,6 +148,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
     p.set_defaults(func=cmd_train)
 
+    g = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="sample completions for prompts (resumable)",
+        description="Sample N completions per prompt and write one JSONL line per prompt: prompt, completions, "
+        "their token lengths, whether each stopped at EOS, and the sampling settings. Sample j of prompt i is "
+        "seeded from (seed, i, j), so a rerun gives the same file, and a rerun after an interruption skips "
+        "the prompts already written. String prompts go to chat models as a user message.",
+    )
+    g.add_argument("prompts", help="prompts: JSONL/JSON/Parquet/CSV with a 'prompt' field (text or messages), or .txt (one per line)")
+    g.add_argument("-o", "--output", required=True, help="samples file to write or resume (JSONL)")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="model name, folder, .gguf or LoRA adapter folder (default: smollm2-135m-instruct)")
+    g.add_argument("--num-samples", type=int, default=4, help="completions per prompt (default: 4)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion at most (default: 48)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    g.add_argument(
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="send string prompts as a user message through the chat template: auto = when the tokenizer has one",
+    )
+    g.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto", help="auto: vLLM when installed and a GPU is present")
+    g.add_argument("--overwrite", action="store_true", help="start the output file afresh instead of resuming it")
+    g.set_defaults(func=cmd_generate)
+
+    sc = sub.add_parser(
+        "score",
+        parents=[common],
+        help="add reward scores to a samples file",
+        description="Score every completion of a samples file with a reward and write the file with 'scores' "
+        "(one per completion) and 'reward' (its name) added.",
+    )
+    sc.add_argument("samples", help="samples file written by 'preftune generate'")
+    sc.add_argument(
+        "--reward",
+        required=True,
+        help="sentiment (VADER), length (words), a local reward-model folder, or module:function / file.py:function",
+    )
+    sc.add_argument("-o", "--output", help="file to write (default: rewrite SAMPLES in place)")
+    sc.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
+    sc.set_defaults(func=cmd_score)
+
+    pa = sub.add_parser(
+        "pairs",
+        parents=[common],
+        help="build preference pairs from scored samples",
+        description="Pair each prompt's completions by score into prompt/chosen/rejected records (scores kept as "
+        "chosen_score and rejected_score). Ties and pairs closer than --min-margin are skipped.",
+    )
+    pa.add_argument("scored", help="samples file with scores ('preftune score')")
+    pa.add_argument("-o", "--output", required=True, help="pairs file to write (JSONL)")
+    pa.add_argument("--strategy", default="best-worst", help="best-worst (default), all-pairs or random")
+    pa.add_argument("--min-margin", type=float, default=0.0, help="smallest score difference kept (default: 0; ties always skipped)")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
+    pa.set_defaults(func=cmd_pairs)
+
+    q = sub.add_parser(
+        "quickstart",
+        parents=[common],
+        help="DPO on the bundled sentiment pairs, then a before/after table",
+        description="Train DPO with LoRA on the bundled movie-review sentiment pairs from the embedded "
+        "SmolLM2-135M-Instruct, sample the base and the tuned model on held-out prompts, and print mean "
+        "reward, win rate, KL and length before and after; writes eval.json beside the training outputs.",
+    )
+    q.add_argument("--output-dir", default="runs/quickstart", help="where to write (default: runs/quickstart)")
+    q.add_argument("--model", help="model to tune (default: smollm2-135m-instruct)")
+    q.add_argument("--max-steps", type=int, help="optimizer steps (default: 40 on CPU, 150 on a GPU)")
+    q.add_argument("--eval-prompts", type=int, help="held-out prompts to sample (default: 64 on CPU, all on a GPU)")
+    q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
+    q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
+    q.set_defaults(func=cmd_quickstart)
+
     data = sub.add_parser("data", parents=[common], help="inspect preference data")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
     c = data_sub.add_parser(
@@ -205,6 +280,98 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_label_export)
     label.set_defaults(func=lambda a: label.print_help() or 2)
     return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from preftune.generation import (
+        SamplingSettings,
+        choose_engine,
+        generate_file,
+        load_generation_model,
+        load_prompts,
+        vllm_sampler,
+    )
+
+    settings = SamplingSettings(args.num_samples, args.temperature, args.top_p, args.max_new_tokens, args.seed).check()
+    prompts = load_prompts(args.prompts)
+    engine = choose_engine(args.engine, args.model)
+    chat = {"auto": None, "on": True, "off": False}[args.chat]
+    if engine == "vllm":
+        from preftune.models import load_tokenizer
+
+        model, tokenizer = None, load_tokenizer(args.model)
+        sampler = vllm_sampler(args.model, tokenizer, settings)
+    else:
+        model, tokenizer = load_generation_model(args.model)
+        sampler = None
+    summary = generate_file(
+        model,
+        tokenizer,
+        prompts,
+        args.output,
+        settings,
+        model_name=args.model,
+        batch_size=args.batch_size,
+        chat=chat,
+        overwrite=args.overwrite,
+        sampler=sampler,
+    )
+    log.info(
+        "%d samples for %d prompts (%d already there) in %.1fs, %.2f samples/s -> %s",
+        summary["samples"],
+        summary["prompts"] - summary["skipped"],
+        summary["skipped"],
+        summary["seconds"],
+        summary["samples_per_second"],
+        args.output,
+    )
+    return 0
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from preftune.generation import read_samples, write_jsonl_atomic
+    from preftune.rewards import get_reward, score_records
+
+    records = [record for _, record in read_samples(args.samples)]
+    reward = get_reward(args.reward)
+    scored = score_records(reward, records, batch_size=args.batch_size)
+    output = args.output or args.samples
+    write_jsonl_atomic(output, scored)
+    flat = [s for r in scored for s in r["scores"]]
+    log.info("scored %d completions with %s (mean %.4f) -> %s", len(flat), reward.name, sum(flat) / max(1, len(flat)), output)
+    return 0
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from preftune.data import load_records
+    from preftune.generation import write_jsonl_atomic
+    from preftune.pairs import build_pairs
+
+    pairs, stats = build_pairs(load_records(args.scored), args.strategy, args.min_margin, args.seed)
+    if not pairs:
+        raise PreftuneError(f"{args.scored}: no pairs: {stats.summary()}")
+    write_jsonl_atomic(args.output, pairs)
+    log.info("%s -> %s", stats.summary(), args.output)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from preftune.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings.for_device(
+        torch.cuda.is_available(),
+        output_dir=args.output_dir,
+        model_name=args.model,
+        max_steps=args.max_steps,
+        eval_prompts=args.eval_prompts,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+    )
+    result = run_quickstart(settings)
+    log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
+    return 0
 
 
 def _out_of_memory_message(exc: BaseException) -> str:
