@@ -55,6 +55,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from preftune.config import load_config
+    from preftune.estimate import report
+
+    cfg = load_config(args.config, args.set or [])
+    print(report(cfg.model_name, cfg, args.gpu_memory))
+    return 0
+
+
 def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int]]:
     from preftune.batching import encode_completion, encode_prompt
     from preftune.models import load_tokenizer
@@ -222,6 +231,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
     q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
     q.set_defaults(func=cmd_quickstart)
+
+    e = sub.add_parser(
+        "estimate",
+        parents=[common],
+        help="predict peak GPU memory of a config, and the settings that fit a GPU",
+        description="Predict peak memory per device (weights, gradients, optimizer, reference, activations) for "
+        "full fine-tuning, LoRA and QLoRA, without loading weights; --gpu-memory lists the batch sizes that fit.",
+    )
+    e.add_argument("config", help="training config (.yaml, .yml or .json)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    e.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 16GB or 80GiB")
+    e.set_defaults(func=cmd_estimate)
 
     data = sub.add_parser("data", parents=[common], help="inspect preference data")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")

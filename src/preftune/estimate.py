@@ -1,0 +1,157 @@
+"""Predict the peak memory of a training run before starting it, and the settings that fit a GPU.
+
+The model is built on PyTorch's `meta` device (shapes, no weights), so counting its parameters costs
+nothing. The estimate adds, per process:
+
+- weights: fp32 for a full fine-tune (the master copy; bf16 is autocast), the frozen base in bf16 (or
+  fp32 without bf16) under LoRA, 4-bit NF4 for the linear layers under QLoRA (0.5 byte a parameter
+  plus double-quantised scales, about 0.53) with the rest in bf16;
+- gradients and AdamW's two moments for the trainable parameters, in fp32;
+- the reference: nothing when its log-probs are precomputed or it is the disabled adapter, a second
+  copy of the base weights for `copy`;
+- activations kept for backward, per token and layer: about 10 hidden-size and 4 intermediate-size
+  values (norm inputs, q/k/v, attention output, MLP gate/up/activation/down input), in the compute
+  dtype; with gradient checkpointing, one hidden-size value per layer plus one layer's worth. Attention
+  itself is SDPA/flash (no stored scores). Tokens per micro-batch assume the worst case of the shared
+  prompt layout: batch x (max_prompt_length + 2 x completion budget);
+- the output head over completion tokens in 1024-position chunks: logits, their log-softmax and its
+  gradient in fp32;
+- a fixed allowance for the CUDA context and allocator (0.5 GiB).
+
+It is an estimate: allocator fragmentation and kernels' workspaces vary. Where a GPU is available,
+compare with `torch.cuda.max_memory_allocated()` of a real run.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from preftune.batching import effective_prompt_length
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError
+
+GiB = 2**30
+CUDA_OVERHEAD = 0.5 * GiB
+LOGPROB_CHUNK = 1024
+
+
+@dataclass
+class ModelShape:
+    params: int  # all parameters
+    linear_params: int  # in nn.Linear layers other than the output head (what LoRA and 4-bit touch)
+    lora_params_per_rank: int  # sum of (in + out) over those layers: LoRA adds r times this
+    hidden: int
+    intermediate: int
+    layers: int
+    vocab: int
+
+
+def model_shape(name: str) -> ModelShape:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from preftune.models import resolve_model_path
+
+    config = AutoConfig.from_pretrained(resolve_model_path(name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    head = model.get_output_embeddings()
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head]
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    return ModelShape(
+        params=sum(p.numel() for p in model.parameters()),
+        linear_params=sum(m.weight.numel() for m in linear),
+        lora_params_per_rank=sum(m.in_features + m.out_features for m in linear),
+        hidden=hidden,
+        intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
+        layers=getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer"),
+        vocab=config.vocab_size,
+    )
+
+
+def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, checkpointing: bool, bf16: bool) -> dict[str, float]:
+    """Bytes by component for one process; `mode` is full, lora or qlora."""
+    compute_bytes = 2 if bf16 else 4
+    rank = int(cfg.lora_r or 16)
+    if mode == "full":
+        weights = shape.params * 4
+        trainable = shape.params
+    elif mode == "lora":
+        trainable = rank * shape.lora_params_per_rank
+        weights = shape.params * compute_bytes + trainable * 4
+    elif mode == "qlora":
+        trainable = rank * shape.lora_params_per_rank
+        weights = shape.linear_params * 0.53 + (shape.params - shape.linear_params) * 2 + trainable * 4
+    else:
+        raise ValueError(mode)
+    reference = 0.0
+    if cfg.reference == "copy":
+        reference = shape.params * (0.53 if mode == "qlora" else compute_bytes if mode != "full" else 4)
+    prompt = effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length)
+    completion = cfg.max_seq_length - prompt
+    tokens = batch_size * (prompt + 2 * completion)
+    per_token_layer = (10 * shape.hidden + 4 * shape.intermediate) * compute_bytes
+    if checkpointing:
+        activations = tokens * shape.layers * shape.hidden * compute_bytes + tokens * per_token_layer
+    else:
+        activations = tokens * shape.layers * per_token_layer
+    scored = min(LOGPROB_CHUNK, batch_size * 2 * completion)
+    head = scored * shape.vocab * 4 * 3
+    parts = {
+        "weights": weights,
+        "gradients": trainable * 4,
+        "optimizer": trainable * 8,
+        "reference": reference,
+        "activations": activations,
+        "output head": head,
+        "runtime": CUDA_OVERHEAD,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def parse_size(text: str) -> float:
+    match = re.fullmatch(r"\s*([0-9.]+)\s*(G|GB|GiB|M|MB|MiB)?\s*", text, flags=re.I)
+    if not match:
+        raise PreftuneError(f"--gpu-memory: expected a size like 16GB or 80GiB, got {text!r}")
+    value, unit = float(match.group(1)), (match.group(2) or "GB").lower()
+    return value * (GiB if unit.startswith("g") else 2**20)
+
+
+def largest_batch(shape: ModelShape, cfg: TrainConfig, mode: str, checkpointing: bool, bf16: bool, budget: float) -> int:
+    """The largest per-device batch (up to 64) whose estimate fits the budget; 0 if none does."""
+    best = 0
+    for batch in (1, 2, 4, 8, 16, 32, 64):
+        if estimate(shape, cfg, mode, batch, checkpointing, bf16)["total"] <= budget:
+            best = batch
+    return best
+
+
+def report(name: str, cfg: TrainConfig, gpu_memory: str | None) -> str:
+    shape = model_shape(name)
+    bf16 = cfg.bf16 if cfg.bf16 is not None else True  # the estimate is for a GPU
+    batch = cfg.per_device_train_batch_size
+    lines = [
+        f"model {name}: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, "
+        f"vocab {shape.vocab}); batch {batch}, max_seq_length {cfg.max_seq_length}, "
+        f"{'bf16' if bf16 else 'fp32'}, reference {cfg.reference}, gradient_checkpointing {cfg.gradient_checkpointing}",
+        "",
+        f"{'GiB':<12}" + "".join(f"{m:>10}" for m in ("full", "lora", "qlora")),
+    ]
+    table = {m: estimate(shape, cfg, m, batch, cfg.gradient_checkpointing, bf16) for m in ("full", "lora", "qlora")}
+    for part in table["full"]:
+        lines.append(f"{part:<12}" + "".join(f"{table[m][part] / GiB:>10.2f}" for m in table))
+    if gpu_memory:
+        budget = parse_size(gpu_memory)
+        lines += ["", f"settings that fit {budget / GiB:.0f} GiB (per device):"]
+        for mode in ("full", "lora", "qlora"):
+            options = []
+            for checkpointing in (False, True):
+                fit = largest_batch(shape, cfg, mode, checkpointing, bf16, budget)
+                if fit:
+                    options.append(f"per_device_train_batch_size {fit}" + (" with gradient_checkpointing" if checkpointing else ""))
+            keys = {"full": "lora_r: 0", "lora": f"lora_r: {cfg.lora_r or 16}", "qlora": f"lora_r: {cfg.lora_r or 16}, use_4bit: true"}[mode]
+            lines.append(f"  {mode:<6} ({keys}): " + ("; ".join(options) if options else "does not fit even at batch 1"))
+    return "\n".join(lines)

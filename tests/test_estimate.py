@@ -1,0 +1,44 @@
+"""Memory estimates: parameter counts match the real model and PEFT, components add up by hand."""
+
+from __future__ import annotations
+
+import pytest
+
+from preftune.config import TrainConfig
+from preftune.estimate import GiB, estimate, largest_batch, model_shape, parse_size
+from preftune.models import apply_lora, load_model
+
+
+def test_counts_match_the_real_model_and_peft(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    model = load_model(str(tiny_model_dir))
+    assert shape.params == sum(p.numel() for p in model.parameters()) == 39072
+    assert (shape.hidden, shape.intermediate, shape.layers, shape.vocab) == (32, 64, 2, 320)
+    lora = apply_lora(model, r=4, alpha=8, dropout=0.0)
+    trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert trainable == 4 * shape.lora_params_per_rank
+
+
+def test_components_by_hand(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    cfg = TrainConfig(max_seq_length=96, max_prompt_length=32, lora_r=4, reference="copy")
+    full = estimate(shape, cfg, "full", batch_size=2, checkpointing=False, bf16=False)
+    assert full["weights"] == 39072 * 4 and full["gradients"] == 39072 * 4 and full["optimizer"] == 39072 * 8
+    assert full["reference"] == 39072 * 4  # a frozen fp32 copy
+    tokens = 2 * (32 + 2 * 64)  # batch x (prompt + chosen + rejected budgets)
+    assert full["activations"] == tokens * 2 * (10 * 32 + 4 * 64) * 4
+    assert full["output head"] == min(1024, 2 * 2 * 64) * 320 * 4 * 3
+    assert full["total"] == pytest.approx(sum(v for k, v in full.items() if k != "total"))
+    lora = estimate(shape, cfg, "lora", batch_size=2, checkpointing=True, bf16=True)
+    trainable = 4 * shape.lora_params_per_rank
+    assert lora["gradients"] == trainable * 4 and lora["optimizer"] == trainable * 8
+    assert lora["activations"] == tokens * 2 * 32 * 2 + tokens * (10 * 32 + 4 * 64) * 2
+    assert lora["total"] < full["total"]
+
+
+def test_fitting_and_sizes(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    cfg = TrainConfig(max_seq_length=96)
+    assert parse_size("16GB") == 16 * GiB and parse_size("512MiB") == 512 * 2**20
+    assert largest_batch(shape, cfg, "full", False, True, budget=80 * GiB) == 64
+    assert largest_batch(shape, cfg, "full", False, True, budget=0.1 * GiB) == 0  # the runtime alone is 0.5 GiB
