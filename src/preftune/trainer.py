@@ -195,6 +195,14 @@ class DPOTrainer:
         self.bf16 = bool(bf16)
         self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not use_cuda)
         self.is_main = acc.is_main_process
+        kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            # Checkpoints, final weights and the reference pass assume each process holds whole
+            # weights, as DDP does; sharded states need their own save and load paths.
+            raise PreftuneError(
+                f"accelerate's {kind} mode is not supported by this version of preftune; launch with DDP "
+                "(accelerate launch --multi_gpu) and use LoRA, use_4bit or gradient_checkpointing to save memory"
+            )
         if self.bf16 and acc.device.type == "cpu":
             log.warning("bf16 on CPU is much slower than fp32 on most CPUs; set bf16: false for speed")
         set_seed(cfg.seed)
