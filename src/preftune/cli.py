@@ -32,15 +32,11 @@ def _setup_logging(debug: bool) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # Library chatter (weight-loading bars, deprecation notes) buries the lines that matter.
+        # Set through the environment, read when those libraries are first imported, so commands
+        # that never load a model do not pay for importing them.
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        try:
-            import transformers
-
-            transformers.logging.set_verbosity_error()
-            transformers.logging.disable_progress_bar()
-        except ImportError:
-            pass
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
