@@ -226,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-prompts", type=int, help="held-out prompts to sample (default: 64 on CPU, all on a GPU)")
     q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
     q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
+    q.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output folder")
     q.set_defaults(func=cmd_quickstart)
 
     e = sub.add_parser(
@@ -385,6 +386,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         eval_prompts=args.eval_prompts,
         eval_samples=args.eval_samples,
         seed=args.seed,
+        overwrite=args.overwrite or None,
     )
     result = run_quickstart(settings)
     log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))

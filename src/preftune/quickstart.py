@@ -9,7 +9,8 @@ sampled from the embedded SmolLM2-135M-Instruct and ranked by that reward (see
 1. sample the base model on held-out prompts (prompts of neither the train nor the test pairs);
 2. train DPO (sigmoid loss, beta 0.1) with LoRA r=16 on every linear layer;
 3. sample the tuned model on the same prompts with the same per-sample seeds (common random
-   numbers: a difference between the two is the model's, not the dice's);
+   numbers: a difference between the two is the model's, not the dice's), at the temperature the
+   data was sampled at (0.7), and once more at temperature 1 for the KL estimate;
 4. score both with the same reward and write `eval.json` with the measures of
    `preftune.evaluation`, plus `eval_samples.jsonl` with every completion and score.
 
@@ -62,36 +63,44 @@ class QuickstartSettings:
     heldout_prompts: str | None = None
     seed: int = 0
     # training
-    max_steps: int = 40
+    max_steps: int = 32
     batch_size: int = 8
     learning_rate: float = 5e-4
     beta: float = 0.1
     lora_r: int = 16
     max_seq_length: int = 192
-    # evaluation
+    test_pairs: int | None = 32  # test pairs the trainer evaluates at the end; None: all
+    # evaluation: rewards of samples at the data's temperature, KL from samples at temperature 1
     eval_prompts: int = 64
     eval_samples: int = 2
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 40
+    temperature: float = 0.7
+    max_new_tokens: int = 48
+    kl_samples: int = 1
     generation_batch_size: int = 128  # rows per generate call: wide batches amortise each decoding step
     progress: bool = True
+    overwrite: bool = False  # replace a run with other settings in output_dir (as `train --overwrite`)
 
     @classmethod
     def for_device(cls, cuda: bool, **overrides: Any) -> QuickstartSettings:
         """CPU sizes fit the 10-minute budget on two cores; a GPU trains and samples more."""
-        base = cls(max_steps=150, eval_prompts=10_000, eval_samples=4) if cuda else cls()
+        base = cls(max_steps=150, test_pairs=None, eval_prompts=10_000, eval_samples=4, kl_samples=4) if cuda else cls()
         given = {k: v for k, v in overrides.items() if v is not None}
         return replace(base, **given)
 
 
 def _sample(
-    model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: QuickstartSettings, desc: str
+    model: Any,
+    tokenizer: Any,
+    prompts: list[PromptRecord],
+    settings: QuickstartSettings,
+    desc: str,
+    num_samples: int,
+    temperature: float,
 ) -> list[Samples]:
     sampling = SamplingSettings(
-        num_samples=settings.eval_samples,
-        temperature=settings.temperature,
-        top_p=settings.top_p,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_p=1.0,
         max_new_tokens=settings.max_new_tokens,
         seed=settings.seed,
     )
@@ -101,7 +110,7 @@ def _sample(
         tokenizer,
         prompts,
         sampling,
-        batch_size=max(1, settings.generation_batch_size // settings.eval_samples),
+        batch_size=max(1, settings.generation_batch_size // num_samples),
         progress=settings.progress,
         desc=desc,
     ):
@@ -115,10 +124,44 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
+    """The test pairs the trainer evaluates: all, or the first `test_pairs` written beside the run
+    (evaluating all 125 on a CPU would cost about as much as the sampling)."""
+    source = Path(settings.test_data or bundled_data("test.jsonl"))
+    if settings.test_pairs is None:
+        return str(source)
+    lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+    subset = output_dir / "test_pairs.jsonl"
+    tmp = subset.with_name(f".{subset.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(line + "\n" for line in lines[: settings.test_pairs]), encoding="utf-8")
+    os.replace(tmp, subset)
+    return str(subset)
+
+
+def _kl(model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: QuickstartSettings) -> list[list[float]]:
+    """log p_tuned(y|x) - log p_base(y|x) of fresh samples y of the tuned model at temperature 1
+    (an unbiased Monte Carlo estimate of the KL needs draws from the model itself), per prompt."""
+    from preftune.batching import encode_prompt
+    from preftune.evaluation import completion_logps
+
+    samples = _sample(model, tokenizer, prompts, settings, "sample tuned, T=1 (KL)", settings.kl_samples, 1.0)
+    prompt_rows, completion_rows = [], []
+    for p, s in zip(prompts, samples, strict=True):
+        ids = encode_prompt(tokenizer, p.prompt)
+        prompt_rows.extend([ids] * len(s.token_ids))
+        completion_rows.extend(s.token_ids)
+    tuned = completion_logps(model, prompt_rows, completion_rows, tokenizer.pad_token_id)
+    with model.disable_adapter():
+        base = completion_logps(model, prompt_rows, completion_rows, tokenizer.pad_token_id)
+    k = settings.kl_samples
+    ratios = [t - b for t, b in zip(tuned, base, strict=True)]
+    return [ratios[i * k : (i + 1) * k] for i in range(len(prompts))]
+
+
 def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     """Run the recipe; returns the contents of `eval.json`."""
     from preftune.config import from_dict
-    from preftune.evaluation import before_after, completion_logps, format_table
+    from preftune.evaluation import before_after, format_table
     from preftune.generation import load_generation_model
     from preftune.models import resolve_model_path
     from preftune.rewards import get_reward, score
@@ -129,13 +172,14 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     reward = get_reward(settings.reward)
     resolve_model_path(settings.model_name)  # converts the embedded GGUF once, with its own log line
+    n = settings.eval_samples
 
     # 1. the base model on held-out prompts
     model, tokenizer = load_generation_model(settings.model_name)
     prompts = load_prompts(settings.heldout_prompts or bundled_data("prompts_heldout.jsonl"))[: settings.eval_prompts]
     prompts = [PromptRecord(p.index, as_chat(p.prompt, tokenizer, None), p.location, p.extra) for p in prompts]
-    log.info("sampling the base model: %d held-out prompts x %d samples", len(prompts), settings.eval_samples)
-    base = _sample(model, tokenizer, prompts, settings, "sample base")
+    log.info("sampling the base model: %d held-out prompts x %d samples", len(prompts), n)
+    base = _sample(model, tokenizer, prompts, settings, "sample base", n, settings.temperature)
     del model
 
     # 2. DPO with LoRA on the bundled pairs
@@ -143,13 +187,16 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
         {
             "model_name": settings.model_name,
             "dataset": str(settings.train_data or bundled_data("train.jsonl")),
-            "eval_dataset": str(settings.test_data or bundled_data("test.jsonl")),
+            "eval_dataset": _test_subset(settings, output_dir),
             "output_dir": str(output_dir),
+            "overwrite_output_dir": settings.overwrite,
             "loss_type": "sigmoid",
             "beta": settings.beta,
             "lora_r": settings.lora_r,
             "lora_alpha": 2 * settings.lora_r,
             "lora_target_modules": "all-linear",
+            # The base model through the disabled adapter: no pass over pairs the run never sees.
+            "reference": "adapter",
             "learning_rate": settings.learning_rate,
             "lr_scheduler_type": "cosine",
             "warmup_ratio": 0.1,
@@ -157,7 +204,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
             "per_device_train_batch_size": settings.batch_size,
             "max_seq_length": settings.max_seq_length,
             "seed": settings.seed,
-            "logging_steps": 5,
+            "logging_steps": 4,
             "save_steps": max(1, settings.max_steps),
             "save_total_limit": 1,
             "progress_bar": settings.progress,
@@ -169,37 +216,21 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     final_metrics = train(config)
     train_seconds = time.perf_counter() - train_started
 
-    # 3. the tuned model on the same prompts and seeds
+    # 3. the tuned model on the same prompts and seeds, and its KL from the base
     model, tokenizer = load_generation_model(str(output_dir / "final"))
-    tuned = _sample(model, tokenizer, prompts, settings, "sample tuned")
-    prompt_ids_rows, completion_rows = [], []
-    from preftune.batching import encode_prompt
-
-    for p, s in zip(prompts, tuned, strict=True):
-        ids = encode_prompt(tokenizer, p.prompt)
-        prompt_ids_rows.extend([ids] * len(s.token_ids))
-        completion_rows.extend(s.token_ids)
-    pad = tokenizer.pad_token_id
-    tuned_logps = completion_logps(model, prompt_ids_rows, completion_rows, pad)
-    with model.disable_adapter():
-        base_logps = completion_logps(model, prompt_ids_rows, completion_rows, pad)
+    tuned = _sample(model, tokenizer, prompts, settings, "sample tuned", n, settings.temperature)
+    log_ratios = _kl(model, tokenizer, prompts, settings)
     del model
 
     # 4. the same reward for both, and the measures
     def rewards_of(samples: list[Samples]) -> list[list[float]]:
         flat_prompts = [p.prompt for p, s in zip(prompts, samples) for _ in s.completions]
         flat = score(reward, flat_prompts, [c for s in samples for c in s.completions])
-        return [flat[i * settings.eval_samples : (i + 1) * settings.eval_samples] for i in range(len(samples))]
+        return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
 
     base_scores, tuned_scores = rewards_of(base), rewards_of(tuned)
-    n = settings.eval_samples
-    ratios = [t - b for t, b in zip(tuned_logps, base_logps)]
     result = before_after(
-        base_scores,
-        tuned_scores,
-        [s.lengths for s in base],
-        [s.lengths for s in tuned],
-        [ratios[i * n : (i + 1) * n] for i in range(len(prompts))],
+        base_scores, tuned_scores, [s.lengths for s in base], [s.lengths for s in tuned], log_ratios
     )
     result.update(
         {
