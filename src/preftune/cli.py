@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     q.add_argument("--output-dir", default="runs/quickstart", help="where to write (default: runs/quickstart)")
     q.add_argument("--model", help="model to tune (default: smollm2-135m-instruct)")
-    q.add_argument("--max-steps", type=int, help="optimizer steps (default: 40 on CPU, 150 on a GPU)")
+    q.add_argument("--max-steps", type=int, help="optimizer steps (default: 24 on CPU, 150 on a GPU)")
     q.add_argument("--eval-prompts", type=int, help="held-out prompts to sample (default: 64 on CPU, all on a GPU)")
     q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
     q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
