@@ -286,16 +286,16 @@ def read_samples(path: str | Path) -> list[tuple[str, dict]]:
     return records
 
 
-def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
-    """Write a whole JSONL file through a temp file in the same folder and `os.replace`, so a
-    reader never sees half of it."""
+def write_atomic(path: str | Path, data: str | bytes) -> None:
+    """Write a whole file through a synced temp file in the same folder and `os.replace`, so a
+    reader (or a later run) never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -304,16 +304,18 @@ def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
             tmp.unlink()
 
 
+def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
+    """A whole JSONL file, one record a line, written atomically."""
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
 def _repair_tail(path: Path) -> None:
     """Drop a torn last line (a run killed mid-write leaves one without its newline), atomically."""
     data = path.read_bytes()
     if not data or data.endswith(b"\n"):
         return
-    cut = data.rfind(b"\n") + 1
     log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data[:cut])
-    os.replace(tmp, path)
+    write_atomic(path, data[: data.rfind(b"\n") + 1])
 
 
 def _append_lines(path: Path, records: Sequence[dict]) -> None:

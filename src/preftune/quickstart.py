@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, replace
 from importlib import resources
@@ -32,8 +31,16 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.generation import PromptRecord, Samples, SamplingSettings, as_chat, iter_samples, load_prompts
-from preftune.generation import write_jsonl_atomic
+from preftune.generation import (
+    PromptRecord,
+    Samples,
+    SamplingSettings,
+    as_chat,
+    iter_samples,
+    load_prompts,
+    write_atomic,
+    write_jsonl_atomic,
+)
 
 log = logging.getLogger("preftune")
 
@@ -118,12 +125,6 @@ def _sample(
     return out
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
     """The test pairs the trainer evaluates: all, or the first `test_pairs` written beside the run
     (evaluating all 125 on a CPU would cost about as much as the sampling)."""
@@ -132,9 +133,7 @@ def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
         return str(source)
     lines = [line for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
     subset = output_dir / "test_pairs.jsonl"
-    tmp = subset.with_name(f".{subset.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(line + "\n" for line in lines[: settings.test_pairs]), encoding="utf-8")
-    os.replace(tmp, subset)
+    write_atomic(subset, "".join(line + "\n" for line in lines[: settings.test_pairs]))
     return str(subset)
 
 
@@ -260,6 +259,6 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
             for p, b, t, bs, ts in zip(prompts, base, tuned, base_scores, tuned_scores, strict=True)
         ],
     )
-    _write_json_atomic(output_dir / "eval.json", result)
+    write_atomic(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")
     print(format_table(result, reward.name))
     return result
