@@ -96,6 +96,12 @@ def test_fields_kept_and_output_trains(tmp_path):
     assert json.loads(path.read_text())["rejected"] == "was awful"
 
 
+def test_a_completion_sampled_twice_gives_its_pairs_once():
+    pairs, stats = build_pairs([record([0.9, 0.1, 0.1], texts=["great", "meh", "meh"])], "all-pairs")
+    assert chosen_rejected(pairs) == [("great", "meh")]
+    assert (stats.pairs, stats.ties, stats.repeats) == (1, 1, 1)
+
+
 def test_too_few_completions_are_counted():
     pairs, stats = build_pairs([record([0.5])], "best-worst")
     assert pairs == [] and stats.too_few == 1

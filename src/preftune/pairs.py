@@ -11,7 +11,8 @@ Strategies, per prompt:
 
 Rules for all: a pair whose scores are equal is a tie and is skipped (it says nothing about which
 is better), as is a pair of identical texts; a pair whose score difference is below `min_margin` is
-skipped (small differences are mostly reward noise). The output keeps the scores as
+skipped (small differences are mostly reward noise); a prompt's pair is written once even when a
+completion was sampled twice (a repeat would weigh it double). The output keeps the scores as
 `chosen_score` / `rejected_score` and the sample record's other fields, minus the per-sample lists.
 """
 
@@ -37,11 +38,13 @@ class PairStats:
     ties: int = 0  # candidate pairs skipped for equal scores or identical texts
     below_margin: int = 0  # candidate pairs skipped for a score difference below min_margin
     too_few: int = 0  # prompts with fewer than two completions
+    repeats: int = 0  # pairs of a prompt already written (a completion sampled twice)
 
     def summary(self) -> str:
         return (
             f"{self.pairs} pairs from {self.prompts} prompts; skipped {self.ties} ties and "
-            f"{self.below_margin} below the margin; {self.too_few} prompts had fewer than two completions"
+            f"{self.below_margin} below the margin and {self.repeats} repeated; "
+            f"{self.too_few} prompts had fewer than two completions"
         )
 
 
@@ -102,6 +105,7 @@ def build_pairs(
         index = record.get("index", position)
         rng = random.Random(f"{seed}:{index}")
         kept = {k: v for k, v in record.items() if k not in _PER_SAMPLE_FIELDS and k != "prompt"}
+        written: set[tuple[str, str]] = set()
         for a, b in _candidates(strategy, scores, rng):
             if scores[a] == scores[b] or completions[a] == completions[b]:
                 stats.ties += 1
@@ -110,6 +114,10 @@ def build_pairs(
                 stats.below_margin += 1
                 continue
             chosen, rejected = (a, b) if scores[a] > scores[b] else (b, a)
+            if (completions[chosen], completions[rejected]) in written:
+                stats.repeats += 1
+                continue
+            written.add((completions[chosen], completions[rejected]))
             pairs.append(
                 {
                     "prompt": record["prompt"],
