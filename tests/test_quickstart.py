@@ -12,7 +12,7 @@ import statistics
 import pytest
 
 from preftune.cli import main
-from preftune.data import load_preference_data
+from preftune.data import load_preference_data, quality_report
 from preftune.generation import load_prompts
 from preftune.quickstart import QuickstartSettings, bundled_data, run_quickstart
 from preftune.rewards import get_reward
@@ -124,6 +124,7 @@ def test_bundled_data_is_valid_and_split_by_prompt():
     test = load_preference_data(bundled_data("test.jsonl"))
     heldout = load_prompts(bundled_data("prompts_heldout.jsonl"))
     assert len(train) >= 200 and len(test) >= 50 and len(heldout) == 64
+    assert quality_report(train)["exact_duplicates"] == 0 and quality_report(test)["exact_duplicates"] == 0
     texts = {ex.prompt[-1]["content"] for ex in train}, {ex.prompt[-1]["content"] for ex in test}, {p.prompt for p in heldout}
     assert not (texts[0] & texts[1]) and not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     sentiment = get_reward("sentiment")
