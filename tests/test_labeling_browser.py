@@ -110,6 +110,7 @@ def test_label_with_the_keyboard_in_chromium(browser, tmp_path):
 
         page.keyboard.press("u")  # take the skip back: the last item returns, the same way round
         expect(page.locator("#status")).to_have_text("Undone: your last answer (skipped) is withdrawn.")
+        expect(page.locator("#task")).to_be_visible()
         expect(page.locator("#prompt")).to_have_text(PAIRS[3]["prompt"])
         assert page.text_content("#text-a") == shown[3][1]
         page.keyboard.press("2")

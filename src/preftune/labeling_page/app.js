@@ -86,16 +86,19 @@
     const current = item;
     return run(async function () {
       await api("judgements", { annotator, item_id: current.id, choice });
+      const next = await api("next", { annotator });
+      // The status changes only once the next item is on screen, so what it says is all done.
+      render(next);
       setStatus("Saved: " + LABELS[choice] + ".", false);
-      render(await api("next", { annotator }));
     });
   }
 
   function undo() {
     return run(async function () {
       const data = await api("undo", { annotator });
+      const next = await api("next", { annotator });
+      render(next);
       setStatus("Undone: your last answer (" + LABELS[data.undone.choice] + ") is withdrawn.", false);
-      render(await api("next", { annotator }));
     });
   }
 
