@@ -33,6 +33,9 @@
   function show(section) {
     for (const id of ["start", "task", "finished"]) $(id).hidden = id !== section;
     $("who").hidden = section === "start";
+    // The name box keeps the focus after it is hidden until the browser's next layout, and
+    // keys typed in a text box are ignored: let go of it now, so the first key counts.
+    if (section !== "start" && $("start").contains(document.activeElement)) document.activeElement.blur();
   }
 
   function setStatus(text, isError) {
