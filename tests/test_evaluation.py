@@ -67,3 +67,147 @@ def test_completion_logps_match_a_full_forward(tiny_model_dir):
             logps = torch.log_softmax(model(ids).logits[0].float(), -1)
         expected.append(sum(logps[len(p) + k - 1, token].item() for k, token in enumerate(c)))
     assert got == pytest.approx(expected, abs=1e-4)
+
+
+# --------------------------------------------------------------------------------------- eval measures
+
+import itertools  # noqa: E402
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from preftune.evaluation import (  # noqa: E402
+    best_of_n_kl,
+    bootstrap_ci,
+    expected_best_of_n,
+    kl_terms,
+    pair_measures,
+    prompt_win_rates,
+    sample_measures,
+    summarize,
+)
+
+
+def test_bootstrap_interval_against_the_exact_bootstrap_distribution():
+    # Resampling [0, 0, 3] with replacement: the mean is (number of 3s drawn), a Binomial(3, 1/3):
+    # P(0) = 8/27, P(1) = 12/27, P(2) = 6/27, P(3) = 1/27. Cumulative: .296, .741, .963, 1.
+    # The 10% quantile is 0 and the 90% quantile 2; the 2.5% quantile 0 and the 97.5% quantile 3.
+    assert bootstrap_ci([0.0, 0.0, 3.0], level=0.8, resamples=20000) == (0.0, 2.0)
+    assert bootstrap_ci([0.0, 0.0, 3.0], level=0.95, resamples=20000) == (0.0, 3.0)
+    assert bootstrap_ci([0.25] * 5) == (0.25, 0.25)
+    assert summarize([1.0, 0.0], level=0.95, resamples=5000) == {"mean": 0.5, "ci": [0.0, 1.0], "n": 2}
+    with pytest.raises(ValueError):
+        bootstrap_ci([])
+
+
+def test_best_of_n_reward_and_kl():
+    # all 6 two-subsets of [1, 2, 3, 4] have maxima 2, 3, 4, 3, 4, 4: mean 20 / 6
+    assert expected_best_of_n([4.0, 1.0, 3.0, 2.0], 2) == pytest.approx(20 / 6)
+    assert expected_best_of_n([4.0, 1.0, 3.0, 2.0], 1) == pytest.approx(2.5)
+    assert expected_best_of_n([4.0, 1.0, 3.0, 2.0], 4) == pytest.approx(4.0)
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+    with pytest.raises(ValueError):
+        expected_best_of_n([1.0], 2)
+
+
+def test_pair_measures_by_hand():
+    # beta 0.5; implicit rewards chosen = 0.5 * (pc - rc), rejected = 0.5 * (pr - rr)
+    # pair 1: chosen 0.5 * (-1 - -3) = 1, rejected 0.5 * (-4 - -4) = 0 -> margin 1 (right)
+    # pair 2: chosen 0.5 * (-5 - -4) = -0.5, rejected 0.5 * (-2 - -3) = 0.5 -> margin -1 (wrong)
+    # pair 3: chosen 0.5 * (-2 - -2) = 0, rejected 0.5 * (-6 - -2) = -2 -> margin 2 (right)
+    m = pair_measures([-1, -5, -2], [-4, -2, -6], [-3, -4, -2], [-4, -3, -2], beta=0.5)
+    assert m["accuracy"]["mean"] == pytest.approx(2 / 3)
+    assert m["margin"]["mean"] == pytest.approx(2 / 3)
+    assert m["chosen_reward"]["mean"] == pytest.approx(0.5 / 3)
+    assert m["rejected_reward"]["mean"] == pytest.approx(-0.5)
+    assert m["num_pairs"] == 3 and m["accuracy"]["ci"][0] <= 2 / 3 <= m["accuracy"]["ci"][1]
+
+
+def test_sample_measures_by_hand():
+    scores, base = [[1.0, 3.0], [0.0, 0.0]], [[1.0, 1.0], [1.0, 0.0]]
+    # win rates: prompt 1: (1v1 tie, 1v1 tie, 3v1, 3v1) = 3/4; prompt 2: (0v1 loss, 0v0 tie) x2 = 1/4
+    assert prompt_win_rates(scores, base) == [0.75, 0.25]
+    m = sample_measures(scores, base, [[10, 20], [30, 30]], [[10, 10], [10, 10]], [[1.0, 3.0], [0.0, 0.0]], [[1.5, 1.5], [0.5, 0.5]])
+    assert m["win_rate"]["mean"] == pytest.approx(0.5)
+    # per-prompt means: model 2 and 0, baseline 1 and 0.5
+    assert m["reward"]["mean"] == pytest.approx(1.0) and m["baseline_reward"]["mean"] == pytest.approx(0.75)
+    assert m["reward_gain"]["mean"] == pytest.approx(0.25)  # (2 - 1) and (0 - 0.5), averaged
+    assert m["kl_monte_carlo"]["mean"] == pytest.approx(1.0) and m["kl_per_token"]["mean"] == pytest.approx(1.0)
+    assert m["length"] == pytest.approx(22.5) and m["baseline_length"] == 10
+    assert m["length_ratio"] == pytest.approx(2.25) and m["length_warning"] is True
+
+
+# --------------------------------------------------------------------------------------- KL estimators
+
+VOCAB, LENGTH, PROMPT = 6, 3, [1, 2]
+
+
+def _peaky_model(seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        initializer_range=0.3,  # large weights: far-from-uniform distributions, a KL well above 0
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def enumerated():
+    """Every completion of LENGTH tokens over the whole vocabulary, with both estimators' terms."""
+    p, q = _peaky_model(0), _peaky_model(1)
+    completions = [list(c) for c in itertools.product(range(VOCAB), repeat=LENGTH)]
+    logp, logq, exact = (torch.tensor(v, dtype=torch.float64) for v in kl_terms(p, q, [PROMPT] * len(completions), completions, 0, 64))
+    return p, q, completions, logp, logq, exact
+
+
+def test_kl_terms_score_sequences_like_the_model(enumerated):
+    p, _, completions, logp, _, _ = enumerated
+    ids = torch.tensor([PROMPT + c for c in completions])
+    with torch.no_grad():
+        token = torch.log_softmax(p(ids).logits.float(), -1)[:, len(PROMPT) - 1 : -1].gather(-1, ids[:, len(PROMPT) :, None])
+    assert torch.allclose(token[..., 0].sum(-1).double(), logp, atol=1e-5)
+    assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-5)  # a distribution over all V^L completions
+
+
+def test_both_kl_estimators_have_the_exact_kl_as_expectation(enumerated):
+    _, _, _, logp, logq, exact = enumerated
+    weights = logp.exp()
+    kl = (weights * (logp - logq)).sum().item()  # KL(p || q) by enumerating every sequence
+    assert kl > 0.5
+    assert (weights * exact).sum().item() == pytest.approx(kl, abs=1e-5)  # chain rule: E[sum_t KL_t] = KL
+
+    # Monte Carlo from draws y ~ p: both estimates within 4 standard errors; the per-token one
+    # with a much smaller spread.
+    draws = torch.multinomial(weights, 4000, replacement=True, generator=torch.Generator().manual_seed(0))
+    for values in (logp - logq, exact):
+        sample = values[draws]
+        assert abs(sample.mean().item() - kl) < 4 * sample.std().item() / math.sqrt(len(draws))
+    assert exact[draws].var().item() < 0.2 * (logp - logq)[draws].var().item()
+
+
+def test_kl_against_the_disabled_adapter_equals_against_a_copy_of_the_base():
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    base = _peaky_model(2)
+    frozen = copy.deepcopy(base)
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False))
+    model.eval()
+    completions = [[3, 4, 5], [0, 1], [5]]
+    prompts = [PROMPT, [3], [2, 2, 2]]
+    via_adapter = kl_terms(model, None, prompts, completions, 0)
+    via_copy = kl_terms(model, frozen, prompts, completions, 0)
+    for a, b in zip(via_adapter, via_copy):
+        assert a == pytest.approx(b, abs=1e-5)
+    assert all(k > 0 for k in via_adapter[2])

@@ -229,6 +229,36 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output folder")
     q.set_defaults(func=cmd_quickstart)
 
+    ev = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="preference accuracy, reward, win rate, KL and length drift of a tuned model",
+        description="Evaluate a tuned model against its reference. With --pairs: preference accuracy and implicit "
+        "reward margins (beta * log-ratio) with bootstrap confidence intervals. With --prompts and --reward: samples "
+        "from the model scored by the reward, win rate against the baseline's samples (the reference's unless "
+        "--baseline), KL(model || reference) estimated from the model's samples at temperature 1 (log-ratio and "
+        "per-token exact), and mean length against the baseline's. Prints a table and writes eval.json "
+        "(and eval_samples.jsonl) into the run folder, or --output.",
+    )
+    ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
+    ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
+    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
+    ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
+    ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
+    ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
+    ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
+    ev.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reward samples (default: 1.0)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    ev.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's, else 0.1)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    ev.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals (default: 0.95)")
+    ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
+    ev.set_defaults(func=cmd_eval)
+
     e = sub.add_parser(
         "estimate",
         parents=[common],
@@ -390,6 +420,37 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     )
     result = run_quickstart(settings)
     log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from preftune.evaluation import EvalSettings, format_eval, run_eval
+
+    if not 0 < args.confidence < 1:
+        raise PreftuneError(f"--confidence must be between 0 and 1, got {args.confidence}")
+    if args.bootstrap < 100:
+        raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {args.bootstrap}")
+    settings = EvalSettings(
+        model=args.model,
+        ref=args.ref,
+        baseline=args.baseline,
+        pairs=args.pairs,
+        prompts=args.prompts,
+        reward=args.reward,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts,
+        seed=args.seed,
+        beta=args.beta,
+        batch_size=args.batch_size,
+        level=args.confidence,
+        resamples=args.bootstrap,
+        output=args.output,
+    )
+    result = run_eval(settings)
+    print(format_eval(result))
     return 0
 
 
