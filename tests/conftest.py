@@ -6,6 +6,8 @@ few synthetic sentences, and the model is built from a config with random weight
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,95 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer.save_pretrained(path)
     return path
+
+
+# Debian's chromium driven by Playwright (its own browser downloads are never used).
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def _browser_missing() -> str | None:
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        return "the playwright package is not installed"
+    if not os.path.exists(CHROMIUM):
+        return "Debian's chromium is not installed (apt-get install chromium)"
+    return None
+
+
+@pytest.fixture
+def browser():
+    missing = _browser_missing()
+    if missing:
+        if os.environ.get("PREFTUNE_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"PREFTUNE_REQUIRE_BROWSER=1 but {missing}")
+        pytest.skip(missing)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+# A tiny preference task every test of evaluation, sweeps and reports can share.
+TASK_POSITIVE = ["good", "great", "happy", "yes", "wonderful"]
+TASK_NEGATIVE = ["bad", "awful", "sad", "no", "terrible"]
+
+
+def task_pairs(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    rng = random.Random(seed)
+    return [
+        {
+            "prompt": f"Question: is it {rng.choice(TASK_POSITIVE + TASK_NEGATIVE)}? Answer:",
+            "chosen": f" {rng.choice(TASK_POSITIVE)}, it was {rng.choice(TASK_POSITIVE)}.",
+            "rejected": f" {rng.choice(TASK_NEGATIVE)}, it was {rng.choice(TASK_NEGATIVE)}.",
+        }
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tmp_path_factory, tiny_model_dir):
+    """A two-beta sweep of LoRA runs on the tiny model, evaluated on pairs and on 4 prompts."""
+    import json
+
+    from preftune.sweep import SweepSettings, run_sweep
+
+    root = tmp_path_factory.mktemp("sweep")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_pairs(24)))
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_pairs(8, seed=1)))
+    prompts = [{"prompt": r["prompt"]} for r in task_pairs(3, seed=2)] + [{"prompt": "Say <script>alert(1)</script> & go"}]
+    (root / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))
+    (root / "config.yaml").write_text(
+        f"model_name: {tiny_model_dir}\ndataset: {root / 'train.jsonl'}\noutput_dir: {root / 'sweep'}\n"
+        "lora_r: 4\nlora_alpha: 8\nlearning_rate: 0.01\nmax_steps: 3\nper_device_train_batch_size: 8\n"
+        "eval_split: 0\nlogging_steps: 1\nsave_steps: 2\nprogress_bar: false\n"
+    )
+    settings = SweepSettings(
+        config=str(root / "config.yaml"),
+        grid=["beta=0.1,0.5"],
+        prompts=str(root / "prompts.jsonl"),
+        reward="length",
+        pairs=str(root / "test.jsonl"),
+        num_samples=2,
+        best_of=(1, 2, 4),
+        max_new_tokens=6,
+        progress=False,
+    )
+    rows = run_sweep(settings)
+    return root, settings, rows

@@ -211,3 +211,61 @@ def test_kl_against_the_disabled_adapter_equals_against_a_copy_of_the_base():
     for a, b in zip(via_adapter, via_copy):
         assert a == pytest.approx(b, abs=1e-5)
     assert all(k > 0 for k in via_adapter[2])
+
+
+# --------------------------------------------------------------------------------------- the command
+
+
+def test_eval_command_on_a_run_folder(tiny_sweep, tmp_path, capsys):
+    from preftune.cli import main
+
+    root, _, _ = tiny_sweep
+    run = root / "sweep" / "beta=0.5"
+    out = tmp_path / "eval.json"
+    code = main(
+        ["eval", "--model", str(run), "--pairs", str(root / "test.jsonl"), "--prompts", str(root / "prompts.jsonl"),
+         "--reward", "length", "--num-samples", "3", "--max-new-tokens", "5", "--temperature", "0.7", "-o", str(out)]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "preference accuracy" in table and "KL(model || ref), per-token" in table and "95% CI" in table
+    result = json.loads(out.read_text())
+    assert result["pairs"]["beta"] == 0.5  # the run's beta
+    assert result["samples"]["samples_per_prompt"] == 3 and result["samples"]["temperature"] == 0.7
+    rows = [json.loads(line) for line in (tmp_path / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["model"]) == 3 and len(r["baseline"]) == 3 for r in rows)
+    # the KL estimates are the per-prompt means of the per-sample values written beside them
+    kl = sum(sum(r["log_ratios"]) / 3 for r in rows) / 4
+    assert result["samples"]["kl_monte_carlo"]["mean"] == pytest.approx(kl)
+    # the length reward scores words; the mean reward is the mean over prompts of the samples' scores
+    assert result["samples"]["reward"]["mean"] == pytest.approx(sum(sum(r["model_scores"]) / 3 for r in rows) / 4)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--pairs", "P"], "--ref is needed: {model} is a full model"),
+        ([], "nothing to evaluate"),
+        (["--prompts", "P"], "--prompts needs --reward"),
+    ],
+)
+def test_eval_command_errors(tiny_model_dir, capsys, args, message):
+    from preftune.cli import main
+
+    assert main(["eval", "--model", str(tiny_model_dir), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"preftune: error: {message.format(model=tiny_model_dir)}" or message.format(model=tiny_model_dir) in err
+    assert len(err.splitlines()) == 1
+
+
+def test_sample_j_of_prompt_i_does_not_depend_on_how_many_are_drawn(tiny_model_dir):
+    from preftune.evaluation import load_eval_prompts, sample_prompts
+    from preftune.generation import SamplingSettings, load_generation_model, write_atomic
+
+    model, tokenizer = load_generation_model(str(tiny_model_dir))
+    path = tiny_model_dir.parent / "prompts.txt"
+    write_atomic(path, "the sky is\nI loved this\nQuestion: what\n")
+    prompts = load_eval_prompts(str(path), tokenizer, None)
+    many = sample_prompts(model, tokenizer, prompts, SamplingSettings(6, 1.0, 1.0, 8, 3), progress=False)
+    few = sample_prompts(model, tokenizer, prompts, SamplingSettings(2, 1.0, 1.0, 8, 3), rows=3, progress=False)
+    assert [s.token_ids[:2] for s in many] == [s.token_ids for s in few]

@@ -259,6 +259,42 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
     ev.set_defaults(func=cmd_eval)
 
+    sw = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="one run per grid value (e.g. beta), each evaluated, and the reward-vs-KL frontier",
+        description="Train one run per combination of the --set-grid values (in OUTPUT_DIR/KEY=VALUE), evaluate each "
+        "on the same prompts and reward, and write frontier.csv and frontier.png (reward against KL) with the "
+        "reference and best-of-N sampling from it as baselines. Resumable: finished runs and evaluations are kept.",
+    )
+    sw.add_argument("config", help="training config (.yaml, .yml or .json)")
+    sw.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2,...", help="values to sweep (repeatable: every combination)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key for every run (repeatable)")
+    sw.add_argument("--prompts", required=True, help="held-out prompts to sample")
+    sw.add_argument("--reward", required=True, help="sentiment, length, a reward-model folder, or module:function")
+    sw.add_argument("--pairs", help="held-out preference pairs: adds preference accuracy to each run's evaluation")
+    sw.add_argument("--num-samples", type=int, default=4, help="samples per prompt of each run (default: 4)")
+    sw.add_argument("--best-of", default="1,2,4,8,16", help="N of the best-of-N baseline (default: 1,2,4,8,16)")
+    sw.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    sw.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
+    sw.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sw.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    sw.add_argument("--output-dir", help="sweep folder (default: the config's output_dir)")
+    sw.set_defaults(func=cmd_sweep)
+
+    rp = sub.add_parser(
+        "report",
+        parents=[common],
+        help="one self-contained HTML page about a run: settings, curves, evaluation, frontier, samples",
+        description="Write RUN_DIR/report.html: the run's settings, training curves, the evaluation of 'preftune eval' "
+        "with intervals, the reward-vs-KL frontier when the run is part of a sweep, and samples of the baseline and "
+        "the tuned model side by side. Plots are embedded; the page loads nothing from the network.",
+    )
+    rp.add_argument("run_dir", help="a training run folder (output_dir)")
+    rp.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp.add_argument("--max-samples", type=int, default=8, help="prompts shown in the samples section (default: 8)")
+    rp.set_defaults(func=cmd_report)
+
     e = sub.add_parser(
         "estimate",
         parents=[common],
@@ -451,6 +487,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     result = run_eval(settings)
     print(format_eval(result))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from preftune.sweep import SweepSettings, format_frontier, run_sweep
+
+    try:
+        best_of = tuple(int(v) for v in args.best_of.split(",") if v.strip())
+    except ValueError:
+        raise PreftuneError(f"--best-of must be whole numbers separated by commas, got {args.best_of!r}") from None
+    settings = SweepSettings(
+        config=args.config,
+        grid=args.set_grid,
+        prompts=args.prompts,
+        reward=args.reward,
+        overrides=args.set or [],
+        pairs=args.pairs,
+        num_samples=args.num_samples,
+        best_of=best_of or (1,),
+        max_new_tokens=args.max_new_tokens,
+        max_prompts=args.max_prompts,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        output_dir=args.output_dir,
+    )
+    rows = run_sweep(settings)
+    print(format_frontier(rows))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from preftune.report import build_report
+
+    path = build_report(args.run_dir, args.output, args.max_samples)
+    log.info("report -> %s", path)
     return 0
 
 

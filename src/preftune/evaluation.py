@@ -461,14 +461,15 @@ def sample_prompts(
     tokenizer: Any,
     prompts: Sequence[PromptRecord],
     sampling: SamplingSettings,
-    batch_size: int = 16,
+    rows: int = 128,
     progress: bool = True,
     desc: str = "sample",
 ) -> list[Samples]:
     """Samples of every prompt, in order; sample j of prompt i is seeded from (seed, i, j), so two
-    models sampled with the same settings are compared on the same random numbers."""
+    models sampled with the same settings are compared on the same random numbers. About `rows`
+    sequences per generate call: wide batches amortise each decoding step."""
     out: list[Samples] = []
-    per_call = max(1, batch_size // sampling.num_samples)
+    per_call = max(1, rows // sampling.num_samples)
     for _, results in iter_samples(model, tokenizer, prompts, sampling, batch_size=per_call, progress=progress, desc=desc):
         out.extend(results)
     return out
@@ -570,22 +571,22 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
-        samples = sample_prompts(policy, tokenizer, prompts, sampling, settings.batch_size, settings.progress, "sample model")
+        samples = sample_prompts(policy, tokenizer, prompts, sampling, progress=settings.progress, desc="sample model")
         if baseline_samples is None:
             if settings.baseline:
                 base_model = load_generation_model(settings.baseline)[0]
-                baseline_samples = sample_prompts(base_model, tokenizer, prompts, sampling, settings.batch_size, settings.progress, "sample baseline")
+                baseline_samples = sample_prompts(base_model, tokenizer, prompts, sampling, progress=settings.progress, desc="sample baseline")
                 del base_model
             else:
                 with as_reference(policy, reference) as ref:
-                    baseline_samples = sample_prompts(ref, tokenizer, prompts, sampling, settings.batch_size, settings.progress, "sample reference")
+                    baseline_samples = sample_prompts(ref, tokenizer, prompts, sampling, progress=settings.progress, desc="sample reference")
         if len(baseline_samples) != len(prompts):
             raise PreftuneError(f"baseline samples cover {len(baseline_samples)} prompts, the evaluation {len(prompts)}")
         # The KL estimators need draws from the model itself at temperature 1, without top-p.
         kl_samples = samples
         if settings.temperature != 1.0 or settings.top_p != 1.0:
             kl_sampling = SamplingSettings(settings.num_samples, 1.0, 1.0, settings.max_new_tokens, settings.seed)
-            kl_samples = sample_prompts(policy, tokenizer, prompts, kl_sampling, settings.batch_size, settings.progress, "sample model, T=1 (KL)")
+            kl_samples = sample_prompts(policy, tokenizer, prompts, kl_sampling, progress=settings.progress, desc="sample model, T=1 (KL)")
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
         scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
         result["samples"] = {
