@@ -31,3 +31,14 @@ def test_ci_runs_the_readme_install_and_test_commands():
         assert command in ci, command
     test_command = text.split("## Tests", 1)[1].split("```bash", 1)[1].split("```", 1)[0].strip()
     assert test_command in ci
+
+
+def test_every_command_is_in_the_readme():
+    import argparse
+
+    from preftune.cli import build_parser
+
+    text = readme()
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [name for name in sub.choices if f"preftune {name}" not in text]
+    assert not missing, f"commands the README never shows: {missing}"

@@ -31,14 +31,13 @@ share but cannot tilt the exported labels in a consistent direction.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from preftune.errors import PreftuneError
+from preftune.generation import write_atomic
 from preftune.labeling import Judgement, LabelStore
 
 if TYPE_CHECKING:
@@ -208,18 +207,6 @@ def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Written beside the target and renamed: a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def export_labels(
     db_path: str | Path, out: str | Path, min_annotators: int = 3, report_path: str | Path | None = None
 ) -> dict[str, Any]:
@@ -261,8 +248,8 @@ def export_labels(
         }
         lines.append(json.dumps(record, ensure_ascii=False) + "\n")
     report["output"] = str(out)
-    _write_atomic(out, "".join(lines))
-    _write_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    write_atomic(out, "".join(lines))
+    write_atomic(report_path, json.dumps(report, indent=2) + "\n")
     report["report"] = str(report_path)
     return report
 
