@@ -19,7 +19,9 @@ from preftune.generation import (
     load_prompts,
     read_samples,
     sample_batch,
+    sample_prompts,
     sample_seed,
+    scoring_rows,
 )
 
 TEXTS = ["The sky is", "I loved this", "good bad happy", "Question: what is", "I hated this film"]
@@ -124,6 +126,24 @@ def test_same_seed_same_file_and_batch_size_does_not_matter(tiny, tmp_path):
     for r in records:
         for length, stopped in zip(r["lengths"], r["stopped"]):
             assert length <= 6 and (stopped or length == 6)
+
+
+def test_sample_prompts_in_memory_equals_the_file(tiny, tmp_path):
+    # The in-memory sampler and the file writer draw the same samples, whatever the batch width;
+    # the scoring rows are each sample's prompt ids beside the very ids it generated.
+    from preftune.batching import encode_prompt
+    from preftune.generation import chat_prompts
+
+    model, tokenizer = tiny
+    path = tmp_path / "s.jsonl"
+    generate_file(model, tokenizer, prompts(), path, SETTINGS, model_name="tiny", batch_size=2, progress=False)
+    chats = chat_prompts(prompts(), tokenizer)
+    samples = sample_prompts(model, tokenizer, chats, SETTINGS, rows_per_call=7, progress=False)
+    assert [s.completions for s in samples] == [r["completions"] for r in lines(path)]
+    prompt_rows, completion_rows = scoring_rows(tokenizer, chats, samples)
+    assert len(prompt_rows) == len(completion_rows) == len(TEXTS) * 3
+    assert prompt_rows[4] == encode_prompt(tokenizer, [{"role": "user", "content": TEXTS[1]}])
+    assert completion_rows[4] == samples[1].token_ids[1]
 
 
 def test_resume_after_interruption_gives_the_uninterrupted_file(tiny, tmp_path):

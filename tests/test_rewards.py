@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.rewards import get_reward, register_reward, reward_names, score, score_records
+from preftune.rewards import get_reward, register_reward, reward_names, score, score_groups, score_records
 
 
 def test_sentiment_is_vaders_compound_score_of_the_completion():
@@ -146,3 +146,16 @@ def test_score_records_adds_scores_per_completion():
         {"prompt": "a", "completions": ["one two", "one"], "index": 0, "scores": [2.0, 1.0], "reward": "length"},
         {"prompt": "b", "completions": ["x y z"], "index": 1, "scores": [3.0], "reward": "length"},
     ]
+
+
+def test_score_groups_keeps_each_prompts_completions_together():
+    seen = []
+
+    def reward(prompts, completions):
+        seen.append((list(prompts), list(completions)))
+        return [float(len(c)) for c in completions]
+
+    register_reward("chars-for-groups", lambda: reward)
+    groups = score_groups(get_reward("chars-for-groups"), ["p", "q", "r"], [["ab", "c"], [], ["def"]])
+    assert groups == [[2.0, 1.0], [], [3.0]]
+    assert seen == [(["p", "p", "r"], ["ab", "c", "def"])]  # one call, each completion beside its prompt

@@ -310,9 +310,12 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read CONFIG (JSON or YAML), apply `--set` overrides, validate."""
-    data = read_config_file(path) if path is not None else {}
+def load_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), data: dict[str, Any] | None = None
+) -> TrainConfig:
+    """Read CONFIG (JSON or YAML), or take `data` already read from it, apply `--set` overrides, validate."""
+    if data is None:
+        data = read_config_file(path) if path is not None else {}
     where = str(path) if path is not None else "config"
     for item in overrides:
         key, value = parse_override(item)

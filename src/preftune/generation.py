@@ -141,6 +141,11 @@ def as_chat(prompt: Text, tokenizer: Any, chat: bool | None) -> Text:
     return [{"role": "user", "content": prompt}] if use_chat else prompt
 
 
+def chat_prompts(prompts: Sequence[PromptRecord], tokenizer: Any, chat: bool | None = None) -> list[PromptRecord]:
+    """The records with each prompt in the form the model sees (`as_chat`)."""
+    return [PromptRecord(p.index, as_chat(p.prompt, tokenizer, chat), p.location, p.extra) for p in prompts]
+
+
 # --------------------------------------------------------------------------------------- sampling
 
 
@@ -391,6 +396,40 @@ def iter_samples(
             yield batch, results
 
 
+def sample_prompts(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptRecord],
+    settings: SamplingSettings,
+    *,
+    rows_per_call: int = 128,
+    progress: bool = True,
+    desc: str = "generate",
+) -> list[Samples]:
+    """The samples of every prompt, in memory, in prompt order. `rows_per_call` bounds the
+    sequences of one `generate` call (prompts x samples): wide batches amortise each decoding step."""
+    out: list[Samples] = []
+    batch_size = max(1, rows_per_call // settings.num_samples)
+    for _, results in iter_samples(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress, desc=desc):
+        out.extend(results)
+    return out
+
+
+def scoring_rows(
+    tokenizer: Any, prompts: Sequence[PromptRecord], samples: Sequence[Samples]
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, generated ids) of every sample, prompt by prompt: the rows to score the samples
+    with (`preftune.evaluation.completion_logps`), the very tokens that were sampled, EOS included
+    where a sample stopped."""
+    prompt_rows: list[list[int]] = []
+    completion_rows: list[list[int]] = []
+    for p, s in zip(prompts, samples, strict=True):
+        ids = encode_prompt(tokenizer, p.prompt)
+        prompt_rows.extend([ids] * len(s.token_ids))
+        completion_rows.extend(s.token_ids)
+    return prompt_rows, completion_rows
+
+
 def generate_file(
     model: Any,
     tokenizer: Any,
@@ -412,7 +451,7 @@ def generate_file(
     """
     settings.check()
     output = Path(output)
-    prompts = [PromptRecord(p.index, as_chat(p.prompt, tokenizer, chat), p.location, p.extra) for p in prompts]
+    prompts = chat_prompts(prompts, tokenizer, chat)
     sampling = {"model": model_name, **asdict(settings)}
     output.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and output.exists():

@@ -35,9 +35,10 @@ from preftune.generation import (
     PromptRecord,
     Samples,
     SamplingSettings,
-    as_chat,
-    iter_samples,
+    chat_prompts,
     load_prompts,
+    sample_prompts,
+    scoring_rows,
     write_atomic,
     write_jsonl_atomic,
 )
@@ -104,25 +105,10 @@ def _sample(
     num_samples: int,
     temperature: float,
 ) -> list[Samples]:
-    sampling = SamplingSettings(
-        num_samples=num_samples,
-        temperature=temperature,
-        top_p=1.0,
-        max_new_tokens=settings.max_new_tokens,
-        seed=settings.seed,
+    sampling = SamplingSettings(num_samples, temperature, 1.0, settings.max_new_tokens, settings.seed)
+    return sample_prompts(
+        model, tokenizer, prompts, sampling, rows_per_call=settings.generation_batch_size, progress=settings.progress, desc=desc
     )
-    out: list[Samples] = []
-    for _, results in iter_samples(
-        model,
-        tokenizer,
-        prompts,
-        sampling,
-        batch_size=max(1, settings.generation_batch_size // num_samples),
-        progress=settings.progress,
-        desc=desc,
-    ):
-        out.extend(results)
-    return out
 
 
 def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
@@ -140,15 +126,10 @@ def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
 def _kl(model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: QuickstartSettings) -> list[list[float]]:
     """log p_tuned(y|x) - log p_base(y|x) of fresh samples y of the tuned model at temperature 1
     (an unbiased Monte Carlo estimate of the KL needs draws from the model itself), per prompt."""
-    from preftune.batching import encode_prompt
     from preftune.evaluation import completion_logps
 
     samples = _sample(model, tokenizer, prompts, settings, "sample tuned, T=1 (KL)", settings.kl_samples, 1.0)
-    prompt_rows, completion_rows = [], []
-    for p, s in zip(prompts, samples, strict=True):
-        ids = encode_prompt(tokenizer, p.prompt)
-        prompt_rows.extend([ids] * len(s.token_ids))
-        completion_rows.extend(s.token_ids)
+    prompt_rows, completion_rows = scoring_rows(tokenizer, prompts, samples)
     tuned = completion_logps(model, prompt_rows, completion_rows, tokenizer.pad_token_id)
     with model.disable_adapter():
         base = completion_logps(model, prompt_rows, completion_rows, tokenizer.pad_token_id)
@@ -163,7 +144,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     from preftune.evaluation import before_after, format_table
     from preftune.generation import load_generation_model
     from preftune.models import resolve_model_path
-    from preftune.rewards import get_reward, score
+    from preftune.rewards import get_reward, score_groups
     from preftune.trainer import train
 
     started = time.perf_counter()
@@ -176,7 +157,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     # 1. the base model on held-out prompts
     model, tokenizer = load_generation_model(settings.model_name)
     prompts = load_prompts(settings.heldout_prompts or bundled_data("prompts_heldout.jsonl"))[: settings.eval_prompts]
-    prompts = [PromptRecord(p.index, as_chat(p.prompt, tokenizer, None), p.location, p.extra) for p in prompts]
+    prompts = chat_prompts(prompts, tokenizer)
     log.info("sampling the base model: %d held-out prompts x %d samples", len(prompts), n)
     base = _sample(model, tokenizer, prompts, settings, "sample base", n, settings.temperature)
     del model
@@ -223,9 +204,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
 
     # 4. the same reward for both, and the measures
     def rewards_of(samples: list[Samples]) -> list[list[float]]:
-        flat_prompts = [p.prompt for p, s in zip(prompts, samples) for _ in s.completions]
-        flat = score(reward, flat_prompts, [c for s in samples for c in s.completions])
-        return [flat[i * n : (i + 1) * n] for i in range(len(samples))]
+        return score_groups(reward, [p.prompt for p in prompts], [s.completions for s in samples])
 
     base_scores, tuned_scores = rewards_of(base), rewards_of(tuned)
     result = before_after(

@@ -229,6 +229,16 @@ def score(reward: RewardFunction, prompts: Sequence[Text], completions: Sequence
     return values
 
 
+def score_groups(reward: RewardFunction, prompts: Sequence[Text], groups: Sequence[Sequence[str]]) -> list[list[float]]:
+    """The scores of each prompt's completions (`groups[i]` answers `prompts[i]`), in one call."""
+    flat = score(reward, [p for p, g in zip(prompts, groups, strict=True) for _ in g], [c for g in groups for c in g])
+    out, position = [], 0
+    for g in groups:
+        out.append(flat[position : position + len(g)])
+        position += len(g)
+    return out
+
+
 def score_records(
     reward: RewardFunction, records: Sequence[dict[str, Any]], batch_size: int = 64, progress: bool = True
 ) -> list[dict[str, Any]]:
