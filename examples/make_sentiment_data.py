@@ -137,7 +137,8 @@ def main() -> None:
             "--strategy", "all-pairs", "--min-margin", "0.25",
         )  # fmt: skip
         shutil.copyfile(work / f"pairs_{name}.jsonl", DEST / f"{name}.jsonl")
-    shutil.copyfile(work / "prompts_heldout.jsonl", DEST / "prompts_heldout.jsonl")
+    for name in ("heldout", "train"):
+        shutil.copyfile(work / f"prompts_{name}.jsonl", DEST / f"prompts_{name}.jsonl")
     print(f"wrote {DEST}")
 
 
