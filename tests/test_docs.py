@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from preftune.config import TrainConfig
+from preftune.iterate import IterateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,6 +21,14 @@ def test_every_config_key_is_in_the_reference_table():
     documented = set(re.findall(r"`([a-z_0-9]+)`", table))
     missing = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in documented]
     assert not missing, f"undocumented config keys: {missing}"
+
+
+def test_every_iterate_key_is_in_its_table():
+    section = readme().split("## Iterative DPO", 1)[1].split("\n## ", 1)[0]
+    table = section.split("| `iterate:` key |", 1)[1].split("\n\n", 1)[0]
+    documented = set(re.findall(r"`([a-z_0-9]+)`", table))
+    missing = [f.name for f in dataclasses.fields(IterateConfig) if f.name not in documented]
+    assert not missing, f"undocumented iterate keys: {missing}"
 
 
 def test_ci_runs_the_readme_install_and_test_commands():

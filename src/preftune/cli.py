@@ -295,6 +295,29 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--max-samples", type=int, default=8, help="prompts shown in the samples section (default: 8)")
     rp.set_defaults(func=cmd_report)
 
+    it = sub.add_parser(
+        "iterate",
+        parents=[common],
+        help="iterative DPO: sample, score, pair and train on the model's own samples, round after round",
+        description="Each round samples the current policy on the prompts, scores the samples with the reward, "
+        "pairs best against worst, trains DPO from the current policy (reference: the initial model or the "
+        "previous round's) and evaluates it against the initial model on held-out prompts. CONFIG is a training "
+        "config with an optional 'iterate:' block (see the README); the flags override that block. Writes "
+        "round-N/ folders and summary.json, and prints the table. A rerun skips finished rounds and continues "
+        "a half-done one; a larger --rounds extends a finished run.",
+    )
+    it.add_argument("config", help="training config (.yaml, .yml or .json) with an optional 'iterate:' block")
+    it.add_argument("--rounds", type=int, help="rounds to run (default: 3)")
+    it.add_argument("--prompts", help="training prompts: JSONL/JSON/Parquet/CSV with 'prompt', or .txt (default: the bundled sentiment prompts)")
+    it.add_argument("--eval-prompts", help="held-out prompts for evaluation (default: the bundled held-out sentiment prompts)")
+    it.add_argument("--reward", help="sentiment (default), length, a reward-model folder, or module:function / file.py:function")
+    it.add_argument("--num-samples", type=int, help="samples per prompt each round (default: 4)")
+    it.add_argument("--min-margin", type=float, help="smallest score difference of a pair (default: 0)")
+    it.add_argument("--reference", choices=("initial", "previous"), help="DPO reference of each round (default: previous)")
+    it.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one training config key (repeatable)")
+    it.add_argument("--overwrite", action="store_true", help="replace an iterate run with other settings in output_dir")
+    it.set_defaults(func=cmd_iterate)
+
     e = sub.add_parser(
         "estimate",
         parents=[common],
@@ -522,6 +545,24 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     path = build_report(args.run_dir, args.output, args.max_samples)
     log.info("report -> %s", path)
+    return 0
+
+
+def cmd_iterate(args: argparse.Namespace) -> int:
+    from preftune.iterate import load_iterate_config, run_iterate
+
+    flags = {
+        "rounds": args.rounds,
+        "prompts": args.prompts,
+        "eval_prompts": args.eval_prompts,
+        "reward": args.reward,
+        "num_samples": args.num_samples,
+        "min_margin": args.min_margin,
+        "reference": args.reference,
+    }
+    cfg, it = load_iterate_config(args.config, args.set or [], flags)
+    summary = run_iterate(cfg, it, overwrite=args.overwrite)
+    log.info("done in %.0fs: %s", summary["seconds"], os.path.join(cfg.output_dir, "summary.json"))
     return 0
 
 
