@@ -19,7 +19,6 @@ from preftune.generation import (
     load_prompts,
     read_samples,
     sample_batch,
-    sample_prompts,
     sample_seed,
     scoring_rows,
 )
@@ -128,17 +127,18 @@ def test_same_seed_same_file_and_batch_size_does_not_matter(tiny, tmp_path):
             assert length <= 6 and (stopped or length == 6)
 
 
-def test_sample_prompts_in_memory_equals_the_file(tiny, tmp_path):
-    # The in-memory sampler and the file writer draw the same samples, whatever the batch width;
-    # the scoring rows are each sample's prompt ids beside the very ids it generated.
+def test_scoring_rows_are_the_sampled_ids_beside_their_prompt(tiny, tmp_path):
+    # In-memory samples equal the file's, whatever the batch width; the scoring rows are each
+    # sample's prompt ids beside the very ids it generated.
     from preftune.batching import encode_prompt
+    from preftune.evaluation import sample_prompts
     from preftune.generation import chat_prompts
 
     model, tokenizer = tiny
     path = tmp_path / "s.jsonl"
     generate_file(model, tokenizer, prompts(), path, SETTINGS, model_name="tiny", batch_size=2, progress=False)
     chats = chat_prompts(prompts(), tokenizer)
-    samples = sample_prompts(model, tokenizer, chats, SETTINGS, rows_per_call=7, progress=False)
+    samples = sample_prompts(model, tokenizer, chats, SETTINGS, rows=7, progress=False)
     assert [s.completions for s in samples] == [r["completions"] for r in lines(path)]
     prompt_rows, completion_rows = scoring_rows(tokenizer, chats, samples)
     assert len(prompt_rows) == len(completion_rows) == len(TEXTS) * 3

@@ -54,7 +54,7 @@ from preftune.generation import (
 )
 from preftune.logprobs import CompletionLogprobs, chunked_token_logps, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
-from preftune.rewards import get_reward, score
+from preftune.rewards import get_reward, score_groups
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -476,12 +476,7 @@ def sample_prompts(
 
 
 def _score_samples(reward: Any, prompts: Sequence[PromptRecord], samples: Sequence[Samples]) -> list[list[float]]:
-    flat = score(reward, [p.prompt for p, s in zip(prompts, samples) for _ in s.completions], [c for s in samples for c in s.completions])
-    out, start = [], 0
-    for s in samples:
-        out.append(flat[start : start + len(s.completions)])
-        start += len(s.completions)
-    return out
+    return score_groups(reward, [p.prompt for p in prompts], [s.completions for s in samples])
 
 
 def _kl_samples(

@@ -396,25 +396,6 @@ def iter_samples(
             yield batch, results
 
 
-def sample_prompts(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[PromptRecord],
-    settings: SamplingSettings,
-    *,
-    rows_per_call: int = 128,
-    progress: bool = True,
-    desc: str = "generate",
-) -> list[Samples]:
-    """The samples of every prompt, in memory, in prompt order. `rows_per_call` bounds the
-    sequences of one `generate` call (prompts x samples): wide batches amortise each decoding step."""
-    out: list[Samples] = []
-    batch_size = max(1, rows_per_call // settings.num_samples)
-    for _, results in iter_samples(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress, desc=desc):
-        out.extend(results)
-    return out
-
-
 def scoring_rows(
     tokenizer: Any, prompts: Sequence[PromptRecord], samples: Sequence[Samples]
 ) -> tuple[list[list[int]], list[list[int]]]:

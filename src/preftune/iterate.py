@@ -42,6 +42,7 @@ import yaml
 
 from preftune.config import TrainConfig, _coerce, load_config, read_config_file, suggest, validate
 from preftune.errors import PreftuneError
+from preftune.evaluation import sample_prompts
 from preftune.generation import (
     PromptRecord,
     Samples,
@@ -51,7 +52,6 @@ from preftune.generation import (
     load_generation_model,
     load_prompts,
     read_samples,
-    sample_prompts,
     scoring_rows,
     write_atomic,
     write_jsonl_atomic,
@@ -386,7 +386,7 @@ def _sample_and_score(
 ) -> EvalSamples:
     sampling = SamplingSettings(it.eval_samples, it.temperature, it.top_p, it.max_new_tokens, seed)
     samples = sample_prompts(
-        model, tokenizer, prompts, sampling, rows_per_call=it.generation_batch_size, progress=progress, desc=desc
+        model, tokenizer, prompts, sampling, rows=it.generation_batch_size, progress=progress, desc=desc
     )
     completions = [s.completions for s in samples]
     scores = score_groups(reward, [p.prompt for p in prompts], completions)
@@ -414,7 +414,7 @@ def _evaluate(
     tuned = _sample_and_score(model, tokenizer, prompts, it, seed, reward, progress, "sample policy (eval)")
     kl_settings = SamplingSettings(it.kl_samples, 1.0, 1.0, it.max_new_tokens, seed)
     kl_samples = sample_prompts(
-        model, tokenizer, prompts, kl_settings, rows_per_call=it.generation_batch_size, progress=progress, desc="sample policy (KL)"
+        model, tokenizer, prompts, kl_settings, rows=it.generation_batch_size, progress=progress, desc="sample policy (KL)"
     )
     prompt_rows, completion_rows = scoring_rows(tokenizer, prompts, kl_samples)
     policy_logps = completion_logps(model, prompt_rows, completion_rows, tokenizer.pad_token_id)

@@ -31,13 +31,13 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.evaluation import sample_prompts
 from preftune.generation import (
     PromptRecord,
     Samples,
     SamplingSettings,
     chat_prompts,
     load_prompts,
-    sample_prompts,
     scoring_rows,
     write_atomic,
     write_jsonl_atomic,
@@ -106,9 +106,8 @@ def _sample(
     temperature: float,
 ) -> list[Samples]:
     sampling = SamplingSettings(num_samples, temperature, 1.0, settings.max_new_tokens, settings.seed)
-    return sample_prompts(
-        model, tokenizer, prompts, sampling, rows_per_call=settings.generation_batch_size, progress=settings.progress, desc=desc
-    )
+    rows = settings.generation_batch_size
+    return sample_prompts(model, tokenizer, prompts, sampling, rows=rows, progress=settings.progress, desc=desc)
 
 
 def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
