@@ -1,7 +1,7 @@
 """Iterative DPO on a tiny random model: rounds end to end, what each round starts from and is
 measured against, resume of finished and half-done rounds, and bad input.
 
-The real run (SmolLM2 on the bundled sentiment task, ~20 minutes on a CPU) is
+The real run (SmolLM2 on the bundled sentiment task, about 30 minutes on two CPU cores) is
 `preftune iterate examples/iterate_sentiment.yaml`, reported in the README.
 """
 
