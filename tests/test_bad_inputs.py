@@ -74,6 +74,17 @@ def _missing_data_file(tmp, model):
     return ["train", str(config(tmp / "c.yaml", tmp, model, dataset=str(tmp / "absent.jsonl")))]
 
 
+def _kto_bad_label(tmp, model):
+    data = jsonl(tmp / "unpaired.jsonl", {"prompt": "p", "completion": " c", "label": True},
+                 {"prompt": "p", "completion": " c", "label": "yes"})
+    return ["train", str(config(tmp / "c.yaml", tmp, model, strategy="kto", dataset=str(data)))]
+
+
+def _sft_without_text(tmp, model):
+    data = jsonl(tmp / "sft.jsonl", {"prompt": "p", "answer": " c"})
+    return ["train", str(config(tmp / "c.yaml", tmp, model, strategy="sft", dataset=str(data)))]
+
+
 def _unknown_extension(tmp, model):
     (tmp / "pairs.xml").write_text("<x/>")
     return ["data", "check", str(tmp / "pairs.xml")]
@@ -113,9 +124,14 @@ CATALOGUE = [
      "{tmp}/c.yaml: 'reference: adapter' needs LoRA ('lora_r' > 0); use 'copy' or 'precomputed' for a full fine-tune"),
     ("no dataset", case_train("beta: 0.2\n"),
      "config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)"),
-    ("strategy not in this version", case_train(strategy="kto"),
-     "strategy 'kto' is not available in preftune 0.1.0; use strategy: dpo (the preference losses of DPO's family "
-     "are chosen with 'loss_type')"),
+    ("KTO label not a boolean", case_custom(_kto_bad_label),
+     "unpaired.jsonl:2: field 'label' must be true (desirable) or false (undesirable), got 'yes'"),
+    ("SFT record without text", case_custom(_sft_without_text),
+     "sft.jsonl:1: record needs 'prompt' and 'completion', 'messages', 'text', or a preference pair's 'chosen'"),
+    ("reference for a reference-free strategy", case_train(strategy="simpo", reference="copy"),
+     "{tmp}/c.yaml: strategy 'simpo' uses no reference model, so 'reference' and 'ref_model_name' do not apply"),
+    ("DPO loss for another strategy", case_train(strategy="kto", loss_type="ipo"),
+     "{tmp}/c.yaml: 'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy 'kto' has its own loss"),
     ("eval split too large", case_train(eval_split=12),
      "'eval_split' 12 leaves no training pairs out of 12"),
     # -- model -------------------------------------------------------------------------------------

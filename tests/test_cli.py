@@ -41,7 +41,7 @@ def test_version_and_module_entry_point():
         ("learning_rat: 0.1\n", [], "unknown key 'learning_rat' (did you mean 'learning_rate'?)"),
         ("beta: 0.1\n", ["--set", "bta=0.2"], "--set: unknown key 'bta' (did you mean 'beta'?)"),
         ("beta: zero\n", [], "'beta' must be a number, got 'zero'"),
-        ("strategy: dpoo\n", [], "'strategy' must be one of sft, dpo, kto, orpo, simpo, reward; got 'dpoo' (did you mean 'dpo'?)"),
+        ("strategy: dpoo\n", [], "'strategy' must be one of sft, dpo, kto, orpo, simpo, cpo, reward; got 'dpoo' (did you mean 'dpo'?)"),
         ("loss_type: [sigmoid, sft]\nloss_weights: [1.0]\n", [], "loss_weights"),
     ],
 )

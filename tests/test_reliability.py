@@ -145,9 +145,10 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
+    import preftune.objectives as objectives_module
     import preftune.trainer as trainer_module
 
-    real = trainer_module.preference_loss
+    real = objectives_module.preference_loss
     calls = {"n": 0}
     bad_steps = {2}
 
@@ -165,7 +166,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, pairs_f
         trainer_module_step["now"] = self.state.step + 1 if training else -1
         return original_forward(self, module, batch, training)
 
-    monkeypatch.setattr(trainer_module, "preference_loss", flaky)
+    monkeypatch.setattr(objectives_module, "preference_loss", flaky)
     monkeypatch.setattr(trainer_module.DPOTrainer, "_forward", forward)
     cfg = make_config(tmp_path / "a", tiny_model_dir, pairs_file, max_steps=4, save_steps=1)
     train(cfg)

@@ -13,9 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import json
+
 import torch
 
-from preftune.data import PreferenceExample
+from preftune.data import PreferenceExample, UnpairedExample
 
 
 @dataclass
@@ -34,6 +36,35 @@ class TokenizedPair:
     def num_tokens(self) -> int:
         """Real tokens of the two sequences the pair is scored on (prompt counted for each)."""
         return 2 * len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+    @property
+    def completions(self) -> tuple[list[int], list[int]]:
+        """The completions that share the prompt, by slot: 0 chosen, 1 rejected."""
+        return self.chosen_ids, self.rejected_ids
+
+
+@dataclass
+class TokenizedUnpaired:
+    """One KTO example: a prompt, its completion with a desirable/undesirable label, and the
+    completion of another example (a mismatched pair) for KTO's KL estimate."""
+
+    index: int
+    prompt_ids: list[int]
+    completion_ids: list[int]
+    kl_ids: list[int]  # another example's completion, scored after this prompt
+    label: bool
+    prompt_truncated: bool = False
+    completion_truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens of the sequence trained on (the KL sequence runs without gradients)."""
+        return len(self.prompt_ids) + len(self.completion_ids)
+
+    @property
+    def completions(self) -> tuple[list[int], list[int]]:
+        """By slot: 0 the completion, 1 the mismatched (KL) completion."""
+        return self.completion_ids, self.kl_ids
 
 
 @dataclass
@@ -165,6 +196,65 @@ def tokenize_dataset(
     return pairs, stats
 
 
+def mismatched_partners(prompts: Sequence[Any], seed: int) -> list[int]:
+    """For each example, another example whose completion serves as its mismatched completion in
+    KTO's KL estimate (y_j after x_i, j != i). A seeded shuffle fixes the pairing once, so the
+    reference's log-probs of these pairs can be precomputed; each example takes the next one in the
+    shuffled order that has a different prompt (a pair split in two must not score its own
+    rejected answer as "mismatched"), or simply the next one when every prompt is the same."""
+    n = len(prompts)
+    keys = [json.dumps(p, sort_keys=True) for p in prompts]
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    partners = [0] * n
+    for k, i in enumerate(order):
+        partner = order[(k + 1) % n]
+        for j in range(1, n):
+            candidate = order[(k + j) % n]
+            if keys[candidate] != keys[i]:
+                partner = candidate
+                break
+        partners[i] = partner
+    return partners
+
+
+def tokenize_unpaired(
+    tokenizer: Any,
+    examples: Sequence[UnpairedExample],
+    max_seq_length: int,
+    max_prompt_length: int | None,
+    seed: int,
+) -> tuple[list[TokenizedUnpaired], TruncationStats]:
+    """KTO examples by the scoring rule, each with its mismatched completion (see
+    `mismatched_partners`), truncated like a pair whose rejected side is the mismatched one."""
+    partners = mismatched_partners([e.prompt for e in examples], seed)
+    items: list[TokenizedUnpaired] = []
+    stats = TruncationStats()
+    for i, example in enumerate(examples):
+        prompt_ids = encode_prompt(tokenizer, example.prompt)
+        completion_ids = encode_completion(tokenizer, example.prompt, example.completion)
+        kl_ids = encode_completion(tokenizer, example.prompt, examples[partners[i]].completion)
+        pair = truncate_pair(i, prompt_ids, completion_ids, kl_ids, max_seq_length, max_prompt_length)
+        stats.pairs += 1
+        stats.prompts_truncated += pair.prompt_truncated
+        stats.chosen_truncated += pair.chosen_truncated
+        stats.longest_prompt = max(stats.longest_prompt, len(prompt_ids))
+        stats.longest_completion = max(stats.longest_completion, len(completion_ids))
+        if (pair.prompt_truncated or pair.chosen_truncated) and len(stats.examples) < 3:
+            stats.examples.append(example.location)
+        items.append(
+            TokenizedUnpaired(
+                index=i,
+                prompt_ids=pair.prompt_ids,
+                completion_ids=pair.chosen_ids,
+                kl_ids=pair.rejected_ids,
+                label=example.label,
+                prompt_truncated=pair.prompt_truncated,
+                completion_truncated=pair.chosen_truncated,
+            )
+        )
+    return items, stats
+
+
 def _scores(rows: list[int], sources: list[int], targets: list[int], outs: list[int]) -> dict[str, torch.Tensor]:
     return {
         "score_row": torch.tensor(rows, dtype=torch.long),
@@ -174,12 +264,13 @@ def _scores(rows: list[int], sources: list[int], targets: list[int], outs: list[
     }
 
 
-def collate_separate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """The textbook layout: 2B right-padded rows, the B `prompt + chosen` sequences, then the B
-    `prompt + rejected` ones. Every prompt is encoded twice; kept as the yardstick and for attention
-    kernels that take no custom mask (flash-attention)."""
-    rows = [p.prompt_ids + p.chosen_ids for p in pairs] + [p.prompt_ids + p.rejected_ids for p in pairs]
-    prompt_lengths = [len(p.prompt_ids) for p in pairs] * 2
+def collate_separate(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (0, 1)) -> dict[str, torch.Tensor]:
+    """The textbook layout: for each slot in turn, B right-padded `prompt + completion` rows (for
+    pairs: the B `prompt + chosen` sequences, then the B `prompt + rejected` ones). Every prompt is
+    encoded once per completion; kept as the yardstick and for attention kernels that take no
+    custom mask (flash-attention)."""
+    rows = [p.prompt_ids + p.completions[s] for s in slots for p in pairs]
+    prompt_lengths = [len(p.prompt_ids) for p in pairs] * len(slots)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -197,58 +288,72 @@ def collate_separate(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, t
         "position_ids": position_ids,
         **_scores(*score),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+        "output_slot": torch.tensor([s for s in slots for _ in pairs], dtype=torch.long),
         "num_tokens": torch.tensor(sum(len(r) for r in rows)),  # real tokens read: what tokens/s counts
     }
 
 
-def collate_shared(pairs: Sequence[TokenizedPair], pad_id: int) -> dict[str, torch.Tensor]:
-    """One row per pair, `prompt + chosen + rejected`, so the prompt is encoded once for both.
+def collate_shared(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (0, 1)) -> dict[str, torch.Tensor]:
+    """One row per item, `prompt + completion(s)`, so the prompt is encoded once for all of them.
 
-    A block attention mask lets the chosen tokens see the prompt and themselves, and the rejected
-    tokens see the prompt and themselves (never the chosen ones); position ids restart at the
-    prompt's end for the rejected block. Each completion then sees exactly what it would see in its
-    own sequence, so the log-probs equal the separate layout's, at the cost of the prompt once, not
-    twice. `attention_mask` is (B, 1, L, L) boolean, True where attention is allowed; a padding
-    query attends to itself only, so no softmax row is empty.
+    For a pair the row is `prompt + chosen + rejected`: a block attention mask lets the chosen
+    tokens see the prompt and themselves, and the rejected tokens see the prompt and themselves
+    (never the chosen ones); position ids restart at the prompt's end for each completion block.
+    Each completion then sees exactly what it would see in its own sequence, so the log-probs equal
+    the separate layout's, at the cost of the prompt once, not twice. `attention_mask` is
+    (B, 1, L, L) boolean, True where attention is allowed; a padding query attends to itself only,
+    so no softmax row is empty. `slots` picks which of each item's completions go in, in order.
     """
-    width = max(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)
+    width = max(len(p.prompt_ids) + sum(len(p.completions[s]) for s in slots) for p in pairs)
     n = len(pairs)
+    pad_segment = len(slots) + 1
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), 3, dtype=torch.long)  # 0 prompt, 1 chosen, 2 rejected, 3 padding
+    segment = torch.full((n, width), pad_segment, dtype=torch.long)  # 0 prompt, k completion k, then padding
     score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     for r, p in enumerate(pairs):
-        lp, lc, lr = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
-        input_ids[r, : lp + lc + lr] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids, dtype=torch.long)
-        position_ids[r, : lp + lc] = torch.arange(lp + lc)
-        position_ids[r, lp + lc : lp + lc + lr] = torch.arange(lp, lp + lr)
-        segment[r, :lp], segment[r, lp : lp + lc], segment[r, lp + lc : lp + lc + lr] = 0, 1, 2
-        for t in range(lp, lp + lc):
-            score[0].append(r), score[1].append(t - 1), score[2].append(t), score[3].append(r)
-        for t in range(lp + lc, lp + lc + lr):
-            # The first rejected token follows the prompt, not the chosen completion.
-            score[0].append(r), score[1].append(t - 1 if t > lp + lc else lp - 1), score[2].append(t)
-            score[3].append(n + r)
+        lp = len(p.prompt_ids)
+        ids = list(p.prompt_ids)
+        segment[r, :lp] = 0
+        position_ids[r, :lp] = torch.arange(lp)
+        start = lp
+        for k, s in enumerate(slots):
+            completion = p.completions[s]
+            end = start + len(completion)
+            ids += completion
+            position_ids[r, start:end] = torch.arange(lp, lp + len(completion))
+            segment[r, start:end] = k + 1
+            for t in range(start, end):
+                # The first token of each completion follows the prompt, not the completion before it.
+                score[0].append(r), score[1].append(t - 1 if t > start else lp - 1), score[2].append(t)
+                score[3].append(k * n + r)
+            start = end
+        input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
     q, k = segment[:, :, None], segment[:, None, :]
     causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (k != 3) & ((k == 0) | (k == q))
-    allowed |= torch.eye(width, dtype=torch.bool) & (q == 3)
+    allowed = causal & (k != pad_segment) & ((k == 0) | (k == q))
+    allowed |= torch.eye(width, dtype=torch.bool) & (q == pad_segment)
     return {
         "input_ids": input_ids,
         "attention_mask": allowed[:, None],
         "position_ids": position_ids,
         **_scores(*score),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
-        "num_tokens": torch.tensor(sum(len(p.prompt_ids) + len(p.chosen_ids) + len(p.rejected_ids) for p in pairs)),
+        "output_slot": torch.tensor([s for s in slots for _ in pairs], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(p.prompt_ids) + sum(len(p.completions[s]) for s in slots) for p in pairs)),
     }
 
 
-def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int, share_prompt: bool = True) -> dict[str, torch.Tensor]:
+def collate_pairs(
+    pairs: Sequence[Any], pad_id: int, share_prompt: bool = True, slots: Sequence[int] = (0, 1)
+) -> dict[str, torch.Tensor]:
     """A batch of pairs in the shared-prompt layout (default) or the separate one.
 
     Either way the batch carries the scoring plan: for each scored token, its row, the position whose
     output predicts it (`score_src`), its own position (`score_tgt`) and which completion it belongs
-    to (`score_out`: pair i's chosen is i, its rejected is B + i). Prompt and padding tokens are never
-    scored. `index` carries dataset positions for cached reference log-probs.
+    to (`score_out`: pair i's chosen is i, its rejected is B + i; in general slot k of item i is
+    k * B + i). Prompt and padding tokens are never scored. `index` carries dataset positions for
+    cached reference log-probs, `output_slot` which completion of its item each output is. Any item
+    with `prompt_ids` and `completions` collates here (pairs, and KTO's unpaired examples).
     """
-    return collate_shared(pairs, pad_id) if share_prompt else collate_separate(pairs, pad_id)
+    return collate_shared(pairs, pad_id, slots) if share_prompt else collate_separate(pairs, pad_id, slots)

@@ -21,7 +21,9 @@ import yaml
 
 from preftune.errors import PreftuneError
 
-STRATEGIES = ("sft", "dpo", "kto", "orpo", "simpo", "reward")
+STRATEGIES = ("sft", "dpo", "kto", "orpo", "simpo", "cpo", "reward")
+# Strategies whose loss has no reference model: none is loaded or precomputed.
+REFERENCE_FREE = ("sft", "orpo", "simpo", "cpo", "reward")
 PROVIDERS = ("transformers", "hf", "unsloth")
 REFERENCES = ("auto", "adapter", "copy", "precomputed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
@@ -69,6 +71,14 @@ class TrainConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha: float = 0.5
     discopop_tau: float = 0.05
+
+    # Other strategies (TRL's names)
+    completion_only_loss: bool = True  # sft: loss on completions / assistant turns only
+    packing: bool = False  # sft: several sequences per row, none seeing another
+    desirable_weight: float = 1.0  # kto: lambda_D
+    undesirable_weight: float = 1.0  # kto: lambda_U
+    simpo_gamma: float = 0.5  # simpo: target reward margin
+    cpo_alpha: float | None = None  # cpo/simpo: weight of the chosen NLL; null: 1 for cpo, 0 for simpo
 
     # Sequence lengths
     max_seq_length: int = 1024
@@ -255,7 +265,39 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
         raise PreftuneError(f"{where}: {exc}") from None
     if isinstance(cfg.lora_target_modules, list):
         _check(all(isinstance(m, str) for m in cfg.lora_target_modules), where, "'lora_target_modules' must be a string or a list of strings")
+    _validate_strategy(cfg, where)
     return cfg
+
+
+def _validate_strategy(cfg: TrainConfig, where: str) -> None:
+    """Keys that belong to one strategy are refused elsewhere rather than silently ignored."""
+    s = cfg.strategy
+    if s != "dpo":
+        dpo_only = cfg.loss_type != "sigmoid" or cfg.loss_weights is not None or cfg.rpo_alpha is not None
+        _check(
+            not dpo_only,
+            where,
+            f"'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy '{s}' has its own loss",
+        )
+    if s in REFERENCE_FREE:
+        _check(
+            cfg.reference == "auto" and cfg.ref_model_name is None,
+            where,
+            f"strategy '{s}' uses no reference model, so 'reference' and 'ref_model_name' do not apply",
+        )
+    _check(s == "sft" or not cfg.packing, where, "'packing' applies to strategy sft")
+    _check(cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, where, "'desirable_weight' and 'undesirable_weight' must be > 0")
+    _check(cfg.simpo_gamma >= 0 and math.isfinite(cfg.simpo_gamma), where, f"'simpo_gamma' must be >= 0, got {cfg.simpo_gamma}")
+    _check(
+        cfg.label_smoothing == 0 or s in ("dpo", "simpo", "cpo"),
+        where,
+        f"'label_smoothing' applies to strategies dpo, simpo and cpo, not '{s}'",
+    )
+    if cfg.cpo_alpha is None:
+        cfg.cpo_alpha = {"cpo": 1.0, "simpo": 0.0}.get(s)
+    else:
+        _check(s in ("cpo", "simpo"), where, f"'cpo_alpha' applies to strategies cpo and simpo, not '{s}'")
+        _check(cfg.cpo_alpha >= 0 and math.isfinite(cfg.cpo_alpha), where, f"'cpo_alpha' must be >= 0, got {cfg.cpo_alpha}")
 
 
 def from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -267,6 +309,8 @@ def from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
     for key, value in data.items():
         key = str(key)
         name = ALIASES.get(key, key)
+        if name == "stages":
+            raise PreftuneError(f"{where}: 'stages' makes a pipeline: run it with `preftune train` or `preftune pipeline`")
         if name not in hints:
             raise PreftuneError(f"{where}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}")
         values[name] = _coerce(name, value, hints[name], where)

@@ -37,6 +37,10 @@ __all__ = [
     "load_records",
     "validate_record",
     "load_preference_data",
+    "SFTExample",
+    "UnpairedExample",
+    "load_sft_data",
+    "load_unpaired_data",
     "check_records",
     "check_data",
     "split_implicit_prompt",
@@ -543,6 +547,149 @@ def load_preference_data(source: str | Path, split: str = "train") -> list[Prefe
         suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
         raise PreftuneError(errors[0] + suffix)
     return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning and unpaired (KTO) data
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTExample:
+    """One supervised example, in one of three shapes (TRL's names):
+
+    - `prompt` + `completion` (strings, or messages): the loss is on the completion;
+    - `messages`: a whole conversation; the loss is on the assistant messages;
+    - `text`: plain text; the loss is on all of it.
+
+    A preference pair is accepted too and means its prompt and chosen completion, so a pair file
+    can teach the chosen answers before preference training on the same file.
+    """
+
+    location: str
+    prompt: Text | None = None
+    completion: Text | None = None
+    messages: list[Message] | None = None
+    text: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "messages" if self.messages is not None else "text" if self.text is not None else "completion"
+
+
+@dataclass
+class UnpairedExample:
+    """One KTO example: a prompt, a completion and whether the completion is desirable."""
+
+    prompt: Text
+    completion: Text
+    label: bool
+    location: str
+
+
+def _prompt_and_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
+    """Validated prompt/completion, normalised as for pairs (a string answer to a conversation is
+    one assistant message)."""
+    p = _field("prompt", prompt)
+    c = _field("completion", completion)
+    if isinstance(p, list):
+        c = [{"role": "assistant", "content": c}] if isinstance(c, str) else c
+    elif isinstance(c, list):
+        raise PreftuneError("field 'prompt' must be a list of messages when 'completion' is one, got a string")
+    _check_completion("completion", c)
+    return p, c
+
+
+def _sft_record(location: str, record: Any) -> SFTExample:
+    if not isinstance(record, dict):
+        raise PreftuneError(
+            f"record must be an object with fields prompt/completion, messages or text, got {_type_name(record)}"
+        )
+    if record.get("messages") is not None:
+        value = record["messages"]
+        if not isinstance(value, list) or not value:
+            raise PreftuneError("field 'messages' must be a non-empty list of messages")
+        messages = _messages("messages", value)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise PreftuneError("field 'messages' has no assistant message to learn from")
+        if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
+            raise PreftuneError("field 'messages': every assistant message is empty")
+        return SFTExample(location, messages=messages)
+    if record.get("completion") is not None:
+        prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"])
+        return SFTExample(location, prompt=prompt, completion=completion)
+    if record.get("chosen") is not None:
+        pair = _validate(location, record)
+        return SFTExample(location, prompt=pair.prompt, completion=pair.chosen)
+    if record.get("text") is not None:
+        text = record["text"]
+        if not isinstance(text, str):
+            raise PreftuneError(f"field 'text' must be a string, got {_type_name(text)}")
+        if not text.strip():
+            raise PreftuneError("field 'text' is empty")
+        return SFTExample(location, text=text)
+    raise PreftuneError("record needs 'prompt' and 'completion', 'messages', 'text', or a preference pair's 'chosen'")
+
+
+def _label(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0"):  # CSV cells are text
+        return value.strip().lower() in ("true", "1")
+    raise PreftuneError(f"field 'label' must be true (desirable) or false (undesirable), got {value!r}")
+
+
+def _unpaired_records(location: str, record: Any) -> list[UnpairedExample]:
+    """One unpaired example, or two from a preference pair (chosen desirable, rejected not)."""
+    if not isinstance(record, dict):
+        raise PreftuneError(
+            f"record must be an object with fields prompt/completion/label (or a preference pair), got {_type_name(record)}"
+        )
+    if record.get("chosen") is not None or record.get("rejected") is not None:
+        pair = _validate(location, record)
+        return [
+            UnpairedExample(pair.prompt, pair.chosen, True, location),
+            UnpairedExample(pair.prompt, pair.rejected, False, location),
+        ]
+    if record.get("completion") is None:
+        raise PreftuneError("field 'completion' is missing (KTO data is prompt/completion/label, or preference pairs)")
+    if "label" not in record or record["label"] is None:
+        raise PreftuneError("field 'label' is missing (true for a desirable completion, false for an undesirable one)")
+    label = _label(record["label"])
+    prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"])
+    return [UnpairedExample(prompt, completion, label, location)]
+
+
+def _load_all(source: str | Path, split: str, convert: Any) -> list[Any]:
+    """Every record through `convert(location, record) -> list`, or the first error and a count."""
+    examples: list[Any] = []
+    errors: list[str] = []
+    for location, record in _read_entries(source, split):
+        if isinstance(record, _Unreadable):
+            errors.append(record.message)
+            continue
+        try:
+            examples.extend(convert(location, record))
+        except PreftuneError as exc:
+            message = str(exc)
+            errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
+    if errors:
+        more = len(errors) - 1
+        suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
+        raise PreftuneError(errors[0] + suffix)
+    return examples
+
+
+def load_sft_data(source: str | Path, split: str = "train") -> list[SFTExample]:
+    """Supervised examples (see `SFTExample` for the shapes); errors name the record and field."""
+    return _load_all(source, split, lambda location, record: [_sft_record(location, record)])
+
+
+def load_unpaired_data(source: str | Path, split: str = "train") -> list[UnpairedExample]:
+    """KTO examples: `prompt`/`completion`/`label` records, and preference pairs split in two."""
+    return _load_all(source, split, _unpaired_records)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,24 +44,43 @@ def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
+def _token_logps_and_hits(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()
+    return -F.cross_entropy(logits, targets, reduction="none"), (logits.argmax(-1) == targets).float()
+
+
 def chunked_token_logps(
-    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
-    """log p(target | hidden) for N positions, materialising at most `chunk_size` x vocab logits."""
-    parts = []
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, hits: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(target | hidden) for N positions, materialising at most `chunk_size` x vocab logits.
+    With `hits`, also whether each target is the most likely token (for SFT's token accuracy)."""
+    parts, hit_parts = [], []
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    fn = _token_logps_and_hits if hits else _token_logps
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if grad:
-            parts.append(checkpoint(_token_logps, head, h, t, use_reentrant=False))
+        out = checkpoint(fn, head, h, t, use_reentrant=False) if grad else fn(head, h, t)
+        if hits:
+            parts.append(out[0]), hit_parts.append(out[1])
         else:
-            parts.append(_token_logps(head, h, t))
+            parts.append(out)
     if not parts:
-        return hidden.new_zeros(0, dtype=torch.float32)
-    return torch.cat(parts)
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty) if hits else empty
+    return (torch.cat(parts), torch.cat(hit_parts)) if hits else torch.cat(parts)
 
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "score_row", "score_src", "score_tgt", "score_out", "index")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "position_ids",
+    "score_row",
+    "score_src",
+    "score_tgt",
+    "score_out",
+    "index",
+    "output_slot",
+)
 
 
 def _attention_mask(model: nn.Module, mask: torch.Tensor) -> torch.Tensor:
@@ -86,10 +105,11 @@ class CompletionLogprobs(nn.Module):
     `accelerate`'s DDP/FSDP wrappers see it and synchronise gradients as usual.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, token_accuracy: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.token_accuracy = token_accuracy  # also count argmax hits per output (SFT's metric)
 
     def forward(
         self,
@@ -101,26 +121,37 @@ class CompletionLogprobs(nn.Module):
         score_tgt: torch.Tensor,
         score_out: torch.Tensor,
         index: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sums, counts), each of length 2B: pair i's chosen completion at i, its rejected at B + i."""
+        output_slot: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        """(sums, counts), one per output (`len(output_slot)` of them): for pairs 2B, pair i's chosen
+        completion at i, its rejected at B + i. With `token_accuracy`, a third tensor: per output,
+        how many scored tokens were the model's most likely token."""
         mask = _attention_mask(self.model, attention_mask)
         targets = input_ids[score_row, score_tgt]
         parts = split_body_and_head(self.model)
+        hits = None
         if parts is not None:
             body, head = parts
             hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
-            token_logps = chunked_token_logps(head, hidden[score_row, score_src], targets, self.chunk_size)
+            out = chunked_token_logps(head, hidden[score_row, score_src], targets, self.chunk_size, hits=self.token_accuracy)
+            token_logps, hits = out if self.token_accuracy else (out, None)
         else:
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
-            token_logps = -F.cross_entropy(logits[score_row, score_src].float(), targets, reduction="none")
-        num_out = 2 * index.shape[0]
+            scored = logits[score_row, score_src].float()
+            token_logps = -F.cross_entropy(scored, targets, reduction="none")
+            if self.token_accuracy:
+                hits = (scored.argmax(-1) == targets).float()
+        num_out = output_slot.shape[0]
         sums = torch.zeros(num_out, dtype=torch.float32, device=input_ids.device).index_add(0, score_out, token_logps)
         counts = torch.zeros(num_out, dtype=torch.long, device=input_ids.device).index_add(
             0, score_out, torch.ones_like(score_out)
         )
-        return sums, counts
+        if hits is None:
+            return sums, counts
+        correct = torch.zeros(num_out, dtype=torch.float32, device=input_ids.device).index_add(0, score_out, hits.detach())
+        return sums, counts, correct
 
 
-def completion_logps(module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def completion_logps(module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """Call a (possibly DDP-wrapped) `CompletionLogprobs` on a collated batch."""
     return module(*(batch[name] for name in MODEL_INPUTS))

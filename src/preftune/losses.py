@@ -22,6 +22,14 @@ References (arXiv ids):
     sigmoid_norm Meng et al. 2024, SimPO, 2405.14734 (length normalisation, kept with a reference)
     sft (RPO)    Pang et al. 2024, Iterative Reasoning Preference Optimization, 2404.19733
     f-DPO        Wang et al. 2023, "Beyond Reverse KL", 2309.16240
+
+Losses of the other training strategies (one function each, same conventions: per-example values in,
+per-example losses out; the trainer averages):
+    KTO          Ethayarajh et al. 2024, Kahneman-Tversky Optimization, 2402.01306
+    ORPO         Hong et al. 2024, Monolithic Preference Optimization without Reference Model, 2403.07691
+    SimPO        Meng et al. 2024, Simple Preference Optimization with a Reference-Free Reward, 2405.14734
+    CPO          Xu et al. 2024, Contrastive Preference Optimization, 2401.08417
+    reward model Bradley & Terry 1952; Ouyang et al. 2022, InstructGPT, 2203.02155 (Eq. 1)
 """
 
 from __future__ import annotations
@@ -40,7 +48,14 @@ from preftune.errors import PreftuneError
 __all__ = [
     "F_DIVERGENCE_TYPES",
     "LOSS_TYPES",
+    "bradley_terry_loss",
+    "cpo_loss",
+    "kto_kl",
+    "kto_loss",
+    "log1mexp",
+    "orpo_loss",
     "preference_loss",
+    "simpo_loss",
     "validate_loss_types",
 ]
 
@@ -325,3 +340,108 @@ def preference_loss(
     rejected_rewards = (beta * (pr - rr)).detach()
     return losses, chosen_rewards, rejected_rewards
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses of the other strategies
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, without cancellation (Maechler 2012: switch at -ln 2)."""
+    return torch.where(x < -math.log(2.0), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(
+    chosen_mean_logps: Tensor, rejected_mean_logps: Tensor, *, beta: float = 0.1
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """ORPO's odds-ratio term (Hong et al. 2024, Eqs. 4-7), per example, to add to the chosen NLL.
+
+    Inputs are per-token mean log-probs (the paper's P(y|x) is the length-normalised likelihood), so
+    odds(y|x) = P / (1 - P) and log odds = logp - log(1 - exp(logp)). The term is
+    `-beta * log sigmoid(log odds(y_w) - log odds(y_l))`, `beta` being the paper's lambda (TRL's
+    ORPOConfig names it `beta` too). Returns (losses, chosen_rewards, rejected_rewards, log_odds):
+    rewards are `beta * mean logp` as in TRL, and `log_odds` is the log odds ratio (TRL logs its mean
+    as `log_odds_chosen`, and that of its log sigmoid as `log_odds_ratio`).
+    """
+    c, r = chosen_mean_logps.float(), rejected_mean_logps.float()
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    return -beta * F.logsigmoid(log_odds), (beta * c).detach(), (beta * r).detach(), log_odds.detach()
+
+
+def simpo_loss(
+    chosen_mean_logps: Tensor,
+    rejected_mean_logps: Tensor,
+    *,
+    beta: float = 2.0,
+    gamma: float = 0.5,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """SimPO (Meng et al. 2024, Eq. 6): -log sigmoid(beta * (mean logp_w - mean logp_l) - gamma).
+
+    The implicit reward is the length-normalised log-likelihood scaled by beta, and gamma is the
+    target reward margin; no reference model. With `label_smoothing` eps the conservative form
+    (labels flipped with probability eps), as TRL's CPOTrainer. Returns (losses, chosen_rewards,
+    rejected_rewards) with rewards `beta * mean logp`.
+    """
+    c, r = chosen_mean_logps.float(), rejected_mean_logps.float()
+    x = beta * (c - r) - gamma
+    return _smoothed_sigmoid(x, label_smoothing), (beta * c).detach(), (beta * r).detach()
+
+
+def cpo_loss(
+    chosen_logps: Tensor, rejected_logps: Tensor, *, beta: float = 0.1, label_smoothing: float = 0.0
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CPO's preference term (Xu et al. 2024, Eq. 3): DPO with the reference dropped,
+    -log sigmoid(beta * (logp_w - logp_l)) on summed log-probs. The paper adds the NLL of the chosen
+    completion (the caller does, weighted by `cpo_alpha`). Rewards are `beta * logp`."""
+    c, r = chosen_logps.float(), rejected_logps.float()
+    return _smoothed_sigmoid(beta * (c - r), label_smoothing), (beta * c).detach(), (beta * r).detach()
+
+
+def kto_kl(policy_kl_logps: Tensor, ref_kl_logps: Tensor, count: Tensor | float | None = None) -> Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, Eq. 6 and Sec. 4.1): the KL of policy from
+    reference estimated on mismatched pairs (x_i, y_j), i != j, as max(0, mean log-ratio), detached.
+
+    `count` divides the summed log-ratios instead of their number, for a mean over a batch that other
+    processes or micro-batches share (pass the sum of everyone's terms and the total count).
+    """
+    diff = (policy_kl_logps.float() - ref_kl_logps.float()).detach()
+    n = diff.numel() if count is None else count
+    return (diff.sum() / max(float(n), 1.0)).clamp(min=0.0)
+
+
+def kto_loss(
+    policy_logps: Tensor,
+    ref_logps: Tensor,
+    desirable: Tensor,
+    kl: Tensor | float,
+    *,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """KTO (Ethayarajh et al. 2024, Eq. 7), per example: with the implicit reward
+    r = logp - ref_logp and the reference point z0 (`kl`),
+
+        desirable:    lambda_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable:  lambda_U * (1 - sigmoid(beta * (z0 - r)))
+
+    `desirable` is a boolean tensor (the label). Returns (losses, rewards) with rewards `beta * r`.
+    """
+    ratio = policy_logps.float() - ref_logps.float()
+    z0 = torch.as_tensor(kl, dtype=torch.float32, device=ratio.device).detach()
+    good = 1.0 - torch.sigmoid(beta * (ratio - z0))
+    bad = 1.0 - torch.sigmoid(beta * (z0 - ratio))
+    desirable = desirable.to(device=ratio.device, dtype=torch.bool)
+    losses = torch.where(desirable, desirable_weight * good, undesirable_weight * bad)
+    return losses, (beta * ratio).detach()
+
+
+def bradley_terry_loss(chosen_scores: Tensor, rejected_scores: Tensor, margin: Tensor | None = None) -> Tensor:
+    """A reward model's pairwise loss: -log sigmoid(r(x, y_w) - r(x, y_l) [- margin]), the negative
+    log-likelihood of the preference under the Bradley-Terry model (InstructGPT Eq. 1; TRL's
+    RewardTrainer, whose optional per-pair `margin` is the Llama 2 variant)."""
+    diff = chosen_scores.float() - rejected_scores.float()
+    if margin is not None:
+        diff = diff - margin.float().to(diff.device)
+    return -F.logsigmoid(diff)

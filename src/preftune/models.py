@@ -442,6 +442,52 @@ def load_model(
     return model
 
 
+def load_reward_model(
+    name: str,
+    *,
+    pad_token_id: int,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = None,
+    gradient_checkpointing: bool = False,
+) -> PreTrainedModel:
+    """A sequence-classification model with one output (a Bradley-Terry reward model) on the body of
+    a causal LM (or an existing reward model), as `AutoModelForSequenceClassification` builds it:
+    the LM head is dropped and a new linear `score` head reads the hidden state of the last token
+    that is not padding. What `save_pretrained` writes from it loads again with
+    `AutoModelForSequenceClassification.from_pretrained`, hence as a `--reward` folder."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    target = _device(device)
+    folder = resolve_model_path(name)
+    if not (folder / "config.json").is_file():
+        raise PreftuneError(f"could not load model '{name}': no config.json in {folder}")
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise PreftuneError(f"could not load model '{name}': {_short_reason(exc)}") from exc
+    from transformers import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING
+
+    if type(config) not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING:
+        raise PreftuneError(
+            f"could not load model '{name}' as a reward model: model type '{getattr(config, 'model_type', '?')}' "
+            "has no sequence-classification head in transformers"
+        )
+    kwargs: dict[str, Any] = {"dtype": dtype, "num_labels": 1, "pad_token_id": pad_token_id}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(folder, **kwargs)
+    except Exception as exc:
+        raise PreftuneError(f"could not load model '{name}' as a reward model: {_short_reason(exc)}") from exc
+    model.config.pad_token_id = pad_token_id  # the head pools the last token that is not padding
+    if target is not None:
+        model.to(target)
+    if gradient_checkpointing:
+        _enable_gradient_checkpointing(model)
+    return model
+
+
 def _load_unsloth(
     folder: Path, name: str, dtype: torch.dtype, use_4bit: bool, gradient_checkpointing: bool
 ) -> PreTrainedModel:
@@ -469,11 +515,13 @@ def apply_lora(
     alpha: float,
     dropout: float,
     target_modules: str | list[str] | None = "all-linear",
+    task_type: str = "CAUSAL_LM",
 ) -> PeftModel:
     """Wrap `model` with LoRA adapters (Hu et al. 2021, arXiv:2106.09685); only they train.
 
     "all-linear" targets every linear layer except the output head, as in QLoRA; None lets peft
-    pick its default modules for known architectures.
+    pick its default modules for known architectures. `task_type="SEQ_CLS"` (a reward model) also
+    trains the new score head in full, as peft does for classification heads.
     """
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise PreftuneError(f"lora_r must be a whole number > 0 (got {r!r}); use lora_r: 0 for a full fine-tune")
@@ -494,7 +542,7 @@ def apply_lora(
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.CAUSAL_LM,
+        task_type=TaskType[task_type],
         r=r,
         lora_alpha=alpha,
         lora_dropout=float(dropout),

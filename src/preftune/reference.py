@@ -18,12 +18,12 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune.batching import TokenizedPair, collate_pairs
+from preftune.batching import collate_pairs
 from preftune.logprobs import CompletionLogprobs, completion_logps
 
 log = logging.getLogger("preftune")
@@ -47,20 +47,30 @@ def _split(sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sums[:half], sums[half:]
 
 
-class AdapterReference:
+class _Reference:
+    """Every form answers `sequence_logps(batch)`: one summed log-prob per output of the batch, in
+    the batch's order; `logps(batch)` splits a batch of pairs into (chosen, rejected)."""
+
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return _split(self.sequence_logps(batch))
+
+
+class AdapterReference(_Reference):
     """The base model seen through the policy with its LoRA adapter switched off."""
 
     def __init__(self, policy: CompletionLogprobs) -> None:
         self.policy = policy
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with eval_mode(self.policy), self.policy.model.disable_adapter():
-            sums, _ = completion_logps(self.policy, batch)
-        return _split(sums)
+            return completion_logps(self.policy, batch)[0]
 
 
-class ModelReference:
+class ModelReference(_Reference):
     """A separate frozen model."""
 
     def __init__(self, module: CompletionLogprobs) -> None:
@@ -69,33 +79,36 @@ class ModelReference:
             p.requires_grad_(False)
 
     @torch.no_grad()
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        sums, _ = completion_logps(self.module, batch)
-        return _split(sums)
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return completion_logps(self.module, batch)[0]
 
 
-class PrecomputedReference:
-    """Log-probs looked up by dataset position (`batch["index"]`)."""
+class PrecomputedReference(_Reference):
+    """Log-probs looked up by dataset position (`batch["index"]`) and completion slot
+    (`batch["output_slot"]`: 0 the chosen completion, or a KTO example's own; 1 the rejected one, or
+    a KTO example's mismatched completion)."""
 
     def __init__(self, chosen: torch.Tensor, rejected: torch.Tensor) -> None:
         self.chosen = chosen.float()
         self.rejected = rejected.float()
+        self.table = torch.stack([self.chosen, self.rejected], dim=1)
 
-    def logps(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         index = batch["index"].cpu()
-        device = batch["input_ids"].device
-        return self.chosen[index].to(device), self.rejected[index].to(device)
+        slots = batch["output_slot"].cpu()
+        rows = index.repeat(slots.shape[0] // max(1, index.shape[0]))
+        return self.table[rows, slots].to(batch["input_ids"].device)
 
 
-def data_fingerprint(pairs: Sequence[TokenizedPair]) -> str:
+def data_fingerprint(pairs: Sequence[Any]) -> str:
     """Hash of the exact token ids scored: covers the data, the tokenizer and the truncation."""
     h = hashlib.blake2b(digest_size=16)
     for p in pairs:
-        h.update(json.dumps([p.index, p.prompt_ids, p.chosen_ids, p.rejected_ids]).encode())
+        h.update(json.dumps([p.index, p.prompt_ids, *p.completions]).encode())
     return h.hexdigest()
 
 
-def cache_key(model_fingerprint: str, pairs: Sequence[TokenizedPair], settings: dict) -> str:
+def cache_key(model_fingerprint: str, pairs: Sequence[Any], settings: dict) -> str:
     payload = json.dumps(
         {"format": CACHE_FORMAT, "model": model_fingerprint, "data": data_fingerprint(pairs), "settings": settings},
         sort_keys=True,
@@ -106,7 +119,7 @@ def cache_key(model_fingerprint: str, pairs: Sequence[TokenizedPair], settings: 
 @torch.no_grad()
 def compute_logps(
     module: CompletionLogprobs,
-    pairs: Sequence[TokenizedPair],
+    pairs: Sequence[Any],
     batch_size: int,
     pad_id: int,
     device: torch.device,
@@ -114,7 +127,8 @@ def compute_logps(
     progress: bool = False,
     share_prompt: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen, rejected) summed log-probs for every pair, indexed by `TokenizedPair.index`."""
+    """(chosen, rejected) summed log-probs for every pair, indexed by `TokenizedPair.index` (for KTO's
+    examples: their completion, and their mismatched completion)."""
     from tqdm.auto import tqdm
 
     size = max(p.index for p in pairs) + 1 if pairs else 0
@@ -128,7 +142,7 @@ def compute_logps(
             chunk = [pairs[i] for i in order[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
             with autocast() if autocast else contextlib.nullcontext():
-                sums, _ = completion_logps(module, batch)
+                sums = completion_logps(module, batch)[0]
             c, r = _split(sums.float().cpu())
             chosen[batch["index"].cpu()] = c
             rejected[batch["index"].cpu()] = r

@@ -115,18 +115,13 @@ class SequenceClassifierReward:
             else:
                 self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.chat = bool(getattr(self.tokenizer, "chat_template", None))
 
     def _encode(self, prompts: Sequence[Text], completions: Sequence[str]) -> dict[str, torch.Tensor]:
-        if self.chat:
-            texts = []
-            for prompt, completion in zip(prompts, completions, strict=True):
-                messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-                messages.append({"role": "assistant", "content": completion})
-                texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False))
-            return self.tokenizer(texts, padding=True, truncation=True, add_special_tokens=False, return_tensors="pt")
-        flat = [p if isinstance(p, str) else "\n".join(m["content"] for m in p) for p in prompts]
-        return self.tokenizer(flat, list(completions), padding=True, truncation=True, return_tensors="pt")
+        rows = [reward_input_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True)]
+        limit = self.tokenizer.model_max_length
+        if isinstance(limit, int) and 0 < limit < 10**9:
+            rows = [ids[:limit] for ids in rows]
+        return self.tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
@@ -137,6 +132,22 @@ class SequenceClassifierReward:
             values = logits[:, 0] if logits.shape[-1] == 1 else logits[:, 1] - logits[:, 0]
             scores.extend(values.cpu().tolist())
         return scores
+
+
+def reward_input_ids(tokenizer: Any, prompt: Text, completion: Text) -> list[int]:
+    """The token ids a reward model reads for one (prompt, completion), in training (preftune's
+    `strategy: reward`) and in scoring alike: with a chat template, the conversation (the prompt's
+    messages, or the prompt text as a user message) followed by the completion as the assistant's
+    reply, rendered by the template and tokenized without adding special tokens again; without one,
+    the prompt and completion as a text pair, with the tokenizer's special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages += list(completion) if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    flat_prompt = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    flat_completion = completion if isinstance(completion, str) else "\n".join(m["content"] for m in completion)
+    return [int(i) for i in tokenizer(flat_prompt, flat_completion)["input_ids"]]
 
 
 # --------------------------------------------------------------------------------------- registry

@@ -1,10 +1,12 @@
-"""The DPO training loop: explicit, one screen per concern, on top of `accelerate`.
+"""The training loop: explicit, one screen per concern, on top of `accelerate`.
 
 Why not `transformers.Trainer`: batching and the log-prob computation are where preference
 training spends its time and memory, and both are ours (see `batching.py`, `logprobs.py`). The loop
 below reads top to bottom: plan the step's examples, forward and backward each micro-batch, clip,
-step, schedule, log, evaluate, checkpoint. `accelerate` supplies devices, mixed precision and the
-distributed wrappers; nothing here is a home-made distributed layer.
+step, schedule, log, evaluate, checkpoint. What differs between strategies (SFT, DPO, KTO, ORPO,
+SimPO, CPO, reward models: data, batches, loss, metrics) is the strategy's objective
+(`objectives.py`); the loop is the same for all. `accelerate` supplies devices, mixed precision and
+the distributed wrappers; nothing here is a home-made distributed layer.
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from typing import Any, Sequence
 import torch
 
 from preftune import checkpoint, models
-from preftune.batching import TokenizedPair, collate_pairs, effective_prompt_length, tokenize_dataset
+from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
-from preftune.data import PreferenceExample, load_preference_data
 from preftune.errors import Interrupted, PreftuneError
-from preftune.logprobs import CompletionLogprobs, completion_logps
-from preftune.losses import preference_loss
+from preftune.logprobs import CompletionLogprobs
+from preftune.objectives import PAIR_KEYS, Runtime, make_objective
 from preftune.reference import (
     AdapterReference,
     ModelReference,
@@ -43,15 +44,7 @@ from preftune.reference import (
 
 log = logging.getLogger("preftune")
 
-METRIC_KEYS = (
-    "loss",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-)
+METRIC_KEYS = PAIR_KEYS  # DPO's metrics; each strategy's are its objective's `stat_keys`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,16 +85,14 @@ def step_examples(num_examples: int, global_batch: int, seed: int, step: int) ->
     return order[position * global_batch : (position + 1) * global_batch], epoch
 
 
-def split_for_eval(
-    examples: Sequence[PreferenceExample], eval_split: float, seed: int
-) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+def split_for_eval(examples: Sequence[Any], eval_split: float, seed: int, what: str = "pairs") -> tuple[list[Any], list[Any]]:
     """Seeded random hold-out: a fraction in (0, 1) or a whole count; 0 means no evaluation."""
     if not eval_split:
         return list(examples), []
     n = len(examples)
     n_eval = int(eval_split) if eval_split >= 1 else max(1, round(eval_split * n))
     if n_eval >= n:
-        raise PreftuneError(f"'eval_split' {eval_split:g} leaves no training pairs out of {n}")
+        raise PreftuneError(f"'eval_split' {eval_split:g} leaves no training {what} out of {n}")
     generator = torch.Generator().manual_seed(seed)
     held = set(torch.randperm(n, generator=generator)[:n_eval].tolist())
     train = [e for i, e in enumerate(examples) if i not in held]
@@ -166,13 +157,15 @@ class MetricsLog:
 # The trainer
 
 
-class DPOTrainer:
-    """A recipe: `setup()` builds everything from the config, `train()` runs the loop."""
+class Trainer:
+    """A recipe: `setup()` builds everything from the config, `train()` runs the loop. What the
+    strategy computes is `self.objective` (see objectives.py)."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.cfg = config
         self.output_dir = Path(config.output_dir)
         self._stop_signal: int | None = None
+        self._context: Any = None  # the objective's per-step context (KTO's KL estimate)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -180,11 +173,7 @@ class DPOTrainer:
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        if cfg.strategy != "dpo":
-            raise PreftuneError(
-                f"strategy '{cfg.strategy}' is not available in preftune {__import__('preftune').__version__}; "
-                "use strategy: dpo (the preference losses of DPO's family are chosen with 'loss_type')"
-            )
+        self.objective = objective = make_objective(cfg)
         if not cfg.dataset:
             raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
 
@@ -214,11 +203,12 @@ class DPOTrainer:
 
         # Data
         self.tokenizer = models.load_tokenizer(cfg.model_name)
-        examples = load_preference_data(cfg.dataset, cfg.dataset_split)
+        examples = objective.load(cfg.dataset, cfg.dataset_split)
+        what = "examples" if cfg.strategy in ("sft", "kto") else "pairs"
         if cfg.eval_dataset:
-            train_ex, eval_ex = examples, load_preference_data(cfg.eval_dataset, "test")
+            train_ex, eval_ex = examples, objective.load(cfg.eval_dataset, "test")
         else:
-            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed)
+            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, what)
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
             log.warning(
                 "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
@@ -226,39 +216,58 @@ class DPOTrainer:
                 cfg.max_seq_length,
                 effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length),
             )
-        self.train_pairs, stats = tokenize_dataset(self.tokenizer, train_ex, cfg.max_seq_length, cfg.max_prompt_length)
-        eval_pairs, eval_stats = tokenize_dataset(self.tokenizer, eval_ex, cfg.max_seq_length, cfg.max_prompt_length)
-        offset = len(self.train_pairs)  # eval pairs get their own positions in the reference cache
-        for p in eval_pairs:
-            p.index += offset
-        self.eval_pairs = eval_pairs
+        self.train_items, summary, truncated = objective.tokenize(self.tokenizer, train_ex)
+        eval_items, eval_summary, _ = objective.tokenize(self.tokenizer, eval_ex) if eval_ex else ([], "", [])
+        offset = len(self.train_items)  # eval items get their own positions in the reference cache
+        for item in eval_items:
+            item.index += offset
+        self.eval_items = eval_items
         self.pad_id = self.tokenizer.pad_token_id
         if self.is_main:
-            log.info("train: %s", stats.summary())
-            if eval_pairs:
-                log.info("eval: %s", eval_stats.summary())
-            if stats.examples:
-                log.info("first truncated pairs: %s", ", ".join(stats.examples))
+            log.info("train: %s", summary)
+            if eval_items:
+                log.info("eval: %s", eval_summary)
+            if truncated:
+                log.info("first truncated examples: %s", ", ".join(truncated))
 
         # Model, reference, adapter
         self.model_dtype = torch.bfloat16 if (self.bf16 and cfg.use_lora) else torch.float32
-        model = models.load_model(
-            cfg.model_name,
-            dtype=self.model_dtype,
-            use_4bit=cfg.use_4bit,
-            device=acc.device,
-            attn_implementation=cfg.attn_implementation,
-            gradient_checkpointing=cfg.gradient_checkpointing,
-            provider=cfg.provider,
-        )
+        if objective.model_kind == "reward":
+            if cfg.use_4bit or cfg.provider != "transformers":
+                raise PreftuneError("strategy 'reward' loads its model with transformers, without use_4bit")
+            model = models.load_reward_model(
+                cfg.model_name,
+                pad_token_id=self.pad_id,
+                dtype=self.model_dtype,
+                device=acc.device,
+                attn_implementation=cfg.attn_implementation,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+            )
+        else:
+            model = models.load_model(
+                cfg.model_name,
+                dtype=self.model_dtype,
+                use_4bit=cfg.use_4bit,
+                device=acc.device,
+                attn_implementation=cfg.attn_implementation,
+                gradient_checkpointing=cfg.gradient_checkpointing,
+                provider=cfg.provider,
+            )
         if cfg.disable_dropout:
             disable_dropout(model)
         impl = getattr(model.config, "_attn_implementation", None)
+        flash = impl in ("flash_attention_2", "flash_attention_3")
         # Flash-attention takes no custom mask: there the prompt is encoded once per completion.
-        self.share_prompt = cfg.share_prompt and impl not in ("flash_attention_2", "flash_attention_3")
+        self.share_prompt = cfg.share_prompt and not flash
+        if flash and cfg.packing:
+            raise PreftuneError("'packing' needs a custom attention mask: use attn_implementation sdpa or eager")
         # The reference is frozen and offline data is fixed, so by default its log-probs are
         # computed once (and cached): no reference forward per step, no second model in memory.
-        self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
+        # Reference-free strategies load none at all.
+        if not objective.needs_reference:
+            self.reference_kind = "none"
+        else:
+            self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
         self.reference: Any = None
         self.reference_seconds = 0.0  # wall time of the one-off reference pass, when there is one
         if self.reference_kind == "precomputed":
@@ -275,10 +284,15 @@ class DPOTrainer:
             self.reference = ModelReference(CompletionLogprobs(ref))
         if cfg.use_lora:
             model = models.apply_lora(
-                model, r=int(cfg.lora_r), alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules
+                model,
+                r=int(cfg.lora_r),
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                target_modules=cfg.lora_target_modules,
+                task_type="SEQ_CLS" if objective.model_kind == "reward" else "CAUSAL_LM",
             )
         model.train()
-        policy = CompletionLogprobs(model)
+        policy = objective.wrap(model)
 
         # Optimisation
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -295,7 +309,7 @@ class DPOTrainer:
         )
         self.world = acc.num_processes
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
-        self.steps_per_epoch = math.ceil(len(self.train_pairs) / self.global_batch)
+        self.steps_per_epoch = math.ceil(len(self.train_items) / self.global_batch)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
@@ -309,17 +323,21 @@ class DPOTrainer:
         if self.reference_kind == "adapter":
             self.reference = AdapterReference(self.inner)
         self.state = TrainState()
+        self.runtime = Runtime(acc, self.reference, self.pad_id, self.share_prompt, self.state, self.world)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
         self._resume()
+        self.runtime.state = self.state
         if self.is_main:
             resolved = self.output_dir / "config.resolved.yaml"
             resolved.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
             os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
             log.info(
-                "training %d pairs (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters trainable, "
-                "reference: %s, device: %s%s",
-                len(self.train_pairs),
-                len(self.eval_pairs),
+                "%s: training on %d %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
+                "trainable, reference: %s, device: %s%s",
+                cfg.strategy,
+                len(self.train_items),
+                "rows" if cfg.strategy == "sft" and cfg.packing else what,
+                len(self.eval_items),
                 self.total_steps,
                 self.total_steps / self.steps_per_epoch,
                 self.global_batch,
@@ -330,6 +348,15 @@ class DPOTrainer:
                 f" x {self.world} processes" if self.world > 1 else "",
             )
         self.tb = self._tensorboard()
+
+    @property
+    def train_pairs(self) -> list[Any]:
+        """The tokenized training items (pairs for the pairwise strategies)."""
+        return self.train_items
+
+    @property
+    def eval_pairs(self) -> list[Any]:
+        return self.eval_items
 
     def _check_writable(self) -> None:
         probe = self.output_dir / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
@@ -395,63 +422,22 @@ class DPOTrainer:
     def _forward(
         self, module: Any, batch: dict[str, torch.Tensor], training: bool = True
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per-example losses and the raw values metrics are made of."""
-        cfg = self.cfg
-        sums, lengths = completion_logps(module, batch)
-        half = sums.shape[0] // 2
-        policy_chosen, policy_rejected = sums[:half], sums[half:]
-        with self.accelerator.autocast():
-            ref_chosen, ref_rejected = self.reference.logps(batch)
-        ref_chosen, ref_rejected = ref_chosen.float().detach(), ref_rejected.float().detach()
-        types, weights = cfg.loss_mix()
-        bco_delta = self.state.bco_mean
-        if "bco_pair" in types and training:
-            bco_delta = self._update_bco(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        losses, chosen_rewards, rejected_rewards = preference_loss(
-            policy_chosen,
-            policy_rejected,
-            ref_chosen,
-            ref_rejected,
-            loss_type=types,
-            loss_weights=weights,
-            beta=cfg.beta,
-            label_smoothing=cfg.label_smoothing,
-            chosen_lengths=lengths[:half],
-            rejected_lengths=lengths[half:],
-            discopop_tau=cfg.discopop_tau,
-            f_divergence_type=cfg.f_divergence_type,
-            f_alpha=cfg.f_alpha,
-            bco_delta=bco_delta,
-        )
-        values = {
-            "loss": losses.detach(),
-            "rewards/chosen": chosen_rewards.detach(),
-            "rewards/rejected": rejected_rewards.detach(),
-            "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
-            "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
-            "logps/chosen": policy_chosen.detach(),
-            "logps/rejected": policy_rejected.detach(),
-        }
-        return losses, values
+        """Per-item losses and the raw values metrics are made of (the objective's)."""
+        return self.objective.forward(self.runtime, module, batch, self._context, training)
 
-    def _update_bco(self, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
-        """TRL's running mean of all rewards seen, current batch included, as BCO's baseline delta."""
-        rewards = self.cfg.beta * torch.cat([pc.detach() - rc, pr.detach() - rr])
-        batch_mean = self.accelerator.reduce(rewards.mean().reshape(1), "mean").item()
-        n = rewards.numel() * self.world
-        total = self.state.bco_count + n
-        self.state.bco_mean += (batch_mean - self.state.bco_mean) * n / total
-        self.state.bco_count = total
-        return self.state.bco_mean
+    def _device_batch(self, items: Sequence[Any]) -> dict[str, torch.Tensor]:
+        return self.runtime.to_device(self.objective.collate(items, self.pad_id, self.share_prompt))
 
-    def _device_batch(self, pairs: Sequence[TokenizedPair]) -> dict[str, torch.Tensor]:
-        batch = collate_pairs(pairs, self.pad_id, self.share_prompt)
-        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+    def _reduce_means(self, sums: torch.Tensor, units: torch.Tensor) -> dict[str, float]:
+        """Totals over every process, turned into the logged means by the objective."""
+        keys = self.objective.stat_keys
+        totals = self.accelerator.reduce(torch.cat([sums, units.reshape(1)]).to(self.accelerator.device), "sum").cpu()
+        named = {k: totals[i].item() for i, k in enumerate(keys)}
+        named["units"] = totals[-1].item()
+        return self.objective.metrics(named)
 
-    def _reduce_means(self, sums: torch.Tensor, count: torch.Tensor) -> dict[str, float]:
-        totals = self.accelerator.reduce(torch.cat([sums, count.reshape(1)]).to(self.accelerator.device), "sum").cpu()
-        n = max(1.0, totals[-1].item())
-        return {k: totals[i].item() / n for i, k in enumerate(METRIC_KEYS)}
+    def _sum_values(self, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([values[k].double().sum().cpu() for k in self.objective.stat_keys])
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
@@ -482,47 +468,52 @@ class DPOTrainer:
         bar = tqdm(
             total=self.total_steps,
             initial=self.state.step,
-            desc="dpo",
+            desc=cfg.strategy,
             unit="step",
             disable=not (self.is_main and cfg.progress_bar),
             dynamic_ncols=True,
         )
         last: dict[str, float] = {}
+        objective = self.objective
         while self.state.step < self.total_steps:
             step = self.state.step  # 0-based index of the optimizer step being taken
             started = time.perf_counter()
-            indices, epoch = step_examples(len(self.train_pairs), self.global_batch, cfg.seed, step)
-            n_global = len(indices)
-            # Longest first, dealt round-robin: ranks get equal work and each micro-batch holds pairs
-            # of similar length, so little padding. The step's set of pairs, hence its gradient, is
+            items = self.train_items
+            indices, epoch = step_examples(len(items), self.global_batch, cfg.seed, step)
+            # Loss normaliser of the step: its pairs or examples, or (SFT) its trained tokens.
+            n_global = sum(objective.units(items[j]) for j in indices)
+            # Longest first, dealt round-robin: ranks get equal work and each micro-batch holds items
+            # of similar length, so little padding. The step's set of items, hence its gradient, is
             # unchanged.
-            indices = sorted(indices, key=lambda j: -self.train_pairs[j].num_tokens)
+            indices = sorted(indices, key=lambda j: -items[j].num_tokens)
             mine = indices[rank :: self.world]
             micro = [mine[i : i + cfg.per_device_train_batch_size] for i in range(0, len(mine), cfg.per_device_train_batch_size)]
             # A rank with no example in a short last step still joins the collectives (else DDP
             # hangs): it runs one example with zero weight.
-            weight = self.world / n_global
+            weight = self.world / max(1, n_global)
             if not micro:
                 micro, weight = [[indices[0]]], 0.0
-            sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
-            count = torch.zeros((), dtype=torch.float64)
+            chunks = [[items[j] for j in chunk] for chunk in micro]
+            self._context = objective.begin(self.runtime, self.inner, chunks, active=weight > 0)
+            sums = torch.zeros(len(objective.stat_keys), dtype=torch.float64)
+            units = torch.zeros((), dtype=torch.float64)
             tokens = 0
-            for i, chunk in enumerate(micro):
-                batch = self._device_batch([self.train_pairs[j] for j in chunk])
-                sync = i == len(micro) - 1
+            for i, chunk in enumerate(chunks):
+                batch = self._device_batch(chunk)
+                sync = i == len(chunks) - 1
                 with nullcontext() if sync else acc.no_sync(self.policy):
                     losses, values = self._forward(self.policy, batch)
-                    # Sum over the step's examples / their count: the same gradient as one big
-                    # batch, whatever the split into micro-batches and ranks (DDP averages ranks).
+                    # Sum over the step's items / their units: the same gradient as one big batch,
+                    # whatever the split into micro-batches and ranks (DDP averages ranks).
                     acc.backward(losses.sum() * weight)
                 if weight:
-                    sums += torch.stack([values[k].double().sum().cpu() for k in METRIC_KEYS])
-                    count += len(chunk)
+                    sums += self._sum_values(values)
+                    units += sum(objective.units(item) for item in chunk)
                     tokens += int(batch["num_tokens"])
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.inner.parameters(), max_norm)
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-            means = self._reduce_means(sums, count)
+            means = self._reduce_means(sums, units)
             lr = self.scheduler.get_last_lr()[0]
             # Gradients are all-reduced and means reduced, so every rank takes the same decision.
             finite = math.isfinite(means["loss"]) and math.isfinite(grad_norm)
@@ -560,11 +551,9 @@ class DPOTrainer:
                     f"stopped. Last good checkpoint: {good or 'none yet'}. Lower learning_rate, check the data with "
                     "`preftune data check`, or set bf16: false"
                 )
-            bar.set_postfix(
-                loss=f"{means['loss']:.4f}", acc=f"{means['rewards/accuracies']:.2f}", margin=f"{means['rewards/margins']:.3f}"
-            )
+            bar.set_postfix(**objective.progress(means))
             bar.update(1)
-            if self.eval_pairs and cfg.eval_steps and s % cfg.eval_steps == 0 and s != self.total_steps:
+            if self.eval_items and cfg.eval_steps and s % cfg.eval_steps == 0 and s != self.total_steps:
                 self._log({"step": s, "epoch": record["epoch"], **self.evaluate()})
                 self.state.evaluated = True
             stop = self._stop_requested()
@@ -580,7 +569,7 @@ class DPOTrainer:
                 bar.close()
                 raise Interrupted(f"stopped by {signal.Signals(stop).name} after step {s}; resume with resume_from_checkpoint: latest")
         bar.close()
-        if self.eval_pairs and not self.state.evaluated:
+        if self.eval_items and not self.state.evaluated:
             eval_record = self.evaluate()
             self._log({"step": self.state.step, "epoch": last.get("epoch", 0.0), **eval_record})
             last.update(eval_record)
@@ -610,19 +599,22 @@ class DPOTrainer:
         """Mean metrics over the whole eval set, `eval_`-prefixed as TRL names them."""
         cfg, acc = self.cfg, self.accelerator
         batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
-        mine = self.eval_pairs[acc.process_index :: self.world]
-        sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
-        count = torch.zeros((), dtype=torch.float64)
+        mine = self.eval_items[acc.process_index :: self.world]
+        chunks = [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+        sums = torch.zeros(len(self.objective.stat_keys), dtype=torch.float64)
+        units = torch.zeros((), dtype=torch.float64)
         was_training = self.inner.training
         self.inner.eval()
-        for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
+        step_context = self._context
+        self._context = self.objective.begin(self.runtime, self.inner, chunks, active=bool(chunks))
+        for chunk in chunks:
             with acc.autocast():
                 _, values = self._forward(self.inner, self._device_batch(chunk), training=False)
-            sums += torch.stack([values[k].double().sum().cpu() for k in METRIC_KEYS])
-            count += len(chunk)
+            sums += self._sum_values(values)
+            units += sum(self.objective.units(item) for item in chunk)
+        self._context = step_context
         self.inner.train(was_training)
-        return {f"eval_{k}": v for k, v in self._reduce_means(sums, count).items()}
+        return {f"eval_{k}": v for k, v in self._reduce_means(sums, units).items()}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, evaluated: bool = False) -> Path:
@@ -729,14 +721,15 @@ class DPOTrainer:
             )
 
     def save_final(self) -> Path:
-        """`final/`: the adapter (LoRA) or the full model, with the tokenizer beside it."""
+        """`final/`: the adapter (LoRA) or the full model, with the tokenizer beside it. A LoRA reward
+        model also gets `final_merged/`, the folder that `--reward` loads."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / "final"
         if self.is_main:
             checkpoint.replace_dir(
                 final, lambda tmp: (checkpoint.save_weights(self.inner.model, tmp), self.tokenizer.save_pretrained(tmp))
             )
-            if self.cfg.merge_lora and self.cfg.use_lora:
+            if self.cfg.use_lora and (self.cfg.merge_lora or self.objective.model_kind == "reward"):
                 merged = self.inner.model.merge_and_unload()
                 checkpoint.replace_dir(
                     self.output_dir / "final_merged",
@@ -747,7 +740,10 @@ class DPOTrainer:
         return final
 
 
+DPOTrainer = Trainer  # the name before other strategies existed
+
+
 def train(config: TrainConfig) -> dict[str, float]:
-    trainer = DPOTrainer(config)
+    trainer = Trainer(config)
     trainer.setup()
     return trainer.train()

@@ -1,0 +1,516 @@
+"""What each training strategy computes; the loop in `trainer.py` runs any of them.
+
+An objective says how a strategy's data is read and tokenized, how a batch is collated, which model
+it trains (a causal LM, or a sequence classifier for `reward`), whether it needs a reference model,
+and how a batch becomes per-example losses plus the sums its metrics are made of. Everything else
+(devices, accumulation, clipping, schedule, checkpoints, logging) is the loop's, the same for all.
+
+Conventions every objective keeps, so the loop stays generic and exact:
+
+- `forward` returns per-item losses whose sum, divided by the step's total `units`, is the loss
+  of the optimizer step (units: 1 per pair or example; trained tokens for SFT, so its loss is the
+  token mean, as TRL's). The split into micro-batches and processes then never changes the update.
+- `forward` also returns per-item values to sum for metrics; the loop sums them over the step and
+  over processes, then `metrics(totals)` turns the totals into the logged means, named as TRL names
+  them.
+- `begin` may run a no-gradient pass over the step's items before the loop's forward/backward (KTO
+  estimates its KL reference point there, over the whole global batch).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from preftune.batching import TokenizedPair, collate_pairs, tokenize_dataset, tokenize_unpaired
+from preftune.config import TrainConfig
+from preftune.data import load_preference_data, load_sft_data, load_unpaired_data
+from preftune.logprobs import CompletionLogprobs, completion_logps
+from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
+from preftune.reference import eval_mode
+from preftune.sequences import collate_sequences, tokenize_sft
+
+log = logging.getLogger("preftune")
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class Runtime:
+    """What an objective may use besides the batch: set up once by the trainer."""
+
+    accelerator: Any
+    reference: Any  # None for reference-free strategies
+    pad_id: int
+    share_prompt: bool
+    state: Any  # the trainer's run state (BCO's running mean lives there)
+    world: int = 1
+
+    def to_device(self, batch: Batch) -> Batch:
+        return {k: v.to(self.accelerator.device) for k, v in batch.items()}
+
+
+class Objective:
+    """The default behaviour; each strategy overrides what differs."""
+
+    name = "base"
+    needs_reference = False
+    model_kind = "causal-lm"  # or "reward"
+    stat_keys: tuple[str, ...] = ("loss",)
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    # data
+    def load(self, source: str, split: str) -> list[Any]:
+        return load_preference_data(source, split)
+
+    def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
+        """(items, a one-line summary, locations of the first truncated examples)."""
+        items, stats = tokenize_dataset(tokenizer, examples, self.cfg.max_seq_length, self.cfg.max_prompt_length)
+        return items, stats.summary(), stats.examples
+
+    def units(self, item: Any) -> int:
+        return 1
+
+    # model and batches
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return CompletionLogprobs(model)
+
+    def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
+        return collate_pairs(items, pad_id, share_prompt)
+
+    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool) -> Any:
+        return None
+
+    def forward(
+        self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        """Means of the summed values: per unit by default."""
+        n = max(1.0, totals["units"])
+        return {k: totals[k] / n for k in self.stat_keys}
+
+    def progress(self, means: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{means['loss']:.4f}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Pairwise: DPO and its family, and the reference-free ORPO, SimPO and CPO
+
+PAIR_KEYS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def _pair_values(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
+                 chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "loss": losses.detach(),
+        "rewards/chosen": chosen_rewards.detach(),
+        "rewards/rejected": rejected_rewards.detach(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().detach(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).detach(),
+        "logps/chosen": chosen_logps.detach(),
+        "logps/rejected": rejected_logps.detach(),
+    }
+
+
+class PairwiseObjective(Objective):
+    def progress(self, means: dict[str, float]) -> dict[str, str]:
+        return {
+            "loss": f"{means['loss']:.4f}",
+            "acc": f"{means['rewards/accuracies']:.2f}",
+            "margin": f"{means['rewards/margins']:.3f}",
+        }
+
+
+class DPOObjective(PairwiseObjective):
+    """DPO and every `loss_type` of its family (losses.preference_loss), against a reference."""
+
+    name = "dpo"
+    needs_reference = True
+    stat_keys = PAIR_KEYS
+
+    def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
+        cfg = self.cfg
+        sums, lengths = completion_logps(module, batch)
+        half = sums.shape[0] // 2
+        policy_chosen, policy_rejected = sums[:half], sums[half:]
+        with rt.accelerator.autocast():
+            ref_chosen, ref_rejected = rt.reference.logps(batch)
+        ref_chosen, ref_rejected = ref_chosen.float().detach(), ref_rejected.float().detach()
+        types, weights = cfg.loss_mix()
+        bco_delta = rt.state.bco_mean
+        if "bco_pair" in types and training:
+            bco_delta = self._update_bco(rt, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        losses, chosen_rewards, rejected_rewards = preference_loss(
+            policy_chosen,
+            policy_rejected,
+            ref_chosen,
+            ref_rejected,
+            loss_type=types,
+            loss_weights=weights,
+            beta=cfg.beta,
+            label_smoothing=cfg.label_smoothing,
+            chosen_lengths=lengths[:half],
+            rejected_lengths=lengths[half:],
+            discopop_tau=cfg.discopop_tau,
+            f_divergence_type=cfg.f_divergence_type,
+            f_alpha=cfg.f_alpha,
+            bco_delta=bco_delta,
+        )
+        return losses, _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+
+    def _update_bco(self, rt: Runtime, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
+        """TRL's running mean of all rewards seen, current batch included, as BCO's baseline delta."""
+        rewards = self.cfg.beta * torch.cat([pc.detach() - rc, pr.detach() - rr])
+        batch_mean = rt.accelerator.reduce(rewards.mean().reshape(1), "mean").item()
+        n = rewards.numel() * rt.world
+        total = rt.state.bco_count + n
+        rt.state.bco_mean += (batch_mean - rt.state.bco_mean) * n / total
+        rt.state.bco_count = total
+        return rt.state.bco_mean
+
+
+class ReferenceFreeObjective(PairwiseObjective):
+    """ORPO, SimPO and CPO: pairwise losses of the policy's own log-probs; no reference is loaded.
+
+    The NLL term (ORPO's L_SFT, CPO's and SimPO's `cpo_alpha` term) is each pair's mean per-token
+    negative log-likelihood of the chosen completion, then averaged over pairs like the rest of the
+    loss (TRL averages over the batch's tokens instead; per pair keeps the loss independent of how a
+    step is split into micro-batches). `logps/*` are summed log-probs, as for DPO.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.name = cfg.strategy
+        extra = ("nll_loss", "log_odds_ratio", "log_odds_chosen") if cfg.strategy == "orpo" else ("nll_loss",)
+        self.stat_keys = PAIR_KEYS + extra
+
+    def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
+        cfg = self.cfg
+        sums, lengths = completion_logps(module, batch)
+        half = sums.shape[0] // 2
+        chosen, rejected = sums[:half], sums[half:]
+        chosen_mean = chosen / lengths[:half].clamp(min=1)
+        rejected_mean = rejected / lengths[half:].clamp(min=1)
+        nll = -chosen_mean
+        extra: dict[str, torch.Tensor] = {}
+        if cfg.strategy == "orpo":
+            odds_loss, chosen_rewards, rejected_rewards, log_odds = orpo_loss(chosen_mean, rejected_mean, beta=cfg.beta)
+            losses = nll + odds_loss
+            extra = {"log_odds_ratio": F.logsigmoid(log_odds), "log_odds_chosen": log_odds}
+        elif cfg.strategy == "simpo":
+            pref, chosen_rewards, rejected_rewards = simpo_loss(
+                chosen_mean, rejected_mean, beta=cfg.beta, gamma=cfg.simpo_gamma, label_smoothing=cfg.label_smoothing
+            )
+            losses = pref + float(cfg.cpo_alpha or 0.0) * nll
+        else:
+            pref, chosen_rewards, rejected_rewards = cpo_loss(chosen, rejected, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
+            losses = pref + float(cfg.cpo_alpha or 0.0) * nll
+        values = _pair_values(losses, chosen_rewards, rejected_rewards, chosen, rejected)
+        values["nll_loss"] = nll.detach()
+        values.update({k: v.detach() for k, v in extra.items()})
+        return losses, values
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO
+
+
+class KTOObjective(Objective):
+    """KTO on unpaired examples (preference pairs are split in two: chosen desirable, rejected not).
+
+    The reference point z0 is the KL of policy from reference on mismatched pairs (each example's
+    prompt with another example's completion, fixed at load time; see `mismatched_partners`),
+    estimated in `begin` over the optimizer step's whole global batch with no gradient, then used by
+    every micro-batch of the step. Metric names are TRL's KTOTrainer's (`kl`, `rewards/chosen`,
+    `logps/rejected`, ...; chosen = desirable, rejected = undesirable), plus `count/*`.
+    """
+
+    name = "kto"
+    needs_reference = True
+    stat_keys = (
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "logps/chosen",
+        "logps/rejected",
+        "count/chosen",
+        "count/rejected",
+        "kl",
+    )
+
+    def load(self, source: str, split: str) -> list[Any]:
+        examples = load_unpaired_data(source, split)
+        desirable = sum(e.label for e in examples)
+        undesirable = len(examples) - desirable
+        if desirable and undesirable:
+            # The paper's advice (Sec. 4.2): lambda_D n_D / (lambda_U n_U) in [1, 4/3].
+            ratio = self.cfg.desirable_weight * desirable / (self.cfg.undesirable_weight * undesirable)
+            if not 1.0 <= ratio <= 4 / 3 + 1e-9:
+                log.warning(
+                    "%s: %d desirable and %d undesirable examples with weights %g/%g give a ratio of %.2f; the KTO "
+                    "paper recommends desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]",
+                    source, desirable, undesirable, self.cfg.desirable_weight, self.cfg.undesirable_weight, ratio,
+                )
+        return examples
+
+    def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
+        items, stats = tokenize_unpaired(tokenizer, examples, self.cfg.max_seq_length, self.cfg.max_prompt_length, self.cfg.seed)
+        desirable = sum(i.label for i in items)
+        summary = (
+            f"{len(items)} examples tokenized ({desirable} desirable, {len(items) - desirable} undesirable); truncated: "
+            f"{stats.prompts_truncated} prompts (from the left), {stats.chosen_truncated} completions (from the right); "
+            f"longest prompt {stats.longest_prompt} tokens, longest completion {stats.longest_completion} tokens"
+        )
+        return items, summary, stats.examples
+
+    def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
+        batch = collate_pairs(items, pad_id, share_prompt, slots=(0,))
+        batch["label"] = torch.tensor([item.label for item in items], dtype=torch.bool)
+        return batch
+
+    @torch.no_grad()
+    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool) -> torch.Tensor:
+        """z0 for the step: sum of log-ratios on this process's mismatched pairs, summed over
+        processes, over the step's example count; clamped at 0."""
+        acc = rt.accelerator
+        total = torch.zeros(2, dtype=torch.float64)
+        if active:
+            with eval_mode(module):
+                for chunk in chunks:
+                    batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt, slots=(1,)))
+                    with acc.autocast():
+                        policy = completion_logps(module, batch)[0].float()
+                        ref = rt.reference.sequence_logps(batch).float()
+                    total += torch.tensor([float((policy - ref).sum()), float(len(chunk))], dtype=torch.float64)
+        total = acc.reduce(total.to(acc.device), "sum").cpu()
+        return kto_kl(total[:1].float(), torch.zeros(1), count=float(total[1]))
+
+    def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
+        cfg = self.cfg
+        sums = completion_logps(module, batch)[0]
+        with rt.accelerator.autocast():
+            ref = rt.reference.sequence_logps(batch).float().detach()
+        labels = batch["label"].bool()
+        kl = context.to(sums.device)
+        losses, rewards = kto_loss(
+            sums, ref, labels, kl, beta=cfg.beta,
+            desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
+        )
+        good, bad = labels.float(), (~labels).float()
+        values = {
+            "loss": losses.detach(),
+            "rewards/chosen": rewards * good,
+            "rewards/rejected": rewards * bad,
+            "logps/chosen": sums.detach() * good,
+            "logps/rejected": sums.detach() * bad,
+            "count/chosen": good,
+            "count/rejected": bad,
+            "kl": kl.expand_as(losses),  # the step's one value, logged as its mean
+        }
+        return losses, values
+
+    def metrics(self, totals: dict[str, float]) -> dict[str, float]:
+        n = max(1.0, totals["units"])
+        nc, nr = totals["count/chosen"], totals["count/rejected"]
+        out = {"loss": totals["loss"] / n}
+        for side, count in (("chosen", nc), ("rejected", nr)):
+            if count:
+                out[f"rewards/{side}"] = totals[f"rewards/{side}"] / count
+                out[f"logps/{side}"] = totals[f"logps/{side}"] / count
+        if nc and nr:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        out["kl"] = totals["kl"] / n
+        out["count/chosen"], out["count/rejected"] = nc, nr
+        return out
+
+    def progress(self, means: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{means['loss']:.4f}", "kl": f"{means['kl']:.3f}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# SFT
+
+
+class SFTObjective(Objective):
+    """Supervised fine-tuning: the negative log-likelihood of the trained tokens (completion or
+    assistant tokens, or all of them), averaged over those tokens across the whole step, as TRL's
+    SFTTrainer; `mean_token_accuracy` is the share of them that were the model's top prediction."""
+
+    name = "sft"
+    stat_keys = ("loss", "mean_token_accuracy")
+
+    def load(self, source: str, split: str) -> list[Any]:
+        return load_sft_data(source, split)
+
+    def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
+        cfg = self.cfg
+        rows, stats = tokenize_sft(
+            tokenizer, examples, cfg.max_seq_length, cfg.max_prompt_length, cfg.completion_only_loss, cfg.packing
+        )
+        if stats.no_loss_tokens:
+            log.warning("%d examples have no trained token left after truncation; raise max_seq_length", stats.no_loss_tokens)
+        return rows, stats.summary(), stats.locations
+
+    def units(self, item: Any) -> int:
+        return item.loss_tokens
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return CompletionLogprobs(model, token_accuracy=True)
+
+    def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
+        return collate_sequences(items, pad_id)
+
+    def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
+        sums, _, correct = completion_logps(module, batch)
+        losses = -sums  # summed over each row's trained tokens; the loop divides by the step's tokens
+        return losses, {"loss": losses.detach(), "mean_token_accuracy": correct}
+
+    def progress(self, means: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{means['loss']:.4f}", "acc": f"{means['mean_token_accuracy']:.3f}"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward model
+
+
+@dataclass
+class TokenizedRewardPair:
+    """A pair as the reward model reads it: the whole conversation of each side (see
+    `rewards.reward_input_ids`), so training and scoring see the same tokens."""
+
+    index: int
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    truncated: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.chosen_ids) + len(self.rejected_ids)
+
+
+class RewardScores(nn.Module):
+    """A sequence classifier's scalar score per row, pooled by the model itself at the last token
+    that is not padding, exactly as when its saved folder scores completions (`rewards.py`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, 0].float()
+
+
+def collate_reward_pairs(pairs: Sequence[TokenizedRewardPair], pad_id: int) -> Batch:
+    """2B right-padded rows: the B chosen conversations, then the B rejected ones."""
+    rows = [p.chosen_ids for p in pairs] + [p.rejected_ids for p in pairs]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        attention_mask[r, : len(row)] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
+        "num_tokens": torch.tensor(sum(len(r) for r in rows)),
+    }
+
+
+class RewardObjective(Objective):
+    """A Bradley-Terry reward model on preference pairs: a one-output sequence-classification head
+    on the base model, trained so the chosen completion outscores the rejected one. Metrics as TRL's
+    RewardTrainer (`accuracy`, `margin`, `mean_reward`), plus the mean scores per side."""
+
+    name = "reward"
+    model_kind = "reward"
+    stat_keys = ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
+
+    def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
+        from preftune.rewards import reward_input_ids
+
+        limit = self.cfg.max_seq_length
+        items, truncated, longest, locations = [], 0, 0, []
+        for i, example in enumerate(examples):
+            chosen = reward_input_ids(tokenizer, example.prompt, example.chosen)
+            rejected = reward_input_ids(tokenizer, example.prompt, example.rejected)
+            longest = max(longest, len(chosen), len(rejected))
+            cut = len(chosen) > limit or len(rejected) > limit
+            if cut:
+                # The score is read at the end, so the beginning goes.
+                chosen, rejected = chosen[-limit:], rejected[-limit:]
+                truncated += 1
+                if len(locations) < 3:
+                    locations.append(example.location)
+            items.append(TokenizedRewardPair(i, chosen, rejected, cut))
+        summary = f"{len(items)} pairs tokenized as conversations; truncated (from the left): {truncated}; longest {longest} tokens"
+        return items, summary, locations
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return RewardScores(model)
+
+    def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
+        return collate_reward_pairs(items, pad_id)
+
+    def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
+        scores = module(batch["input_ids"], batch["attention_mask"])
+        half = scores.shape[0] // 2
+        chosen, rejected = scores[:half], scores[half:]
+        losses = bradley_terry_loss(chosen, rejected)
+        c, r = chosen.detach(), rejected.detach()
+        return losses, {
+            "loss": losses.detach(),
+            "accuracy": (c > r).float(),
+            "margin": c - r,
+            "mean_reward": (c + r) / 2,
+            "rewards/chosen": c,
+            "rewards/rejected": r,
+        }
+
+    def progress(self, means: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{means['loss']:.4f}", "acc": f"{means['accuracy']:.2f}", "margin": f"{means['margin']:.3f}"}
+
+
+def make_objective(cfg: TrainConfig) -> Objective:
+    """The objective of `cfg.strategy`."""
+    if cfg.strategy == "dpo":
+        return DPOObjective(cfg)
+    if cfg.strategy in ("orpo", "simpo", "cpo"):
+        return ReferenceFreeObjective(cfg)
+    if cfg.strategy == "kto":
+        return KTOObjective(cfg)
+    if cfg.strategy == "sft":
+        return SFTObjective(cfg)
+    if cfg.strategy == "reward":
+        return RewardObjective(cfg)
+    raise ValueError(cfg.strategy)
+
+
+__all__ = [
+    "DPOObjective",
+    "KTOObjective",
+    "Objective",
+    "RewardObjective",
+    "ReferenceFreeObjective",
+    "Runtime",
+    "SFTObjective",
+    "TokenizedPair",
+    "make_objective",
+]
