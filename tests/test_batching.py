@@ -78,3 +78,34 @@ def test_collate_separate_layout():
     assert batch["score_tgt"].tolist() == [2, 1, 2, 2, 3, 4, 1]
     assert batch["score_out"].tolist() == [0, 1, 1, 2, 2, 2, 3]
     assert batch["index"].tolist() == [7, 9] and int(batch["num_tokens"]) == 3 + 3 + 5 + 2
+
+
+def test_mismatched_partners_never_share_the_prompt_when_they_can_avoid_it():
+    from preftune.batching import mismatched_partners
+
+    prompts = ["a", "a", "b", "b", "c", "c", [{"role": "user", "content": "d"}]]
+    partners = mismatched_partners(prompts, seed=0)
+    assert all(prompts[p] != prompts[i] for i, p in enumerate(partners))
+    assert partners == mismatched_partners(prompts, seed=0)  # fixed by the seed
+    assert mismatched_partners(["same"] * 3, seed=1) != [0, 1, 2]  # all alike: another example still
+
+
+def test_unpaired_items_carry_another_examples_completion(tiny_tokenizer):
+    from preftune.batching import mismatched_partners, tokenize_unpaired
+    from preftune.data import UnpairedExample
+
+    examples = [
+        UnpairedExample("The sky is", " blue.", True, "t:1"),
+        UnpairedExample("I loved this movie", " yes", False, "t:2"),
+        UnpairedExample("Question: two plus two?", " four.", True, "t:3"),
+    ]
+    items, stats = tokenize_unpaired(tiny_tokenizer, examples, 64, None, seed=4)
+    partners = mismatched_partners([e.prompt for e in examples], 4)
+    for item, example, partner in zip(items, examples, partners):
+        assert item.completion_ids == encode_completion(tiny_tokenizer, example.prompt, example.completion)
+        assert item.kl_ids == encode_completion(tiny_tokenizer, example.prompt, examples[partner].completion)
+        assert item.label == example.label
+    # Slot 1 alone collates the KL sequences: prompt + mismatched completion, one output per item.
+    batch = collate_pairs(items, pad_id=0, share_prompt=True, slots=(1,))
+    assert batch["output_slot"].tolist() == [1, 1, 1] and batch["score_out"].max() == 2
+    assert batch["input_ids"][0, : len(items[0].prompt_ids) + len(items[0].kl_ids)].tolist() == items[0].prompt_ids + items[0].kl_ids

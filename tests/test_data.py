@@ -556,3 +556,75 @@ def test_format_report_is_aligned_text():
     assert len(prompt_row) == len(header)
     assert lines[-1].startswith("  - ")
     assert format_report(quality_report([])).splitlines()[0].split()[:2] == ["pairs", "0"]
+
+
+# -- SFT and unpaired (KTO) data ------------------------------------------------------------------
+
+
+def test_sft_data_in_every_shape(tmp_path):
+    from preftune.data import load_sft_data
+
+    path = tmp_path / "sft.jsonl"
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    records = [
+        {"prompt": "The sky is", "completion": " blue."},
+        {"messages": messages},
+        {"text": "I loved this movie."},
+        {"prompt": "Is it good?", "chosen": " Yes.", "rejected": " No."},  # a pair: its chosen answer
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    a, b, c, d, e = load_sft_data(path)
+    assert (a.kind, a.prompt, a.completion) == ("completion", "The sky is", " blue.")
+    assert (b.kind, b.messages) == ("messages", messages)
+    assert (c.kind, c.text) == ("text", "I loved this movie.")
+    assert (d.kind, d.prompt, d.completion, d.location) == ("completion", "Is it good?", " Yes.", "sft.jsonl:4")
+    assert e.completion == [{"role": "assistant", "content": "hello"}]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "p"}, "sft.jsonl:2: record needs 'prompt' and 'completion', 'messages', 'text', or a preference pair's 'chosen'"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "sft.jsonl:2: field 'messages' has no assistant message to learn from"),
+        ({"text": 3}, "sft.jsonl:2: field 'text' must be a string, got int"),
+        ({"prompt": "p", "completion": " "}, "sft.jsonl:2: field 'completion' is empty"),
+        ({"messages": [{"role": "assistant"}]}, "sft.jsonl:2: field 'messages[0]' message needs 'role' and 'content'"),
+    ],
+)
+def test_sft_data_errors_name_line_and_field(tmp_path, record, message):
+    from preftune.data import load_sft_data
+
+    path = tmp_path / "sft.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(record) + "\n")
+    assert error_of(load_sft_data, path) == message
+
+
+def test_unpaired_data_and_pairs_split_in_two(tmp_path):
+    from preftune.data import load_unpaired_data
+
+    path = tmp_path / "kto.csv"
+    path.write_text('prompt,completion,label\nIs it good?, Yes.,true\nIs it good?, No.,False\n')
+    good, bad = load_unpaired_data(path)
+    assert (good.prompt, good.completion, good.label) == ("Is it good?", " Yes.", True)
+    assert (bad.completion, bad.label, bad.location) == (" No.", False, "kto.csv:3")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " b"}) + "\n")
+    assert [(e.completion, e.label) for e in load_unpaired_data(pairs)] == [(" a", True), (" b", False)]
+
+
+@pytest.mark.parametrize(
+    "record, message",
+    [
+        ({"prompt": "p", "completion": " c"}, "kto.jsonl:1: field 'label' is missing (true for a desirable completion, false for an undesirable one)"),
+        ({"prompt": "p", "completion": " c", "label": 2}, "kto.jsonl:1: field 'label' must be true (desirable) or false (undesirable), got 2"),
+        ({"prompt": "p", "label": True}, "kto.jsonl:1: field 'completion' is missing (KTO data is prompt/completion/label, or preference pairs)"),
+        ({"prompt": "p", "chosen": " c"}, "kto.jsonl:1: field 'rejected' is missing"),
+    ],
+)
+def test_unpaired_data_errors_name_line_and_field(tmp_path, record, message):
+    from preftune.data import load_unpaired_data
+
+    path = tmp_path / "kto.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    assert error_of(load_unpaired_data, path) == message

@@ -423,3 +423,77 @@ def test_bad_arguments_raise_preftune_error():
         run(loss_type="robust", label_smoothing=0.5)
     with pytest.raises(PreftuneError, match="beta"):
         run(beta=0.0)
+
+
+# -- the other strategies' losses ----------------------------------------------------------------
+
+from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, log1mexp, orpo_loss, simpo_loss  # noqa: E402
+
+CM = [-1.0, -0.5, -2.0]  # per-token mean log-probs of the chosen completions
+RM = [-1.5, -0.25, -3.0]
+
+
+def test_log1mexp_matches_the_naive_formula_and_stays_finite_near_zero():
+    xs = [-5.0, -1.0, -0.7, -0.5, -1e-3]
+    assert log1mexp(t(xs)).tolist() == approx([math.log(1 - math.exp(x)) for x in xs])
+    assert math.isfinite(float(log1mexp(t([-1e-7]))[0]))
+
+
+def test_orpo_odds_ratio_term():
+    losses, chosen, rejected, log_odds = orpo_loss(t(CM), t(RM), beta=0.1)
+
+    def log_odds_of(lp):
+        return lp - math.log(1 - math.exp(lp))
+
+    expected_odds = [log_odds_of(c) - log_odds_of(r) for c, r in zip(CM, RM)]
+    assert log_odds.tolist() == approx(expected_odds)
+    assert losses.tolist() == approx([-0.1 * logsig(x) for x in expected_odds])
+    assert chosen.tolist() == approx([0.1 * c for c in CM]) and rejected.tolist() == approx([0.1 * r for r in RM])
+    # Equal likelihoods: odds ratio 1, the term is lambda * ln 2.
+    z = t([-1.0, -1.0])
+    assert orpo_loss(z, z, beta=0.2)[0].tolist() == approx([0.2 * math.log(2)] * 2)
+
+
+def test_simpo_margin_and_length_normalised_rewards():
+    losses, chosen, rejected = simpo_loss(t(CM), t(RM), beta=2.0, gamma=0.5)
+    assert losses.tolist() == approx([-logsig(2.0 * (c - r) - 0.5) for c, r in zip(CM, RM)])
+    assert chosen.tolist() == approx([2.0 * c for c in CM]) and rejected.tolist() == approx([2.0 * r for r in RM])
+    smoothed, _, _ = simpo_loss(t(CM), t(RM), beta=2.0, gamma=0.5, label_smoothing=0.1)
+    x = [2.0 * (c - r) - 0.5 for c, r in zip(CM, RM)]
+    assert smoothed.tolist() == approx([-0.9 * logsig(v) - 0.1 * logsig(-v) for v in x])
+
+
+def test_cpo_is_dpo_without_a_reference():
+    losses, chosen, rejected = cpo_loss(t(PC), t(PR), beta=0.1)
+    assert losses.tolist() == approx([-logsig(0.1 * (c - r)) for c, r in zip(PC, PR)])
+    assert chosen.tolist() == approx([0.1 * c for c in PC])
+    # The same number as DPO's sigmoid loss with a reference that gives every completion log-prob 0.
+    z = torch.zeros(3)
+    assert losses.tolist() == approx(preference_loss(t(PC), t(PR), z, z)[0].tolist())
+
+
+def test_kto_kl_is_the_clamped_mean_log_ratio_of_mismatched_pairs():
+    policy, ref = t([-10.0, -12.0, -7.0, -9.0]), t([-11.0, -12.5, -8.0, -8.0])  # log-ratios 1, 0.5, 1, -1
+    assert float(kto_kl(policy, ref)) == pytest.approx(1.5 / 4)
+    assert float(kto_kl(ref, policy)) == 0.0  # negative mean: clamped
+    assert float(kto_kl(policy, ref, count=6)) == pytest.approx(1.5 / 6)  # a mean shared with others
+
+
+def test_kto_loss_desirable_and_undesirable():
+    policy, ref = t([-10.0, -12.0, -7.0]), t([-11.0, -10.0, -8.0])  # ratios 1, -2, 1
+    labels = torch.tensor([True, False, False])
+    losses, rewards = kto_loss(policy, ref, labels, 0.25, beta=0.5, desirable_weight=1.0, undesirable_weight=2.0)
+    assert losses.tolist() == approx([
+        1 - sig(0.5 * (1 - 0.25)),
+        2.0 * (1 - sig(0.5 * (0.25 - -2))),
+        2.0 * (1 - sig(0.5 * (0.25 - 1))),
+    ])
+    assert rewards.tolist() == approx([0.5, -1.0, 0.5])
+
+
+def test_bradley_terry_with_and_without_margin():
+    chosen, rejected = t([2.0, -1.0, 0.0]), t([1.0, 1.0, 0.0])
+    assert bradley_terry_loss(chosen, rejected).tolist() == approx([-logsig(1.0), -logsig(-2.0), math.log(2)])
+    assert bradley_terry_loss(chosen, rejected, margin=t([0.5, 0.0, 1.0])).tolist() == approx(
+        [-logsig(0.5), -logsig(-2.0), -logsig(-1.0)]
+    )

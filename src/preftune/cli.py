@@ -41,13 +41,28 @@ def _setup_logging(debug: bool) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from preftune.config import load_config
+    from preftune.pipeline import has_stages
     from preftune.trainer import train
 
+    if has_stages(args.config):
+        args.configs = [args.config]
+        return cmd_pipeline(args)
     overrides = list(args.set or []) + (["overwrite_output_dir=true"] if args.overwrite else [])
     cfg = load_config(args.config, overrides)
     final = train(cfg)
     summary = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k in ("loss", "eval_loss", "eval_rewards/accuracies"))
     log.info("done: %s -> %s", summary or "no steps", cfg.output_dir)
+    return 0
+
+
+def cmd_pipeline(args: argparse.Namespace) -> int:
+    from preftune.pipeline import load_pipeline, run_pipeline
+
+    configs = load_pipeline(args.configs, list(args.set or []))
+    for summary in run_pipeline(configs, overwrite=args.overwrite):
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in summary.items() if k in ("loss", "eval_loss") and isinstance(v, float))
+        log.info("stage %d (%s): %s%s -> %s", summary["stage"], summary["strategy"], summary["action"],
+                 f", {shown}" if shown else "", summary["output_dir"])
     return 0
 
 
@@ -152,6 +167,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
     p.set_defaults(func=cmd_train)
+
+    pl = sub.add_parser(
+        "pipeline",
+        parents=[common],
+        help="run training stages in order (e.g. SFT then DPO)",
+        description="Run stages in order, each starting from the previous stage's result (also its reference): "
+        "one config with 'stages:' or one config per stage. A stage already finished with the same config is "
+        "skipped, an unfinished one resumes.",
+    )
+    pl.add_argument("configs", nargs="+", metavar="CONFIG", help="a config with 'stages:', or one config per stage, in order")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key in every stage (repeatable)")
+    pl.add_argument("--overwrite", action="store_true", help="replace stage folders that hold runs of other configs")
+    pl.set_defaults(func=cmd_pipeline)
 
     g = sub.add_parser(
         "generate",

@@ -1,0 +1,150 @@
+"""Each strategy end to end on a tiny seeded model: the loss the loop logs is the formula of its
+paper on the model's own log-probs, KTO's KL estimate, exact gradient accumulation, reference-free
+runs load no reference, and a reward model learns a preference and loads as a `--reward`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from preftune.batching import collate_pairs
+from preftune.logprobs import CompletionLogprobs, completion_logps
+from preftune.losses import kto_kl
+from preftune.trainer import Trainer, train
+from test_trainer import _propagate_logs, make_config, pairs_file, read_metrics, synthetic_pairs  # noqa: F401 (fixtures)
+
+
+def trainer_for(tmp_path, model_dir, data, **overrides) -> Trainer:
+    trainer = Trainer(make_config(tmp_path, model_dir, data, **overrides))
+    trainer.setup()
+    return trainer
+
+
+def base_module(model_dir) -> CompletionLogprobs:
+    from transformers import AutoModelForCausalLM
+
+    return CompletionLogprobs(AutoModelForCausalLM.from_pretrained(model_dir).eval())
+
+
+@pytest.mark.parametrize("strategy", ["orpo", "simpo", "cpo"])
+def test_reference_free_losses_on_the_models_own_logps(tmp_path, tiny_model_dir, pairs_file, strategy):
+    trainer = trainer_for(tmp_path, tiny_model_dir, pairs_file, strategy=strategy, beta=0.5, simpo_gamma=0.3)
+    assert trainer.reference_kind == "none" and trainer.reference is None
+    assert not (tmp_path / "cache").exists()  # nothing precomputed
+    result = trainer.evaluate()
+    with torch.no_grad():
+        sums, lengths = completion_logps(base_module(tiny_model_dir), collate_pairs(trainer.eval_items, trainer.pad_id))
+    n = len(trainer.eval_items)
+    c, r = sums[:n].double(), sums[n:].double()
+    cm, rm = c / lengths[:n], r / lengths[n:]
+    nll = -cm
+    if strategy == "orpo":  # nll + lambda * -log sigmoid(log odds ratio), lambda = beta
+        log_odds = (cm - rm) - (torch.log1p(-cm.exp()) - torch.log1p(-rm.exp()))
+        expected = nll - 0.5 * F.logsigmoid(log_odds)
+        assert result["eval_log_odds_chosen"] == pytest.approx(float(log_odds.mean()), rel=1e-4)
+    elif strategy == "simpo":  # cpo_alpha defaults to 0: no NLL term
+        expected = -F.logsigmoid(0.5 * (cm - rm) - 0.3)
+    else:  # cpo_alpha defaults to 1
+        expected = -F.logsigmoid(0.5 * (c - r)) + nll
+    assert result["eval_loss"] == pytest.approx(float(expected.mean()), rel=1e-4)
+    assert result["eval_nll_loss"] == pytest.approx(float(nll.mean()), rel=1e-4)
+    assert result["eval_logps/chosen"] == pytest.approx(float(c.mean()), rel=1e-4)
+
+
+def test_kto_first_step_kl_estimate_and_accumulation(tmp_path, tiny_model_dir, pairs_file):
+    # Policy = reference at step 1: every reward and the KL are 0, so every loss is 1 - sigmoid(0).
+    trainer = trainer_for(tmp_path / "one", tiny_model_dir, pairs_file, strategy="kto", max_steps=3, adam_epsilon=1.0)
+    assert len(trainer.train_items) == 2 * 48 - 8 and trainer.reference_kind == "precomputed"
+    trainer.train()
+    records = [r for r in read_metrics(tmp_path / "one" / "run") if "loss" in r]
+    assert records[0]["loss"] == pytest.approx(0.5, abs=1e-6) and records[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected"):
+        assert key in records[0], key
+
+    # The KL estimate is the clamped mean log-ratio of the mismatched pairs, policy against the
+    # reference (here the untouched base model), over the items given.
+    items = trainer.train_items[:6]
+    kl = trainer.objective.begin(trainer.runtime, trainer.inner, [items[:4], items[4:]], active=True)
+    separate = collate_pairs(items, trainer.pad_id, share_prompt=False, slots=(1,))
+    with torch.no_grad():
+        policy = completion_logps(trainer.inner, separate)[0]
+        reference = completion_logps(base_module(tiny_model_dir), separate)[0]
+    assert float(kl) == pytest.approx(float(kto_kl(policy, reference)), abs=1e-5)
+    assert float((policy - reference).mean()) != pytest.approx(0.0, abs=1e-4)  # training moved the policy
+
+    # z0 comes from the whole optimizer step, so 4 micro-batches of 1 give the update of 1 batch of 4.
+    train(make_config(tmp_path / "acc", tiny_model_dir, pairs_file, strategy="kto", max_steps=3, adam_epsilon=1.0,
+                      per_device_train_batch_size=1, gradient_accumulation_steps=4))
+    other = [r for r in read_metrics(tmp_path / "acc" / "run") if "loss" in r]
+    for x, y in zip(records, other):
+        for key in ("loss", "kl", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], abs=1e-5), key
+    wa = load_file(str(tmp_path / "one" / "run" / "final" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "acc" / "run" / "final" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_sft_loss_is_the_token_mean_and_accumulation_is_exact(tmp_path, tiny_model_dir, pairs_file):
+    trainer = trainer_for(tmp_path / "eval", tiny_model_dir, pairs_file, strategy="sft")
+    result = trainer.evaluate()
+    module = CompletionLogprobs(base_module(tiny_model_dir).model, token_accuracy=True)
+    with torch.no_grad():
+        sums, counts, correct = completion_logps(module, trainer.objective.collate(trainer.eval_items, trainer.pad_id, True))
+    # SFT on a pair file learns the chosen completions; the loss is averaged over their tokens.
+    assert result["eval_loss"] == pytest.approx(float(-sums.sum() / counts.sum()), rel=1e-5)
+    assert result["eval_mean_token_accuracy"] == pytest.approx(float(correct.sum() / counts.sum()), rel=1e-5)
+
+    kwargs = dict(strategy="sft", max_steps=3, adam_epsilon=1.0, packing=True)
+    train(make_config(tmp_path / "a", tiny_model_dir, pairs_file, per_device_train_batch_size=4, **kwargs))
+    train(make_config(tmp_path / "b", tiny_model_dir, pairs_file, per_device_train_batch_size=1,
+                      gradient_accumulation_steps=4, **kwargs))
+    a = [r for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
+    b = [r for r in read_metrics(tmp_path / "b" / "run") if "loss" in r]
+    assert set(a[0]) >= {"loss", "mean_token_accuracy", "grad_norm", "learning_rate", "tokens_per_second"}
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], abs=1e-5) and x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-4)
+
+
+def test_sft_learns_the_completions(tmp_path, tiny_model_dir, pairs_file):
+    train(make_config(tmp_path, tiny_model_dir, pairs_file, strategy="sft", max_steps=20, eval_steps=10, learning_rate=3e-3))
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20]
+    first = read_metrics(tmp_path / "run")[0]
+    assert evals[-1]["eval_loss"] < 0.65 * first["loss"]
+    assert evals[-1]["eval_mean_token_accuracy"] > 2 * first["mean_token_accuracy"]
+
+
+def test_reward_model_learns_a_preference_and_scores_as_a_reward_folder(tmp_path, tiny_model_dir, pairs_file):
+    from preftune.rewards import get_reward
+
+    held_out = synthetic_pairs(40, seed=99)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in held_out))
+    result = train(make_config(tmp_path / "full", tiny_model_dir, pairs_file, strategy="reward", max_steps=24,
+                               learning_rate=2e-3, eval_dataset=str(test_file), eval_steps=12))
+    first = read_metrics(tmp_path / "full" / "run")[0]
+    assert set(first) >= {"loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected"}
+    assert result["eval_accuracy"] >= 0.9
+    # The saved folder is a `--reward`: it ranks the held-out pairs as the run's evaluation did.
+    reward = get_reward(str(tmp_path / "full" / "run" / "final"))
+    chosen = reward([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
+    rejected = reward([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held_out)
+    assert accuracy >= 0.9 and accuracy == pytest.approx(result["eval_accuracy"])
+    assert sum(c - r for c, r in zip(chosen, rejected)) / len(held_out) == pytest.approx(result["eval_margin"], rel=1e-3)
+
+    # With LoRA, final/ is the adapter and final_merged/ the reward folder (score head included).
+    lora = train(make_config(tmp_path / "lora", tiny_model_dir, pairs_file, strategy="reward", max_steps=3, lora_r=4,
+                             lora_alpha=8, eval_dataset=str(test_file)))
+    run = tmp_path / "lora" / "run"
+    assert (run / "final" / "adapter_config.json").is_file()
+    merged = get_reward(str(run / "final_merged"))
+    c = merged([r["prompt"] for r in held_out], [r["chosen"] for r in held_out])
+    r = merged([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
+    assert sum(a - b for a, b in zip(c, r)) / len(held_out) == pytest.approx(lora["eval_margin"], rel=1e-3, abs=1e-5)
+    assert math.isfinite(lora["eval_loss"])
