@@ -121,3 +121,20 @@ def test_bad_files(tmp_path):
     path = write(tmp_path, "c.yaml", "- 1\n- 2\n")
     with pytest.raises(PreftuneError, match="must be a mapping"):
         load_config(path)
+
+
+def test_every_example_config_is_valid():
+    from pathlib import Path
+
+    from preftune.config import load_config, read_config_file
+    from preftune.pipeline import load_pipeline
+
+    root = Path(__file__).resolve().parent.parent / "examples"
+    paths = sorted(root.glob("*.yaml")) + sorted(root.glob("*.json"))
+    strategies = set()
+    for path in paths:
+        if "stages" in read_config_file(path):
+            strategies.update(c.strategy for c in load_pipeline([path]))
+        else:
+            strategies.add(load_config(path).strategy)
+    assert strategies == {"sft", "dpo", "kto", "orpo", "simpo", "cpo", "reward"}

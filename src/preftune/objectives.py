@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preftune.batching import TokenizedPair, collate_pairs, tokenize_dataset, tokenize_unpaired
+from preftune.batching import collate_pairs, tokenize_dataset, tokenize_unpaired
 from preftune.config import TrainConfig
 from preftune.data import load_preference_data, load_sft_data, load_unpaired_data
 from preftune.logprobs import CompletionLogprobs, completion_logps
@@ -511,6 +511,5 @@ __all__ = [
     "ReferenceFreeObjective",
     "Runtime",
     "SFTObjective",
-    "TokenizedPair",
     "make_objective",
 ]

@@ -104,8 +104,8 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
             for alias, target in ALIASES.items():
                 if target == "model_name":
                     data.pop(alias, None)
-            if data.get("model_name") not in (None, start):
-                log.info("stage %d (%s) starts from stage %d's result %s", i + 1, where, i, start)
+            if len(paths) > 1 and data.get("model_name") not in (None, start):
+                log.info("stage %d (%s) starts from stage %d's result %s, not its model_name", i + 1, where, i, start)
             data["model_name"] = start
         cfg = from_dict(data, where)
         if not last:
