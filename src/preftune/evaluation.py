@@ -166,26 +166,31 @@ def completion_logps(
     (call it inside `model.disable_adapter()` for a LoRA model's base). As in training, the output
     head runs over completion positions only, in chunks (`preftune.logprobs`)."""
     device = next(model.parameters()).device
-    parts = split_body_and_head(model)
     out: list[float] = []
+    for input_ids, attention_mask, scored, targets, rows in _sequence_batches(prompt_ids, completion_ids, pad_id, batch_size, device):
+        values, head = _scored_outputs(model, input_ids, attention_mask, scored)
+        if head is not None:
+            token_logps = chunked_token_logps(head, values, targets)
+        else:
+            token_logps = torch.log_softmax(values, dim=-1).gather(-1, targets[:, None])[:, 0]
+        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=device).index_add(0, rows, token_logps.float())
+        out.extend(sums.cpu().tolist())
+    return out
+
+
+def _sequence_batches(
+    prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Batches of prompt + completion rows: (input_ids, attention_mask, scored, targets, rows),
+    where `scored` marks the positions that predict a completion token (token t is predicted by the
+    output at t - 1), `targets` are those tokens and `rows` the row each belongs to."""
     for start in range(0, len(prompt_ids), batch_size):
         input_ids, attention_mask, completion_mask = (
             t.to(device)
             for t in collate_sequences(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size], pad_id)
         )
-        scored = completion_mask[:, 1:]  # token t is predicted by the output at t - 1
-        targets = input_ids[:, 1:][scored]
-        if parts is not None:
-            body, head = parts
-            hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-            token_logps = chunked_token_logps(head, hidden[:, :-1][scored], targets)
-        else:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-            token_logps = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1).gather(-1, targets[:, None])[:, 0]
-        rows = scored.nonzero(as_tuple=True)[0]
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=device).index_add(0, rows, token_logps.float())
-        out.extend(sums.cpu().tolist())
-    return out
+        scored = completion_mask[:, 1:]
+        yield input_ids, attention_mask, scored, input_ids[:, 1:][scored], scored.nonzero(as_tuple=True)[0]
 
 
 def _scored_outputs(
@@ -235,14 +240,7 @@ def kl_terms(
     out_p: list[float] = []
     out_q: list[float] = []
     out_kl: list[float] = []
-    for start in range(0, len(prompt_ids), batch_size):
-        input_ids, attention_mask, completion_mask = (
-            t.to(device)
-            for t in collate_sequences(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size], pad_id)
-        )
-        scored = completion_mask[:, 1:]  # token t is predicted by the output at t - 1
-        targets = input_ids[:, 1:][scored]
-        rows = scored.nonzero(as_tuple=True)[0]
+    for input_ids, attention_mask, scored, targets, rows in _sequence_batches(prompt_ids, completion_ids, pad_id, batch_size, device):
         p_values, p_head = _scored_outputs(policy, input_ids, attention_mask, scored)
         with as_reference(policy, reference) as ref:
             q_values, q_head = _scored_outputs(ref, input_ids, attention_mask, scored)
