@@ -500,3 +500,57 @@ def test_embedded_model_conversion_matches_gguf():
     ids = torch.tensor([ids])
     assert torch.equal(_logits(model, ids), _logits(gguf_model, ids))
     assert models.model_fingerprint(model) == models.model_fingerprint(gguf_model)
+
+
+def _liger_installed(monkeypatch, installed: bool) -> None:
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: (object() if installed else None) if name == "liger_kernel" else real_find_spec(name, *a),
+    )
+
+
+@pytest.mark.parametrize(
+    "setting, device, installed, expected",
+    [
+        (False, "cuda", True, False),
+        (None, "cuda", True, True),
+        (None, "cuda", False, False),
+        (None, "cpu", True, False),
+        (True, "cuda", True, True),
+    ],
+)
+def test_liger_kernels_are_used_on_cuda_when_installed(monkeypatch, setting, device, installed, expected):
+    _liger_installed(monkeypatch, installed)
+    assert models.use_liger(setting, torch.device(device)) is expected
+
+
+def test_liger_kernels_required_but_unavailable_is_one_line(tiny_model_dir, monkeypatch):
+    _liger_installed(monkeypatch, False)
+    with pytest.raises(PreftuneError) as info:
+        models.load_model(str(tiny_model_dir), device="cpu", use_liger_kernel=True)
+    assert str(info.value) == (
+        "use_liger_kernel: true needs the liger-kernel package (pip install liger-kernel) and a CUDA device; "
+        "set use_liger_kernel: null or false here"
+    )
+    _liger_installed(monkeypatch, True)
+    with pytest.raises(PreftuneError, match=r"^use_liger_kernel: true needs a CUDA device;"):
+        models.load_model(str(tiny_model_dir), device="cpu", use_liger_kernel=True)
+
+
+def test_liger_patch_swaps_the_mlp_and_keeps_lora_targets(tiny_model_dir, monkeypatch):
+    """Runs where liger-kernel is installed: the patch itself works on any device (its kernels run on
+    CUDA only), so this checks that it applies to this transformers version and that LoRA still finds
+    its linear layers inside Liger's MLP."""
+    pytest.importorskip("liger_kernel")
+    from transformers.models.llama import modeling_llama
+
+    # Liger replaces RoPE module-wide: restore it for the tests that follow (they run on CPU).
+    monkeypatch.setattr(modeling_llama, "apply_rotary_pos_emb", modeling_llama.apply_rotary_pos_emb)
+    model = models.load_model(str(tiny_model_dir))
+    models._apply_liger(model)
+    mlp = model.model.layers[0].mlp
+    assert type(mlp.forward.__self__).__name__ == "LigerSwiGLUMLP" or "Liger" in mlp.forward.__qualname__
+    lora = models.apply_lora(model, r=4, alpha=8, dropout=0.0, target_modules="all-linear")
+    assert hasattr(lora.base_model.model.model.layers[0].mlp.gate_proj, "lora_A")

@@ -94,6 +94,7 @@ class TrainConfig:
     bf16: bool | None = None  # null: on where the device supports it (CUDA), off on CPU
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
+    use_liger_kernel: bool | None = None  # null: Liger's kernels when installed and on CUDA
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at step 0
     share_prompt: bool = True  # encode each prompt once for both completions (see batching.py)
 

@@ -337,6 +337,32 @@ def _check_unsloth() -> None:
         )
 
 
+def use_liger(setting: bool | None, device: torch.device | None) -> bool:
+    """Whether to patch the model with Liger's Triton kernels (RMSNorm, RoPE, SwiGLU). They run on
+    CUDA only. `None` (the default): when the package is installed and the model trains on CUDA;
+    `True`: required, so a machine without them is an error rather than a silently slower run."""
+    if setting is False:
+        return False
+    on_cuda = device is not None and device.type == "cuda"
+    installed = importlib.util.find_spec("liger_kernel") is not None
+    if setting is None:
+        return on_cuda and installed
+    missing = [what for what, ok in (("the liger-kernel package (pip install liger-kernel)", installed), ("a CUDA device", on_cuda)) if not ok]
+    if missing:
+        raise PreftuneError(f"use_liger_kernel: true needs {' and '.join(missing)}; set use_liger_kernel: null or false here")
+    return True
+
+
+def _apply_liger(model: PreTrainedModel) -> None:
+    """Swap in Liger's fused RMSNorm, RoPE and SwiGLU. Its fused linear cross-entropy stays off: the
+    output head never runs through the model's own forward here (see `logprobs.py`)."""
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(
+        model=model, rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False
+    )
+
+
 def _check_causal_lm(folder: Path, name: str) -> None:
     """Fail early, in one line, on a folder that is not a causal LM (before transformers' longer errors)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
@@ -390,6 +416,7 @@ def load_model(
     attn_implementation: str | None = None,
     gradient_checkpointing: bool = False,
     provider: str = "transformers",
+    use_liger_kernel: bool | None = False,
 ) -> PreTrainedModel:
     """A causal LM for training, from any name `resolve_model_path` accepts.
 
@@ -408,6 +435,9 @@ def load_model(
             raise PreftuneError(f"use_4bit needs a CUDA GPU, but device is '{target}'; set use_4bit: false on this device")
     if not isinstance(dtype, torch.dtype):
         raise PreftuneError(f"dtype must be a torch dtype, got {dtype!r}")
+    liger = provider == "transformers" and use_liger(
+        use_liger_kernel, target if target is not None else torch.device("cuda" if use_4bit else "cpu")
+    )
     folder = resolve_model_path(name)
     if provider == "unsloth":
         return _load_unsloth(folder, name, dtype, use_4bit, gradient_checkpointing)
@@ -426,6 +456,9 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
     except Exception as exc:
         raise PreftuneError(f"could not load model '{name}': {_short_reason(exc)}") from exc
+    if liger:
+        _apply_liger(model)
+        model.preftune_liger = True
 
     if use_4bit:
         from peft import prepare_model_for_kbit_training

@@ -252,7 +252,10 @@ class Trainer:
                 attn_implementation=cfg.attn_implementation,
                 gradient_checkpointing=cfg.gradient_checkpointing,
                 provider=cfg.provider,
+                use_liger_kernel=cfg.use_liger_kernel,
             )
+            if getattr(model, "preftune_liger", False) and self.is_main:
+                log.info("Liger kernels: RMSNorm, RoPE and SwiGLU")
         if cfg.disable_dropout:
             disable_dropout(model)
         impl = getattr(model.config, "_attn_implementation", None)
@@ -280,6 +283,7 @@ class Trainer:
                 device=acc.device,
                 attn_implementation=cfg.attn_implementation,
                 provider=cfg.provider,
+                use_liger_kernel=cfg.use_liger_kernel,
             )
             self.reference = ModelReference(CompletionLogprobs(ref))
         if cfg.use_lora:
