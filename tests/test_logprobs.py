@@ -100,3 +100,38 @@ def test_logit_transforms_take_the_generic_path():
         sums, _ = completion_logps(CompletionLogprobs(model), collate_pairs(pairs, 0))
         expected = naive_logps(model, pairs)
     assert torch.allclose(sums, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_frozen_head_gradient_in_forward_matches_autograd(share_prompt):
+    """With the output head frozen (LoRA), d log p / d hidden is computed in forward: values, token
+    hits and every gradient equal the textbook full-logits computation."""
+    from preftune.logprobs import chunked_token_logps
+
+    model = build_tiny_model(64, seed=4)
+    model.get_output_embeddings().weight.requires_grad_(False)
+    model.get_input_embeddings().weight.requires_grad_(False)  # tied or not, the head trains nothing
+    pairs = make_pairs(64)
+    module = CompletionLogprobs(model, chunk_size=3, token_accuracy=True)
+    batch = collate_pairs(pairs, pad_id=0, share_prompt=share_prompt)
+    sums, counts, correct = completion_logps(module, batch)
+    sums.mul(torch.arange(1.0, 7.0)).sum().backward()  # a different weight per completion
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+
+    expected = naive_logps(model, pairs)
+    expected.mul(torch.arange(1.0, 7.0)).sum().backward()
+    assert torch.allclose(sums, expected, atol=1e-5), (sums, expected)
+    assert grads and all(torch.allclose(grads[n], p.grad, atol=1e-5) for n, p in model.named_parameters() if p.requires_grad)
+
+    # The fast path was the one taken, and its token hits equal the checkpointed path's.
+    head = model.get_output_embeddings()
+    hidden = torch.randn(7, head.in_features, requires_grad=True)
+    targets = torch.randint(0, 64, (7,))
+    fast, fast_hits = chunked_token_logps(head, hidden, targets, chunk_size=3, hits=True)
+    assert type(fast.grad_fn).__name__ == "_FrozenHeadLogpsBackward"
+    head.weight.requires_grad_(True)
+    slow, slow_hits = chunked_token_logps(head, hidden, targets, chunk_size=3, hits=True)
+    assert type(slow.grad_fn).__name__ != "_FrozenHeadLogpsBackward"
+    assert torch.allclose(fast, slow, atol=1e-6) and torch.equal(fast_hits, slow_hits)
+    assert correct.sum() <= counts.sum()

@@ -5,7 +5,10 @@ vocabulary and a 2x8x1024 batch that is 3.2 GB in fp32, most of it for prompt an
 that a preference loss never reads. Here the transformer body runs once, the hidden states of the
 completion positions alone are gathered, and the output head plus log-softmax run over them in
 chunks. Under autograd each chunk is checkpointed, so backward recomputes one chunk's logits at a
-time instead of keeping them all. That is why this module exists instead of `model(...).logits`.
+time instead of keeping them all. When the head is frozen (LoRA, QLoRA) even that recomputation is
+skipped: the gradient with respect to the hidden state is computed in the forward pass, while the
+chunk's probabilities are at hand (`_FrozenHeadLogps`). That is why this module exists instead of
+`model(...).logits`.
 """
 
 from __future__ import annotations
@@ -49,11 +52,56 @@ def _token_logps_and_hits(head: nn.Module, hidden: torch.Tensor, targets: torch.
     return -F.cross_entropy(logits, targets, reduction="none"), (logits.argmax(-1) == targets).float()
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(target | h) through a frozen linear head, one chunk of positions at a time.
+
+    d log p_t / d h = W[t] - sum_v p_v W[v], known as soon as the chunk's softmax is: computing it
+    in forward costs one (chunk x vocab) @ (vocab x hidden) product, the one backward would do
+    anyway, and saves backward from recomputing the chunk's logits (a checkpointed chunk runs the
+    head twice). Only a (positions x hidden) tensor is kept for backward.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int, want_hits: bool):  # type: ignore[override]
+        logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        hits = hidden.new_zeros(hidden.shape[0] if want_hits else 0, dtype=torch.float32)
+        grad = torch.empty_like(hidden)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            log_probs = F.linear(h, weight, bias).float().log_softmax(-1)
+            logps[start : start + len(t)] = log_probs.gather(1, t[:, None]).squeeze(1)
+            if want_hits:
+                hits[start : start + len(t)] = (log_probs.argmax(-1) == t).float()
+            probs = log_probs.exp_().to(weight.dtype)
+            grad[start : start + len(t)] = (weight[t] - probs @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(hits)
+        return logps, hits
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, grad_hits: torch.Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return grad * grad_logps[:, None].to(grad.dtype), None, None, None, None, None
+
+
+def _frozen_linear_head(head: nn.Module, hidden: torch.Tensor) -> bool:
+    """The fast path applies to a plain linear head that trains nothing, under a body that does."""
+    return (
+        type(head) is nn.Linear
+        and torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not any(p.requires_grad for p in head.parameters())
+    )
+
+
 def chunked_token_logps(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, hits: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(target | hidden) for N positions, materialising at most `chunk_size` x vocab logits.
     With `hits`, also whether each target is the most likely token (for SFT's token accuracy)."""
+    if _frozen_linear_head(head, hidden):
+        logps, hit = _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, hits)
+        return (logps, hit) if hits else logps
     parts, hit_parts = [], []
     grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
     fn = _token_logps_and_hits if hits else _token_logps
