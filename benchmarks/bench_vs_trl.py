@@ -6,10 +6,11 @@ alternately, on two synthetic datasets of the same words:
 - prompt-heavy: prompts about 6x longer than the completions (long instructions or documents);
 - completion-heavy: short prompts, long completions.
 
-Settings shared by both: full fine-tune, fp32 on CPU (bf16 on GPU), AdamW, the same batch, the same
-number of steps, no evaluation, no checkpoints, each tool's default reference handling (TRL: a frozen
-copy of the model scored every step; preftune: reference log-probs computed in one pass before
-training, whose time is counted in preftune's end-to-end figure).
+Settings shared by both: full fine-tune (or LoRA on all linear layers with `--lora R`), fp32 on CPU
+(bf16 on GPU), AdamW, the same batch, the same number of steps, no evaluation, no checkpoints, each
+tool's default reference handling (TRL: a frozen copy of the model scored every step, or under LoRA
+the model with its adapter disabled, every step; preftune: reference log-probs computed in one pass
+before training, whose time is counted in preftune's end-to-end figure).
 
 Reported per run: median step time (first step excluded as warm-up), real tokens/s (prompt +
 chosen + rejected tokens of the pairs processed, no padding, the same count for both tools),
@@ -18,6 +19,7 @@ CPU; peak allocated CUDA memory on GPU), and the ratios preftune / TRL.
 
     pip install trl                      # TRL is a benchmark-only dependency
     python benchmarks/bench_vs_trl.py                       # CPU, a random-init 70M-parameter Llama
+    python benchmarks/bench_vs_trl.py --lora 16             # the same with LoRA r=16
     python benchmarks/bench_vs_trl.py --device cuda --model smollm2-135m-instruct --steps 20
 """
 
@@ -141,8 +143,15 @@ def worker_trl(args: argparse.Namespace) -> dict:
         logging_steps=1, disable_tqdm=True, max_length=args.max_length, beta=0.1, loss_type="sigmoid",
         dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0,
     )
+    peft_config = None
+    if args.lora:
+        from peft import LoraConfig
+
+        # TRL's default reference under PEFT: the same model with the adapter disabled, every step.
+        peft_config = LoraConfig(r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = DPOTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
-                         callbacks=[Timer()])
+                         callbacks=[Timer()], peft_config=peft_config)
     started = time.perf_counter()
     trainer.train()
     total = time.perf_counter() - started
@@ -158,7 +167,8 @@ def worker_preftune(args: argparse.Namespace) -> dict:
     cfg = validate(TrainConfig(
         model_name=args.model, dataset=str(args.data), output_dir=str(args.out_dir),
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-6,
-        bf16=args.device == "cuda", lora_r=0, eval_split=0, save_steps=10**9, logging_steps=1,
+        bf16=args.device == "cuda", lora_r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+        lora_target_modules="all-linear", eval_split=0, save_steps=10**9, logging_steps=1,
         progress_bar=False, max_seq_length=args.max_length, max_prompt_length=args.max_length - 256,
         beta=0.1, loss_type="sigmoid", lr_scheduler_type="constant", warmup_ratio=0.0, seed=0,
         cache_dir=str(args.out_dir / "cache"),
@@ -183,7 +193,7 @@ def run_worker(tool: str, args: argparse.Namespace, data: Path, model: str) -> d
     with tempfile.TemporaryDirectory() as out:
         cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--model", model,
                "--out-dir", out, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
-               "--max-length", str(args.max_length), "--device", args.device]
+               "--max-length", str(args.max_length), "--device", args.device, "--lora", str(args.lora)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{tool} worker failed:\n{done.stderr[-4000:]}")
@@ -209,6 +219,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers; 0: full fine-tune")
     parser.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=1, help="alternate TRL/preftune this many times per dataset")
     args = parser.parse_args()
@@ -227,7 +238,8 @@ def main() -> None:
     import torch
 
     print(f"model: {args.model} | device: {args.device} ({torch.get_num_threads()} threads) | batch {args.batch_size} "
-          f"| {args.steps} steps | full fine-tune | {'bf16' if args.device == 'cuda' else 'fp32'}")
+          f"| {args.steps} steps | {f'LoRA r={args.lora}' if args.lora else 'full fine-tune'} "
+          f"| {'bf16' if args.device == 'cuda' else 'fp32'}")
     header = f"{'dataset':<17} {'tool':<9} {'step s':>8} {'tok/s':>9} {'e2e tok/s':>10} {'peak MB':>9} {'loss@1':>8}"
     rows, ratios = [], []
     for shape in args.datasets:
