@@ -194,6 +194,50 @@ def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model_dir, pairs_
     train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, beta=0.3))
 
 
+def test_a_second_run_into_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, tiny_model_dir, pairs_file):
+    from preftune.trainer import Trainer
+
+    first = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1))
+    first.setup()
+    second = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, resume_from_checkpoint="latest"))
+    with pytest.raises(PreftuneError) as info:
+        second.setup()
+    assert str(info.value) == (
+        f"output_dir {tmp_path / 'run'} is in use by another training run (pid {os.getpid()}); "
+        "wait for it to finish or choose another output_dir"
+    )
+    first.train()  # the lock goes with the run
+    train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=2, resume_from_checkpoint="latest"))
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+def test_a_killed_run_leaves_no_stale_lock(tmp_path, tiny_model_dir, pairs_file):
+    """The lock dies with its process, even under SIGKILL: nothing to clean up by hand."""
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from preftune.checkpoint import OutputDirLock; "
+         f"lock = OutputDirLock({str(out)!r}); lock.acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        cfg = write_config(tmp_path / "c.yaml", tiny_model_dir, pairs_file, out, 1)
+        busy = subprocess.run([sys.executable, "-m", "preftune", "train", str(cfg)], capture_output=True, text=True)
+        assert busy.returncode != 0
+        assert busy.stderr.strip().splitlines()[-1] == (
+            f"preftune: error: output_dir {out} is in use by another training run (pid {holder.pid}); "
+            "wait for it to finish or choose another output_dir"
+        )
+        assert "Traceback" not in busy.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    done = subprocess.run([sys.executable, "-m", "preftune", "train", str(cfg)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def test_full_disk_while_checkpointing_is_a_clear_error(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     cfg = make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=3, save_steps=1, save_total_limit=None)
     real_save = torch.save

@@ -156,6 +156,46 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         model.tie_weights()
 
 
+class OutputDirLock:
+    """An exclusive advisory lock on `output_dir/.lock`, held while one run writes there.
+
+    Two processes training into one folder interleave their metrics and checkpoints, and the damage
+    shows only later. `flock` is released by the kernel when the holder exits, however it exits, so a
+    crash never leaves a stale lock behind; the pid inside is only for the message.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.path = Path(output_dir) / ".lock"
+        self._file: Any = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock, as before
+            return
+        handle = open(self.path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise PreftuneError(
+                f"output_dir {self.path.parent} is in use by another training run (pid {holder}); "
+                "wait for it to finish or choose another output_dir"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._file = handle
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the descriptor releases the flock
+            self._file = None
+
+
 def replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
     """Write a folder beside `target`, then swap it in: readers never see a half-written one."""
     tmp = target.with_name(f".tmp-{target.name}")

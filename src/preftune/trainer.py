@@ -166,9 +166,19 @@ class Trainer:
         self.output_dir = Path(config.output_dir)
         self._stop_signal: int | None = None
         self._context: Any = None  # the objective's per-step context (KTO's KL estimate)
+        self._lock = checkpoint.OutputDirLock(self.output_dir)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
+        """Everything `train()` needs. The main process holds `output_dir`'s lock from here until
+        `train()` returns (or setup fails), so a second run cannot write into the same folder."""
+        try:
+            self._setup()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _setup(self) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -198,6 +208,8 @@ class Trainer:
         cfg.bf16 = self.bf16
 
         self._check_writable()
+        if self.is_main:
+            self._lock.acquire()
         if not cfg.resume_from_checkpoint:
             self._check_fresh_output_dir()
 
@@ -454,6 +466,7 @@ class Trainer:
         try:
             return self._train_loop()
         finally:
+            self._lock.release()
             if in_main_thread:
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
