@@ -167,7 +167,7 @@ def worker_preftune(args: argparse.Namespace) -> dict:
     cfg = validate(TrainConfig(
         model_name=args.model, dataset=str(args.data), output_dir=str(args.out_dir),
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-6,
-        bf16=args.device == "cuda", lora_r=args.lora, lora_alpha=2 * args.lora, lora_dropout=0.0,
+        bf16=args.device == "cuda", lora_r=args.lora, lora_alpha=2 * args.lora or 32, lora_dropout=0.0,
         lora_target_modules="all-linear", eval_split=0, save_steps=10**9, logging_steps=1,
         progress_bar=False, max_seq_length=args.max_length, max_prompt_length=args.max_length - 256,
         beta=0.1, loss_type="sigmoid", lr_scheduler_type="constant", warmup_ratio=0.0, seed=0,
