@@ -106,6 +106,60 @@ def test_data_check_reports_and_fails_on_invalid_records(tmp_path, capsys, pairs
     assert "pairs" in out
 
 
+def test_data_check_for_sft_files(tmp_path, capsys):
+    sft = tmp_path / "sft.jsonl"
+    rows = [
+        {"prompt": "Say hi.", "completion": " hi there friend"},
+        {"prompt": "Say hi.", "completion": " hi there friend"},  # a duplicate
+        {"messages": [{"role": "user", "content": "a b"}, {"role": "assistant", "content": "c d e f"}]},
+        {"text": "one two three"},
+    ]
+    sft.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(capsys, "data", "check", str(sft), "--strategy", "sft", "--format", "json")
+    report = json.loads(out)
+    assert code == 0 and report["num_examples"] == 4 and report["invalid_records"] == 0
+    assert report["shapes"] == {"completion": 2, "messages": 1, "text": 1}
+    assert report["exact_duplicates"] == 1
+    assert report["lengths"]["completion"]["min"] == 3 and report["lengths"]["completion"]["max"] == 4
+    assert report["lengths"]["prompt"]["max"] == 2  # "Say hi." twice; messages and text have no prompt
+    code, out, _ = run(capsys, "data", "check", str(sft), "--strategy", "sft")
+    assert "examples                 4 (2 completion, 1 messages, 1 text)" in out
+    assert "1 exact duplicate example(s) (25.0%)" in out
+
+    sft.write_text('{"prompt": "p", "completion": "c"}\n{"messages": [{"role": "user", "content": "x"}]}\n')
+    code, _, err = run(capsys, "data", "check", str(sft), "--strategy", "sft")
+    assert code == 1
+    assert error_lines(err) == ["preftune: error: sft.jsonl:2: field 'messages' has no assistant message to learn from"]
+
+
+def test_data_check_for_kto_files_reports_the_class_balance(tmp_path, capsys):
+    kto = tmp_path / "kto.jsonl"
+    rows = [{"prompt": f"p{i}", "completion": f" c{i}", "label": i < 6} for i in range(8)]  # 6 desirable, 2 not
+    kto.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, out, _ = run(capsys, "data", "check", str(kto), "--strategy", "kto", "--format", "json")
+    report = json.loads(out)
+    assert code == 0 and (report["desirable"], report["undesirable"]) == (6, 2)
+    assert report["weighted_balance"] == 3.0
+    # Keep undesirable_weight 1: desirable_weight = 7/6 * 2 / 6 = 0.39 puts the balance mid-band.
+    assert report["warnings"] == [
+        "desirable_weight x 6 desirable / (undesirable_weight x 2 undesirable) = 3.00, "
+        "outside KTO's advised [1, 1.33]: try desirable_weight 0.39"
+    ]
+    # The config's strategy and weights are used when given.
+    cfg = tmp_path / "kto.yaml"
+    cfg.write_text(f"strategy: kto\ndataset: {kto}\ndesirable_weight: 0.4\n")
+    code, out, _ = run(capsys, "data", "check", str(kto), "--config", str(cfg), "--format", "json")
+    report = json.loads(out)
+    assert abs(report["weighted_balance"] - 1.2) < 1e-12 and report["warnings"] == []
+
+    kto.write_text('{"prompt": "p", "completion": "c", "label": "maybe"}\n')
+    code, _, err = run(capsys, "data", "check", str(kto), "--strategy", "kto")
+    assert code == 1
+    assert error_lines(err) == [
+        "preftune: error: kto.jsonl:1: field 'label' must be true (desirable) or false (undesirable), got 'maybe'"
+    ]
+
+
 def test_train_through_the_cli_writes_the_run(tmp_path, capsys, tiny_model_dir, pairs):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(

@@ -16,6 +16,7 @@ import warnings
 from typing import Sequence
 
 from preftune import __version__
+from preftune.config import STRATEGIES
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
@@ -91,7 +92,15 @@ def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from preftune.data import check_data, format_report, quality_report
+    from preftune.data import (
+        check_data,
+        check_sft_data,
+        check_unpaired_data,
+        examples_report,
+        format_examples_report,
+        format_report,
+        quality_report,
+    )
 
     model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
     if args.config:
@@ -105,15 +114,28 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         from preftune.batching import effective_prompt_length
 
         max_prompt = effective_prompt_length(max_seq, max_prompt)
-    examples, errors = check_data(args.path, args.split)
-    lengths = _report_lengths(examples, model_name) if (model_name and examples) else None
-    report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
+    strategy = args.strategy or (cfg.strategy if args.config else "dpo")
+    if strategy in ("sft", "kto"):
+        # Supervised and unpaired files: their own validation and report (lengths in words).
+        if strategy == "sft":
+            examples, errors = check_sft_data(args.path, args.split)
+            report = examples_report(examples)
+        else:
+            examples, errors = check_unpaired_data(args.path, args.split)
+            weights = (cfg.desirable_weight, cfg.undesirable_weight) if args.config else (1.0, 1.0)
+            report = examples_report(examples, *weights)
+        text = format_examples_report
+    else:
+        examples, errors = check_data(args.path, args.split)
+        lengths = _report_lengths(examples, model_name) if (model_name and examples) else None
+        report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
+        text = format_report
     report["invalid_records"] = len(errors)
     report["errors"] = errors[:100]
     if args.format == "json":
         print(json.dumps(report, indent=2))
     else:
-        print(format_report(report))
+        print(text(report))
     if errors:
         for message in errors[:20]:
             print(f"preftune: error: {message}", file=sys.stderr)
@@ -365,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="validate a dataset and print its quality report",
         description="Validate every record (errors name the line and field) and report duplicates, ties, "
-        "length bias, prompt diversity and truncation. Exits 1 when any record is invalid.",
+        "length bias, prompt diversity and truncation (for SFT and KTO files: shapes, duplicates, lengths "
+        "and KTO's class balance). Exits 1 when any record is invalid.",
     )
     c.add_argument("path", help="JSONL/JSON/Parquet/CSV file, a datasets folder, or a cached hub dataset name")
     c.add_argument("--format", choices=("text", "json"), default="text")
@@ -374,6 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--config", help="take model_name, max_seq_length and max_prompt_length from a training config")
     c.add_argument("--max-seq-length", type=int, help="report pairs that this limit would truncate")
     c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
+    c.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="what the file is for: sft (prompt/completion, messages or text), kto (prompt/completion/label) "
+        "or a pairwise strategy (the default; or the --config's strategy)",
+    )
     c.set_defaults(func=cmd_data_check)
     data.set_defaults(func=lambda a: data.print_help() or 2)
 

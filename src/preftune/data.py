@@ -541,12 +541,7 @@ def check_data(source: str | Path, split: str = "train") -> tuple[list[Preferenc
 
 def load_preference_data(source: str | Path, split: str = "train") -> list[PreferenceExample]:
     """All examples of a source, or a `PreftuneError` with the first problem and how many more."""
-    examples, errors = check_data(source, split)
-    if errors:
-        more = len(errors) - 1
-        suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
-        raise PreftuneError(errors[0] + suffix)
-    return examples
+    return _raise_first(check_data(source, split))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -662,8 +657,8 @@ def _unpaired_records(location: str, record: Any) -> list[UnpairedExample]:
     return [UnpairedExample(prompt, completion, label, location)]
 
 
-def _load_all(source: str | Path, split: str, convert: Any) -> list[Any]:
-    """Every record through `convert(location, record) -> list`, or the first error and a count."""
+def _check_all(source: str | Path, split: str, convert: Any) -> tuple[list[Any], list[str]]:
+    """Every record through `convert(location, record) -> list`: the examples and every error."""
     examples: list[Any] = []
     errors: list[str] = []
     for location, record in _read_entries(source, split):
@@ -675,6 +670,12 @@ def _load_all(source: str | Path, split: str, convert: Any) -> list[Any]:
         except PreftuneError as exc:
             message = str(exc)
             errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
+    return examples, errors
+
+
+def _raise_first(checked: tuple[list[Any], list[str]]) -> list[Any]:
+    """The examples, or a `PreftuneError` with the first problem and how many more."""
+    examples, errors = checked
     if errors:
         more = len(errors) - 1
         suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
@@ -682,14 +683,24 @@ def _load_all(source: str | Path, split: str, convert: Any) -> list[Any]:
     return examples
 
 
+def check_sft_data(source: str | Path, split: str = "train") -> tuple[list[SFTExample], list[str]]:
+    """Like `check_data`, for supervised examples."""
+    return _check_all(source, split, lambda location, record: [_sft_record(location, record)])
+
+
+def check_unpaired_data(source: str | Path, split: str = "train") -> tuple[list[UnpairedExample], list[str]]:
+    """Like `check_data`, for KTO's unpaired examples."""
+    return _check_all(source, split, _unpaired_records)
+
+
 def load_sft_data(source: str | Path, split: str = "train") -> list[SFTExample]:
     """Supervised examples (see `SFTExample` for the shapes); errors name the record and field."""
-    return _load_all(source, split, lambda location, record: [_sft_record(location, record)])
+    return _raise_first(check_sft_data(source, split))
 
 
 def load_unpaired_data(source: str | Path, split: str = "train") -> list[UnpairedExample]:
     """KTO examples: `prompt`/`completion`/`label` records, and preference pairs split in two."""
-    return _load_all(source, split, _unpaired_records)
+    return _raise_first(check_unpaired_data(source, split))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -870,9 +881,12 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
 
+    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))
+
+
+def _length_table(report: dict[str, Any], width: int) -> list[str]:
     columns = ("min", "mean", "median", "p95", "max")
-    lines.append("")
-    lines.append(f"{'length (' + report['length_unit'] + ')':<{width}}" + "".join(f"{c:>9}" for c in columns))
+    lines = ["", f"{'length (' + report['length_unit'] + ')':<{width}}" + "".join(f"{c:>9}" for c in columns)]
     for name, stats in report["lengths"].items():
         # counts are whole numbers; mean, median and p95 may fall between them
         cells = "".join(
@@ -880,8 +894,103 @@ def format_report(report: dict[str, Any]) -> str:
             for c in columns
         )
         lines.append(f"  {name:<{width - 2}}{cells}")
-    if report["warnings"]:
-        lines.append("")
-        lines.append("warnings:")
-        lines.extend(f"  - {w}" for w in report["warnings"])
-    return "\n".join(lines)
+    return lines
+
+
+def _warning_lines(report: dict[str, Any]) -> list[str]:
+    return ["", "warnings:"] + [f"  - {w}" for w in report["warnings"]] if report["warnings"] else []
+
+
+# KTO's advice (Ethayarajh et al. 2024, section 4.2; TRL's KTOConfig docs): weigh the two classes so that
+# desirable_weight * n_desirable / (undesirable_weight * n_undesirable) lies in [1, 4/3].
+KTO_BALANCE_BAND = (1.0, 4 / 3)
+
+
+def kto_balance_advice(desirable: int, undesirable: int, desirable_weight: float, undesirable_weight: float) -> str | None:
+    """A warning with a better `desirable_weight` when the weighted class balance is outside
+    KTO's band, else None. Both classes must be present."""
+    balance = desirable_weight * desirable / (undesirable_weight * undesirable)
+    low, high = KTO_BALANCE_BAND
+    if low <= balance <= high + 1e-9:
+        return None
+    hint = (low + high) / 2 * undesirable_weight * undesirable / desirable  # keeps undesirable_weight
+    return (
+        f"desirable_weight x {desirable} desirable / (undesirable_weight x {undesirable} undesirable) = "
+        f"{balance:.2f}, outside KTO's advised [1, 1.33]: try desirable_weight {hint:.2f}"
+    )
+
+
+def examples_report(
+    examples: Sequence[SFTExample | UnpairedExample], desirable_weight: float = 1.0, undesirable_weight: float = 1.0
+) -> dict[str, Any]:
+    """The quality report of supervised (SFT) or unpaired (KTO) examples: shapes, duplicates,
+    lengths in words, and for KTO the class balance that its weights should offset."""
+    total = len(examples)
+    unpaired = bool(examples) and isinstance(examples[0], UnpairedExample)
+
+    def parts(ex: Any) -> tuple[str, str]:
+        if isinstance(ex, UnpairedExample) or ex.kind == "completion":
+            return _flat_text(ex.prompt or ""), _flat_text(ex.completion)
+        if ex.kind == "messages":  # what is learned (assistant turns) against what is read
+            said = [m for m in ex.messages if m["role"] == "assistant"]
+            return _flat_text([m for m in ex.messages if m["role"] != "assistant"]), _flat_text(said)
+        return "", ex.text
+
+    texts = [parts(ex) for ex in examples]
+    keys = Counter(
+        _key([ex.prompt, ex.completion, ex.label]) if isinstance(ex, UnpairedExample)
+        else _key([ex.prompt, ex.completion, ex.messages, ex.text])
+        for ex in examples
+    )
+    report: dict[str, Any] = {
+        "kind": "unpaired" if unpaired else "sft",
+        "num_examples": total,
+        "shapes": dict(Counter("completion" if isinstance(ex, UnpairedExample) else ex.kind for ex in examples)),
+        "exact_duplicates": sum(n - 1 for n in keys.values()),
+        "length_unit": "words",
+        "lengths": {
+            "prompt": _stats([len(p.split()) for p, _ in texts if p]),
+            "completion": _stats([len(c.split()) for _, c in texts]),
+        },
+        "completion_distinct_1": _distinct_n((c for _, c in texts), 1),
+        "completion_distinct_2": _distinct_n((c for _, c in texts), 2),
+        "warnings": [],
+    }
+    warnings: list[str] = report["warnings"]
+    if total == 0:
+        warnings.append("no examples")
+        return report
+    if report["exact_duplicates"]:
+        n = report["exact_duplicates"]
+        warnings.append(f"{n} exact duplicate example(s) ({_percent(n, total)}): they weigh more and can leak into the eval split")
+    if unpaired:
+        desirable = sum(ex.label for ex in examples)
+        undesirable = total - desirable
+        report.update(desirable=desirable, undesirable=undesirable, desirable_weight=desirable_weight,
+                      undesirable_weight=undesirable_weight)
+        if desirable == 0 or undesirable == 0:
+            warnings.append(f"only {'undesirable' if desirable == 0 else 'desirable'} examples: KTO needs both")
+            report["weighted_balance"] = None
+        else:
+            report["weighted_balance"] = desirable_weight * desirable / (undesirable_weight * undesirable)
+            advice = kto_balance_advice(desirable, undesirable, desirable_weight, undesirable_weight)
+            if advice:
+                warnings.append(advice)
+    return report
+
+
+def format_examples_report(report: dict[str, Any]) -> str:
+    """`examples_report` as aligned lines for a terminal."""
+    total = report["num_examples"]
+    shapes = ", ".join(f"{n} {shape}" for shape, n in sorted(report["shapes"].items()))
+    rows = [
+        ("examples" if report["kind"] == "sft" else "unpaired examples", f"{total}" + (f" ({shapes})" if shapes else "")),
+        ("exact duplicates", f"{report['exact_duplicates']} ({_percent(report['exact_duplicates'], total)})" if total else "0"),
+        ("completion distinct-1/2", f"{_number(report['completion_distinct_1'])} / {_number(report['completion_distinct_2'])}"),
+    ]
+    if report["kind"] == "unpaired":
+        rows.append(("desirable / undesirable", f"{report['desirable']} / {report['undesirable']}"))
+        rows.append(("weighted balance", f"{_number(report['weighted_balance'])} (KTO advises 1 to 1.33)"))
+    width = max(len(label) for label, _ in rows) + 2
+    lines = [f"{label:<{width}}{value}" for label, value in rows]
+    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))

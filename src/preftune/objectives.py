@@ -29,7 +29,7 @@ from torch import nn
 
 from preftune.batching import collate_pairs, tokenize_dataset, tokenize_unpaired
 from preftune.config import TrainConfig
-from preftune.data import load_preference_data, load_sft_data, load_unpaired_data
+from preftune.data import kto_balance_advice, load_preference_data, load_sft_data, load_unpaired_data
 from preftune.logprobs import CompletionLogprobs, completion_logps
 from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
 from preftune.reference import eval_mode
@@ -260,14 +260,9 @@ class KTOObjective(Objective):
         desirable = sum(e.label for e in examples)
         undesirable = len(examples) - desirable
         if desirable and undesirable:
-            # The paper's advice (Sec. 4.2): lambda_D n_D / (lambda_U n_U) in [1, 4/3].
-            ratio = self.cfg.desirable_weight * desirable / (self.cfg.undesirable_weight * undesirable)
-            if not 1.0 <= ratio <= 4 / 3 + 1e-9:
-                log.warning(
-                    "%s: %d desirable and %d undesirable examples with weights %g/%g give a ratio of %.2f; the KTO "
-                    "paper recommends desirable_weight * n_desirable / (undesirable_weight * n_undesirable) in [1, 4/3]",
-                    source, desirable, undesirable, self.cfg.desirable_weight, self.cfg.undesirable_weight, ratio,
-                )
+            advice = kto_balance_advice(desirable, undesirable, self.cfg.desirable_weight, self.cfg.undesirable_weight)
+            if advice:
+                log.warning("%s: %s", source, advice)
         return examples
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
