@@ -521,16 +521,23 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
 
 def check_records(records: Iterable[tuple[str, dict]]) -> tuple[list[PreferenceExample], list[str]]:
     """Validate every record: the valid examples and every error message, in source order."""
-    examples: list[PreferenceExample] = []
+    return _convert_all(records, lambda location, record: [validate_record(location, record)])
+
+
+def _convert_all(records: Iterable[tuple[str, Any]], convert: Any) -> tuple[list[Any], list[str]]:
+    """Every record through `convert(location, record) -> list`: the examples and every error
+    (each prefixed with its location), unreadable lines among them, in source order."""
+    examples: list[Any] = []
     errors: list[str] = []
     for location, record in records:
         if isinstance(record, _Unreadable):
             errors.append(record.message)
             continue
         try:
-            examples.append(validate_record(location, record))
+            examples.extend(convert(location, record))
         except PreftuneError as exc:
-            errors.append(str(exc))
+            message = str(exc)
+            errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
     return examples, errors
 
 
@@ -658,19 +665,7 @@ def _unpaired_records(location: str, record: Any) -> list[UnpairedExample]:
 
 
 def _check_all(source: str | Path, split: str, convert: Any) -> tuple[list[Any], list[str]]:
-    """Every record through `convert(location, record) -> list`: the examples and every error."""
-    examples: list[Any] = []
-    errors: list[str] = []
-    for location, record in _read_entries(source, split):
-        if isinstance(record, _Unreadable):
-            errors.append(record.message)
-            continue
-        try:
-            examples.extend(convert(location, record))
-        except PreftuneError as exc:
-            message = str(exc)
-            errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
-    return examples, errors
+    return _convert_all(_read_entries(source, split), convert)
 
 
 def _raise_first(checked: tuple[list[Any], list[str]]) -> list[Any]:
