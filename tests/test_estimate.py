@@ -36,6 +36,27 @@ def test_components_by_hand(tiny_model_dir):
     assert lora["total"] < full["total"]
 
 
+def test_each_strategy_has_its_own_layout(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    per_token = 2 * (10 * 32 + 4 * 64) * 4  # layers x per-layer values x fp32
+
+    def parts(**keys):
+        cfg = TrainConfig(max_seq_length=96, max_prompt_length=32, reference="copy", **keys)
+        return estimate(shape, cfg, "full", batch_size=2, checkpointing=False, bf16=False)
+
+    dpo, plain = parts(strategy="dpo"), parts(strategy="dpo", share_prompt=False)
+    assert plain["activations"] == 2 * 2 * 96 * per_token and dpo["activations"] == 2 * (32 + 128) * per_token
+    assert parts(strategy="sft")["activations"] == 2 * 96 * per_token
+    assert parts(strategy="sft")["output head"] == 2 * 96 * 320 * 4 * 3
+    kto = parts(strategy="kto")
+    assert kto["activations"] == 2 * 96 * per_token and kto["output head"] == 2 * 64 * 320 * 4 * 3
+    assert kto["reference"] == 39072 * 4  # KTO keeps its reference
+    for strategy in ("sft", "orpo", "simpo", "cpo", "reward"):  # these train without one
+        assert parts(strategy=strategy)["reference"] == 0, strategy
+    reward = parts(strategy="reward")
+    assert reward["activations"] == 2 * 2 * 96 * per_token and reward["output head"] == 0
+
+
 def test_fitting_and_sizes(tiny_model_dir):
     shape = model_shape(str(tiny_model_dir))
     cfg = TrainConfig(max_seq_length=96)

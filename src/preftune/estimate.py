@@ -7,15 +7,17 @@ nothing. The estimate adds, per process:
   fp32 without bf16) under LoRA, 4-bit NF4 for the linear layers under QLoRA (0.5 byte a parameter
   plus double-quantised scales, about 0.53) with the rest in bf16;
 - gradients and AdamW's two moments for the trainable parameters, in fp32;
-- the reference: nothing when its log-probs are precomputed or it is the disabled adapter, a second
-  copy of the base weights for `copy`;
+- the reference: nothing when its log-probs are precomputed, it is the disabled adapter, or the
+  strategy uses none (SFT, ORPO, SimPO, CPO, reward); a second copy of the base weights for `copy`;
 - activations kept for backward, per token and layer: about 10 hidden-size and 4 intermediate-size
   values (norm inputs, q/k/v, attention output, MLP gate/up/activation/down input), in the compute
   dtype; with gradient checkpointing, one hidden-size value per layer plus one layer's worth. Attention
-  itself is SDPA/flash (no stored scores). Tokens per micro-batch assume the worst case of the shared
-  prompt layout: batch x (max_prompt_length + 2 x completion budget);
-- the output head over completion tokens in 1024-position chunks: logits, their log-softmax and its
-  gradient in fp32;
+  itself is SDPA/flash (no stored scores). Tokens per micro-batch assume the worst case of the
+  strategy's layout: for pairs with the shared prompt batch x (max_prompt_length + 2 x completion
+  budget), without it 2 x batch x max_seq_length; SFT and KTO batch x max_seq_length; a reward model
+  2 x batch x max_seq_length;
+- the output head over the scored tokens in 1024-position chunks: logits, their log-softmax and its
+  gradient in fp32 (none for a reward model);
 - a fixed allowance for the CUDA context and allocator (0.5 GiB).
 
 It is an estimate: allocator fragmentation and kernels' workspaces vary. Where a GPU is available,
@@ -71,6 +73,25 @@ def model_shape(name: str) -> ModelShape:
     )
 
 
+REFERENCE_STRATEGIES = ("dpo", "kto")  # the others train without a reference model
+
+
+def _tokens(cfg: TrainConfig, batch_size: int) -> tuple[int, int]:
+    """(tokens whose activations a micro-batch keeps for backward, positions the output head
+    scores), at the length limits, for the strategy's layout."""
+    prompt = effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length)
+    completion = cfg.max_seq_length - prompt
+    if cfg.strategy == "sft":  # one sequence an example, all of it scored at most
+        return batch_size * cfg.max_seq_length, batch_size * cfg.max_seq_length
+    if cfg.strategy == "kto":  # one completion an example; the mismatched pairs run without gradient
+        return batch_size * cfg.max_seq_length, batch_size * completion
+    if cfg.strategy == "reward":  # chosen and rejected as whole sequences; a one-number head, no vocabulary
+        return 2 * batch_size * cfg.max_seq_length, 0
+    if cfg.share_prompt:  # pairs: the prompt once, then both completions (see batching.py)
+        return batch_size * (prompt + 2 * completion), batch_size * 2 * completion
+    return 2 * batch_size * cfg.max_seq_length, batch_size * 2 * completion
+
+
 def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, checkpointing: bool, bf16: bool) -> dict[str, float]:
     """Bytes by component for one process; `mode` is full, lora or qlora."""
     compute_bytes = 2 if bf16 else 4
@@ -87,18 +108,15 @@ def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, ch
     else:
         raise ValueError(mode)
     reference = 0.0
-    if cfg.reference == "copy":
+    if cfg.reference == "copy" and cfg.strategy in REFERENCE_STRATEGIES:
         reference = shape.params * (0.53 if mode == "qlora" else compute_bytes if mode != "full" else 4)
-    prompt = effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length)
-    completion = cfg.max_seq_length - prompt
-    tokens = batch_size * (prompt + 2 * completion)
+    tokens, scored = _tokens(cfg, batch_size)
     per_token_layer = (10 * shape.hidden + 4 * shape.intermediate) * compute_bytes
     if checkpointing:
         activations = tokens * shape.layers * shape.hidden * compute_bytes + tokens * per_token_layer
     else:
         activations = tokens * shape.layers * per_token_layer
-    scored = min(LOGPROB_CHUNK, batch_size * 2 * completion)
-    head = scored * shape.vocab * 4 * 3
+    head = min(LOGPROB_CHUNK, scored) * shape.vocab * 4 * 3
     parts = {
         "weights": weights,
         "gradients": trainable * 4,
@@ -136,7 +154,9 @@ def report(name: str, cfg: TrainConfig, gpu_memory: str | None) -> str:
     lines = [
         f"model {name}: {shape.params / 1e6:.1f}M parameters ({shape.layers} layers, hidden {shape.hidden}, "
         f"vocab {shape.vocab}); batch {batch}, max_seq_length {cfg.max_seq_length}, "
-        f"{'bf16' if bf16 else 'fp32'}, reference {cfg.reference}, gradient_checkpointing {cfg.gradient_checkpointing}",
+        f"{'bf16' if bf16 else 'fp32'}, strategy {cfg.strategy}, "
+        f"reference {cfg.reference if cfg.strategy in REFERENCE_STRATEGIES else 'none'}, "
+        f"gradient_checkpointing {cfg.gradient_checkpointing}",
         "",
         f"{'GiB':<12}" + "".join(f"{m:>10}" for m in ("full", "lora", "qlora")),
     ]
