@@ -9,12 +9,14 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from test_trainer import synthetic_pairs
 
 CONFIG = """\
+strategy: {strategy}
 model_name: {model}
 dataset: {data}
 output_dir: {out}
@@ -30,6 +32,7 @@ lora_r: 0
 eval_split: 6
 max_seq_length: 64
 progress_bar: false
+cache_dir: {out}-cache
 """
 
 
@@ -43,14 +46,18 @@ def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_two_processes_match_one(tmp_path, tiny_model_dir):
+# DPO, and the strategies whose step is built differently: SFT normalises by trained tokens, KTO
+# computes its KL reference point over the whole global batch before the micro-batches, ORPO adds
+# an NLL term, and the reward model is a sequence classifier.
+@pytest.mark.parametrize("strategy", ["dpo", "sft", "kto", "orpo", "reward"])
+def test_two_processes_match_one(tmp_path, tiny_model_dir, strategy):
     data = tmp_path / "pairs.jsonl"
     # 30 training pairs with a global batch of 8: the last step of the epoch is short (6 pairs).
     data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(36, seed=5)))
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
     two = tmp_path / "two"
-    (tmp_path / "two.yaml").write_text(CONFIG.format(model=tiny_model_dir, data=data, out=two, batch=2))
+    (tmp_path / "two.yaml").write_text(CONFIG.format(strategy=strategy, model=tiny_model_dir, data=data, out=two, batch=2))
     launch = [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -61,7 +68,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir):
     assert "x 2 processes" in done.stderr
 
     one = tmp_path / "one"
-    (tmp_path / "one.yaml").write_text(CONFIG.format(model=tiny_model_dir, data=data, out=one, batch=4))
+    (tmp_path / "one.yaml").write_text(CONFIG.format(strategy=strategy, model=tiny_model_dir, data=data, out=one, batch=4))
     done = subprocess.run([sys.executable, "-m", "preftune", "train", str(tmp_path / "one.yaml")], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -403,10 +403,17 @@ class Trainer:
         key = cache_key(models.model_fingerprint(ref_model), pairs, settings)
         root = Path(cfg.cache_dir) if cfg.cache_dir else models.cache_dir()
         path = root / "reference" / f"{key}.safetensors"
-        cached = load_cached(path)
-        if cached is not None and cached[0].shape[0] == len(pairs):
+        # The main process decides, and every process follows: a process that looked for the file
+        # itself could find the one the main process has just written, skip the barrier below
+        # and desynchronise the collectives (a hang).
+        cached = load_cached(path) if self.is_main else None
+        hit = self._main_says(cached is not None and cached[0].shape[0] == len(pairs))
+        if hit:
             if self.is_main:
                 log.info("reusing precomputed reference log-probs: %s (%d pairs)", path, len(pairs))
+            cached = cached or load_cached(path)
+            if cached is None:
+                raise PreftuneError(f"could not read precomputed reference log-probs from {path}")
             return PrecomputedReference(*cached)
         started = time.perf_counter()
         if self.is_main:
@@ -596,6 +603,15 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return last
+
+    def _main_says(self, answer: bool) -> bool:
+        """The main process's `answer`, on every process."""
+        if self.accelerator.num_processes == 1:
+            return answer
+        from accelerate.utils import broadcast
+
+        flag = torch.tensor([float(answer)], device=self.accelerator.device)
+        return bool(broadcast(flag, from_process=0).item())
 
     def _stop_requested(self) -> int:
         """The signal number when any process was asked to stop (agreed across ranks), else 0."""
