@@ -196,8 +196,16 @@ def test_precomputed_reference_is_cached_and_reused(tmp_path, tiny_model_dir, pa
     assert len(list((tmp_path / "cache" / "reference").glob("*.safetensors"))) == 2
 
 
-def test_resume_continues_exactly(tmp_path, tiny_model_dir, pairs_file):
-    full = make_config(tmp_path / "full", tiny_model_dir, pairs_file, max_steps=6, save_steps=2, save_total_limit=None)
+@pytest.mark.parametrize(
+    "strategy, extra",
+    [("dpo", {}), ("sft", {"packing": True}), ("kto", {}), ("orpo", {}), ("reward", {})],
+)
+def test_resume_continues_exactly(tmp_path, tiny_model_dir, pairs_file, strategy, extra):
+    """Each strategy's step state (SFT's packed rows, KTO's reference point, ...) survives a resume."""
+    full = make_config(
+        tmp_path / "full", tiny_model_dir, pairs_file, max_steps=6, save_steps=2, save_total_limit=None,
+        strategy=strategy, **extra,
+    )
     train(full)
     run = tmp_path / "full" / "run"
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-2", "step-4", "step-6"]
@@ -208,7 +216,7 @@ def test_resume_continues_exactly(tmp_path, tiny_model_dir, pairs_file):
     shutil.rmtree(crashed / "final")
     resumed = make_config(
         tmp_path / "crashed", tiny_model_dir, pairs_file, max_steps=6, save_steps=2, save_total_limit=None,
-        resume_from_checkpoint="latest",
+        resume_from_checkpoint="latest", strategy=strategy, **extra,
     )
     train(resumed)
     a, b = read_metrics(run), read_metrics(crashed)
