@@ -55,6 +55,13 @@ def test_each_strategy_has_its_own_layout(tiny_model_dir):
         assert parts(strategy=strategy)["reference"] == 0, strategy
     reward = parts(strategy="reward")
     assert reward["activations"] == 2 * 2 * 96 * per_token and reward["output head"] == 0
+    # The LM head (untied here: 320 x 32) gives way to a 32 -> 1 score head.
+    assert shape.head_params == 320 * 32
+    from preftune.models import load_reward_model
+
+    real = load_reward_model(str(tiny_model_dir), pad_token_id=0)
+    assert sum(p.numel() for p in real.parameters()) == 39072 - 320 * 32 + 32
+    assert reward["weights"] == (39072 - 320 * 32 + 32) * 4
 
 
 def test_fitting_and_sizes(tiny_model_dir):

@@ -26,6 +26,7 @@ compare with `torch.cuda.max_memory_allocated()` of a real run.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ LOGPROB_CHUNK = 1024
 class ModelShape:
     params: int  # all parameters
     linear_params: int  # in nn.Linear layers other than the output head (what LoRA and 4-bit touch)
+    head_params: int  # the output head's own weights: 0 when tied to the input embeddings
     lora_params_per_rank: int  # sum of (in + out) over those layers: LoRA adds r times this
     hidden: int
     intermediate: int
@@ -65,6 +67,7 @@ def model_shape(name: str) -> ModelShape:
     return ModelShape(
         params=sum(p.numel() for p in model.parameters()),
         linear_params=sum(m.weight.numel() for m in linear),
+        head_params=0 if head is None or head.weight is model.get_input_embeddings().weight else head.weight.numel(),
         lora_params_per_rank=sum(m.in_features + m.out_features for m in linear),
         hidden=hidden,
         intermediate=getattr(config, "intermediate_size", None) or 4 * hidden,
@@ -94,6 +97,8 @@ def _tokens(cfg: TrainConfig, batch_size: int) -> tuple[int, int]:
 
 def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, checkpointing: bool, bf16: bool) -> dict[str, float]:
     """Bytes by component for one process; `mode` is full, lora or qlora."""
+    if cfg.strategy == "reward":  # a sequence classifier: the LM head is replaced by a hidden -> 1 score
+        shape = dataclasses.replace(shape, params=shape.params - shape.head_params + shape.hidden, head_params=0)
     compute_bytes = 2 if bf16 else 4
     rank = int(cfg.lora_r or 16)
     if mode == "full":
