@@ -12,6 +12,23 @@ from pathlib import Path
 
 import pytest
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """The tests' precomputed references and converted models go to a temporary cache, not the
+    user's (subprocesses inherit it through the environment). `PREFTUNE_SLOW_TESTS` runs keep the
+    user's cache, so the real model is converted once, not every session."""
+    if os.environ.get("PREFTUNE_SLOW_TESTS"):
+        yield
+        return
+    old = os.environ.get("PREFTUNE_CACHE")
+    os.environ["PREFTUNE_CACHE"] = str(tmp_path_factory.mktemp("preftune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PREFTUNE_CACHE", None)
+    else:
+        os.environ["PREFTUNE_CACHE"] = old
+
+
 CHATML = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
