@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -42,6 +43,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_group(cmd, env, timeout=300):
+    """Run a launcher in its own process group; on a timeout kill the whole group, so hung worker
+    processes do not outlive the test."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def records(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
@@ -63,7 +77,7 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, strategy):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), "-m", "preftune", "train", str(tmp_path / "two.yaml"),
     ]
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
+    done = run_group(launch, env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "x 2 processes" in done.stderr
 
