@@ -135,3 +135,33 @@ def test_frozen_head_gradient_in_forward_matches_autograd(share_prompt):
     assert type(slow.grad_fn).__name__ != "_FrozenHeadLogpsBackward"
     assert torch.allclose(fast, slow, atol=1e-6) and torch.equal(fast_hits, slow_hits)
     assert correct.sum() <= counts.sum()
+
+
+def naive_wpo(model, pairs):
+    """Per completion: sum over its tokens of log p(token) - log sum_v p_v^2, from full logits."""
+    out = {0: [], 1: []}
+    for p in pairs:
+        for slot, completion in enumerate((p.chosen_ids, p.rejected_ids)):
+            ids = torch.tensor([p.prompt_ids + completion])
+            logps = model(input_ids=ids).logits.float()[0, :-1].log_softmax(-1)[len(p.prompt_ids) - 1 :]
+            token = logps.gather(-1, ids[0, len(p.prompt_ids) :, None]).squeeze(-1)
+            out[slot].append((token - torch.log((logps.exp() ** 2).sum(-1))).sum())
+    return torch.stack(out[0] + out[1])
+
+
+@pytest.mark.parametrize("head_trains", [True, False])
+@pytest.mark.parametrize("softcap", [False, True])
+def test_wpo_sums_match_full_logits(head_trains, softcap):
+    model = build_tiny_model(64, seed=5)
+    if softcap:
+        model.config.final_logit_softcapping = 30.0  # the model's own forward: the generic path
+    model.get_output_embeddings().weight.requires_grad_(head_trains)
+    pairs = make_pairs(64)
+    module = CompletionLogprobs(model, chunk_size=3, wpo=True)
+    sums, counts, wpo = completion_logps(module, collate_pairs(pairs, pad_id=0))
+    with torch.no_grad():
+        expected = naive_wpo(model, pairs)
+    assert not wpo.requires_grad and sums.requires_grad
+    assert torch.allclose(wpo, expected, atol=1e-5), (wpo, expected)
+    assert torch.isfinite(wpo).all()
+    assert wpo.shape == counts.shape == (6,)

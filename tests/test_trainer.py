@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import random
+import re
 import shutil
 
 import pytest
@@ -109,6 +110,44 @@ def test_first_sigmoid_step_is_ln2_and_metrics_use_trl_names(tmp_path, tiny_mode
     assert (final / "adapter_config.json").is_file() and (final / "adapter_model.safetensors").is_file()
     assert (final / "tokenizer_config.json").is_file()
     assert (tmp_path / "run" / "config.resolved.yaml").is_file()
+
+
+def test_wpo_weights_each_pair_by_hand(tmp_path, tiny_model_dir, pairs_file):
+    """use_weighting: at step 1 policy = reference, so every pair's sigmoid loss is ln 2 and the
+    step's loss is ln 2 times the mean of w(chosen) * w(rejected), computed here from full logits."""
+    from transformers import AutoModelForCausalLM
+
+    from preftune.trainer import Trainer
+    from test_logprobs import naive_wpo
+
+    trainer = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, use_weighting=True))
+    trainer.setup()
+    indices, _ = step_examples(len(trainer.train_items), trainer.global_batch, trainer.cfg.seed, 0)
+    pairs = [trainer.train_items[i] for i in indices]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        sums = naive_wpo(model, pairs)
+    lengths = torch.tensor([len(p.chosen_ids) for p in pairs] + [len(p.rejected_ids) for p in pairs])
+    weights = torch.exp(sums / lengths)
+    pair_weights = weights[: len(pairs)] * weights[len(pairs) :]
+    assert 0 < pair_weights.min() and pair_weights.max() < 1  # a real weighting, not all ones
+    trainer.train()
+    first = read_metrics(tmp_path / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2) * pair_weights.mean().item(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"strategy": "kto"}, "'use_weighting' (WPO) weighs DPO's pairs; strategy is 'kto'"),
+        ({"loss_type": ["sigmoid", "aot"]}, "'use_weighting' cannot weigh the aot losses"),
+    ],
+)
+def test_wpo_refuses_what_it_cannot_weigh(tmp_path, tiny_model_dir, pairs_file, keys, message):
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match="^config: " + re.escape(message)):
+        make_config(tmp_path, tiny_model_dir, pairs_file, use_weighting=True, **keys)
 
 
 def test_learns_a_synthetic_preference(tmp_path, tiny_model_dir, pairs_file):

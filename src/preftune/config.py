@@ -71,6 +71,7 @@ class TrainConfig:
     f_divergence_type: str = "reverse_kl"
     f_alpha: float = 0.5
     discopop_tau: float = 0.05
+    use_weighting: bool = False  # WPO: weigh each pair by the policy's length-normalised probabilities
 
     # Other strategies (TRL's names)
     completion_only_loss: bool = True  # sft: loss on completions / assistant turns only
@@ -242,6 +243,14 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
     _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
     _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")
+    if cfg.use_weighting:
+        _check(cfg.strategy == "dpo", where, f"'use_weighting' (WPO) weighs DPO's pairs; strategy is '{cfg.strategy}'")
+        mix = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+        _check(
+            not any(t in ("aot", "aot_unpaired") for t in mix),
+            where,
+            "'use_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair",
+        )
     _check(
         cfg.ref_model_name is None or cfg.reference in ("auto", "copy", "precomputed"),
         where,

@@ -42,14 +42,25 @@ def split_body_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def _token_logps(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = head(hidden).float()
-    return -F.cross_entropy(logits, targets, reduction="none")
+def _log_sq_mass(log_probs_or_logits: torch.Tensor, normalised: bool) -> torch.Tensor:
+    """log sum_v p_v^2 per position (WPO's normaliser), from log-probs or from raw logits."""
+    if normalised:
+        return torch.logsumexp(2.0 * log_probs_or_logits, dim=-1)
+    return torch.logsumexp(2.0 * log_probs_or_logits, dim=-1) - 2.0 * torch.logsumexp(log_probs_or_logits, dim=-1)
 
 
-def _token_logps_and_hits(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_stats(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, hits: bool, sq_mass: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(target), argmax hits, log sum p^2) of one chunk; the last two are empty unless asked
+    for, and carry no gradient."""
     logits = head(hidden).float()
-    return -F.cross_entropy(logits, targets, reduction="none"), (logits.argmax(-1) == targets).float()
+    logps = -F.cross_entropy(logits, targets, reduction="none")
+    empty = logps.new_zeros(0)
+    with torch.no_grad():
+        hit = (logits.argmax(-1) == targets).float() if hits else empty
+        sq = _log_sq_mass(logits, normalised=False) if sq_mass else empty
+    return logps, hit, sq
 
 
 class _FrozenHeadLogps(torch.autograd.Function):
@@ -62,26 +73,31 @@ class _FrozenHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int, want_hits: bool):  # type: ignore[override]
-        logps = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
-        hits = hidden.new_zeros(hidden.shape[0] if want_hits else 0, dtype=torch.float32)
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor, chunk_size: int, want_hits: bool, want_sq: bool):  # type: ignore[override]
+        n = hidden.shape[0]
+        logps = hidden.new_empty(n, dtype=torch.float32)
+        hits = hidden.new_zeros(n if want_hits else 0, dtype=torch.float32)
+        sq = hidden.new_zeros(n if want_sq else 0, dtype=torch.float32)
         grad = torch.empty_like(hidden)
-        for start in range(0, hidden.shape[0], chunk_size):
+        for start in range(0, n, chunk_size):
             h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+            part = slice(start, start + len(t))
             log_probs = F.linear(h, weight, bias).float().log_softmax(-1)
-            logps[start : start + len(t)] = log_probs.gather(1, t[:, None]).squeeze(1)
+            logps[part] = log_probs.gather(1, t[:, None]).squeeze(1)
             if want_hits:
-                hits[start : start + len(t)] = (log_probs.argmax(-1) == t).float()
+                hits[part] = (log_probs.argmax(-1) == t).float()
+            if want_sq:
+                sq[part] = _log_sq_mass(log_probs, normalised=True)
             probs = log_probs.exp_().to(weight.dtype)
-            grad[start : start + len(t)] = (weight[t] - probs @ weight).to(hidden.dtype)
+            grad[part] = (weight[t] - probs @ weight).to(hidden.dtype)
         ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(hits)
-        return logps, hits
+        ctx.mark_non_differentiable(hits, sq)
+        return logps, hits, sq
 
     @staticmethod
-    def backward(ctx, grad_logps: torch.Tensor, grad_hits: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_logps: torch.Tensor, grad_hits: torch.Tensor, grad_sq: torch.Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return grad * grad_logps[:, None].to(grad.dtype), None, None, None, None, None
+        return grad * grad_logps[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
 def _frozen_linear_head(head: nn.Module, hidden: torch.Tensor) -> bool:
@@ -94,28 +110,32 @@ def _frozen_linear_head(head: nn.Module, hidden: torch.Tensor) -> bool:
     )
 
 
+def chunked_token_stats(
+    head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, hits: bool = False, sq_mass: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(log p(target | hidden), hits, log sum_v p_v^2) for N positions, materialising at most
+    `chunk_size` x vocab logits. `hits` (whether each target is the most likely token: SFT's token
+    accuracy) and `sq_mass` (WPO's normaliser) are empty unless asked for; neither has a gradient."""
+    if _frozen_linear_head(head, hidden):
+        return _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, hits, sq_mass)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
+        args = (head, h, t, hits, sq_mass)
+        parts.append(checkpoint(_token_stats, *args, use_reentrant=False) if grad else _token_stats(*args))
+    if not parts:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return empty, empty, empty
+    return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
+
+
 def chunked_token_logps(
     head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024, hits: bool = False
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """log p(target | hidden) for N positions, materialising at most `chunk_size` x vocab logits.
-    With `hits`, also whether each target is the most likely token (for SFT's token accuracy)."""
-    if _frozen_linear_head(head, hidden):
-        logps, hit = _FrozenHeadLogps.apply(hidden, head.weight, head.bias, targets, chunk_size, hits)
-        return (logps, hit) if hits else logps
-    parts, hit_parts = [], []
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or any(p.requires_grad for p in head.parameters()))
-    fn = _token_logps_and_hits if hits else _token_logps
-    for start in range(0, hidden.shape[0], chunk_size):
-        h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        out = checkpoint(fn, head, h, t, use_reentrant=False) if grad else fn(head, h, t)
-        if hits:
-            parts.append(out[0]), hit_parts.append(out[1])
-        else:
-            parts.append(out)
-    if not parts:
-        empty = hidden.new_zeros(0, dtype=torch.float32)
-        return (empty, empty) if hits else empty
-    return (torch.cat(parts), torch.cat(hit_parts)) if hits else torch.cat(parts)
+    """log p(target | hidden) for N positions (and with `hits`, the argmax hits), in chunks."""
+    logps, hit, _ = chunked_token_stats(head, hidden, targets, chunk_size, hits=hits)
+    return (logps, hit) if hits else logps
 
 
 MODEL_INPUTS = (
@@ -153,11 +173,12 @@ class CompletionLogprobs(nn.Module):
     `accelerate`'s DDP/FSDP wrappers see it and synchronise gradients as usual.
     """
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024, token_accuracy: bool = False) -> None:
+    def __init__(self, model: nn.Module, chunk_size: int = 1024, token_accuracy: bool = False, wpo: bool = False) -> None:
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
         self.token_accuracy = token_accuracy  # also count argmax hits per output (SFT's metric)
+        self.wpo = wpo  # also sum log p(token) - log sum_v p_v^2 per output (WPO's weights)
 
     def forward(
         self,
@@ -172,32 +193,36 @@ class CompletionLogprobs(nn.Module):
         output_slot: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         """(sums, counts), one per output (`len(output_slot)` of them): for pairs 2B, pair i's chosen
-        completion at i, its rejected at B + i. With `token_accuracy`, a third tensor: per output,
-        how many scored tokens were the model's most likely token."""
+        completion at i, its rejected at B + i. Then, with `token_accuracy`, per output how many
+        scored tokens were the model's most likely token; with `wpo`, per output the sum over its
+        tokens of log p(token) - log sum_v p_v^2, without gradient."""
         mask = _attention_mask(self.model, attention_mask)
         targets = input_ids[score_row, score_tgt]
         parts = split_body_and_head(self.model)
-        hits = None
         if parts is not None:
             body, head = parts
             hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False)[0]
-            out = chunked_token_logps(head, hidden[score_row, score_src], targets, self.chunk_size, hits=self.token_accuracy)
-            token_logps, hits = out if self.token_accuracy else (out, None)
+            token_logps, hits, sq = chunked_token_stats(
+                head, hidden[score_row, score_src], targets, self.chunk_size, hits=self.token_accuracy, sq_mass=self.wpo
+            )
         else:
             logits = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False).logits
             scored = logits[score_row, score_src].float()
             token_logps = -F.cross_entropy(scored, targets, reduction="none")
-            if self.token_accuracy:
-                hits = (scored.argmax(-1) == targets).float()
+            with torch.no_grad():
+                hits = (scored.argmax(-1) == targets).float() if self.token_accuracy else None
+                sq = _log_sq_mass(scored, normalised=False) if self.wpo else None
         num_out = output_slot.shape[0]
-        sums = torch.zeros(num_out, dtype=torch.float32, device=input_ids.device).index_add(0, score_out, token_logps)
-        counts = torch.zeros(num_out, dtype=torch.long, device=input_ids.device).index_add(
-            0, score_out, torch.ones_like(score_out)
-        )
-        if hits is None:
-            return sums, counts
-        correct = torch.zeros(num_out, dtype=torch.float32, device=input_ids.device).index_add(0, score_out, hits.detach())
-        return sums, counts, correct
+
+        def per_output(values: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.zeros(num_out, dtype=dtype, device=input_ids.device).index_add(0, score_out, values)
+
+        out = [per_output(token_logps), per_output(torch.ones_like(score_out), torch.long)]
+        if self.token_accuracy:
+            out.append(per_output(hits.detach()))
+        if self.wpo:
+            out.append(per_output((token_logps.detach() - sq).float()))
+        return tuple(out)
 
 
 def completion_logps(module: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

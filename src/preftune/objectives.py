@@ -145,9 +145,12 @@ class DPOObjective(PairwiseObjective):
     needs_reference = True
     stat_keys = PAIR_KEYS
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return CompletionLogprobs(model, wpo=self.cfg.use_weighting)
+
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
         cfg = self.cfg
-        sums, lengths = completion_logps(module, batch)
+        sums, lengths, *wpo = completion_logps(module, batch)
         half = sums.shape[0] // 2
         policy_chosen, policy_rejected = sums[:half], sums[half:]
         with rt.accelerator.autocast():
@@ -173,6 +176,12 @@ class DPOObjective(PairwiseObjective):
             f_alpha=cfg.f_alpha,
             bco_delta=bco_delta,
         )
+        if wpo:
+            # WPO (Zhou et al. 2024, arXiv:2406.11827, eq. 2, as TRL's `use_weighting`): each pair's
+            # loss times w(chosen) * w(rejected), w = exp(mean over tokens of log p(token) - log sum_v
+            # p_v^2), the policy's probability of the completion relative to its own sampling; no gradient.
+            weights = torch.exp(wpo[0] / lengths.clamp_min(1))
+            losses = losses * weights[:half] * weights[half:]
         return losses, _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
 
     def _update_bco(self, rt: Runtime, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
@@ -201,9 +210,12 @@ class ReferenceFreeObjective(PairwiseObjective):
         extra = ("nll_loss", "log_odds_ratio", "log_odds_chosen") if cfg.strategy == "orpo" else ("nll_loss",)
         self.stat_keys = PAIR_KEYS + extra
 
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return CompletionLogprobs(model, wpo=self.cfg.use_weighting)
+
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
         cfg = self.cfg
-        sums, lengths = completion_logps(module, batch)
+        sums, lengths, *wpo = completion_logps(module, batch)
         half = sums.shape[0] // 2
         chosen, rejected = sums[:half], sums[half:]
         chosen_mean = chosen / lengths[:half].clamp(min=1)
