@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("text", "json"), default="text")
     c.add_argument("--split", default="train", help="split of a datasets folder or hub dataset (default: train)")
     c.add_argument("--model", help="count lengths in this model's tokens (default: whitespace words)")
-    c.add_argument("--config", help="take model_name, max_seq_length and max_prompt_length from a training config")
+    c.add_argument("--config", help="take model_name, max_seq_length, max_prompt_length, strategy and KTO's weights from a training config")
     c.add_argument("--max-seq-length", type=int, help="report pairs that this limit would truncate")
     c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
     c.add_argument(
