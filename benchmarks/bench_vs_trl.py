@@ -7,8 +7,9 @@ alternately, on two synthetic datasets of the same words:
 - completion-heavy: short prompts, long completions.
 
 Settings shared by both: full fine-tune (or LoRA on all linear layers with `--lora R`), fp32 on CPU
-(bf16 on GPU), AdamW, the same batch, the same number of steps, no evaluation, no checkpoints, each
-tool's default reference handling (TRL: a frozen copy of the model scored every step, or under LoRA
+(bf16 on GPU), gradient checkpointing off for both (TRL's own default is on) or, with
+`--gradient-checkpointing`, on for both, AdamW, the same batch, the same number of steps, no
+evaluation, no checkpoints, each tool's default reference handling (TRL: a frozen copy of the model scored every step, or under LoRA
 the model with its adapter disabled, every step; preftune: reference log-probs computed in one pass
 before training, whose time is counted in preftune's end-to-end figure).
 
@@ -142,6 +143,8 @@ def worker_trl(args: argparse.Namespace) -> dict:
         learning_rate=1e-6, bf16=bf16, use_cpu=args.device == "cpu", report_to="none", save_strategy="no",
         logging_steps=1, disable_tqdm=True, max_length=args.max_length, beta=0.1, loss_type="sigmoid",
         dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0,
+        # TRL's DPOConfig turns gradient checkpointing on by default: set it as for preftune.
+        gradient_checkpointing=args.gradient_checkpointing,
     )
     peft_config = None
     if args.lora:
@@ -168,7 +171,8 @@ def worker_preftune(args: argparse.Namespace) -> dict:
         model_name=args.model, dataset=str(args.data), output_dir=str(args.out_dir),
         per_device_train_batch_size=args.batch_size, max_steps=args.steps, learning_rate=1e-6,
         bf16=args.device == "cuda", lora_r=args.lora, lora_alpha=2 * args.lora or 32, lora_dropout=0.0,
-        lora_target_modules="all-linear", eval_split=0, save_steps=10**9, logging_steps=1,
+        lora_target_modules="all-linear", eval_split=0, gradient_checkpointing=args.gradient_checkpointing,
+        save_steps=10**9, logging_steps=1,
         progress_bar=False, max_seq_length=args.max_length, max_prompt_length=args.max_length - 256,
         beta=0.1, loss_type="sigmoid", lr_scheduler_type="constant", warmup_ratio=0.0, seed=0,
         cache_dir=str(args.out_dir / "cache"),
@@ -194,6 +198,8 @@ def run_worker(tool: str, args: argparse.Namespace, data: Path, model: str) -> d
         cmd = [sys.executable, __file__, "--worker", tool, "--data", str(data), "--model", model,
                "--out-dir", out, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-length", str(args.max_length), "--device", args.device, "--lora", str(args.lora)]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise SystemExit(f"{tool} worker failed:\n{done.stderr[-4000:]}")
@@ -219,6 +225,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=1024)
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="on for both tools (default: off for both)")
     parser.add_argument("--lora", type=int, default=0, help="LoRA rank on all linear layers; 0: full fine-tune")
     parser.add_argument("--datasets", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--repeats", type=int, default=1, help="alternate TRL/preftune this many times per dataset")
@@ -239,7 +246,7 @@ def main() -> None:
 
     print(f"model: {args.model} | device: {args.device} ({torch.get_num_threads()} threads) | batch {args.batch_size} "
           f"| {args.steps} steps | {f'LoRA r={args.lora}' if args.lora else 'full fine-tune'} "
-          f"| {'bf16' if args.device == 'cuda' else 'fp32'}")
+          f"| {'bf16' if args.device == 'cuda' else 'fp32'} | gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}")
     header = f"{'dataset':<17} {'tool':<9} {'step s':>8} {'tok/s':>9} {'e2e tok/s':>10} {'peak MB':>9} {'loss@1':>8}"
     rows, ratios = [], []
     for shape in args.datasets:
