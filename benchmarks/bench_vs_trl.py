@@ -9,9 +9,10 @@ alternately, on two synthetic datasets of the same words:
 Settings shared by both: full fine-tune (or LoRA on all linear layers with `--lora R`), fp32 on CPU
 (bf16 on GPU), gradient checkpointing off for both (TRL's own default is on) or, with
 `--gradient-checkpointing`, on for both, AdamW, the same batch, the same number of steps, no
-evaluation, no checkpoints, each tool's default reference handling (TRL: a frozen copy of the model scored every step, or under LoRA
-the model with its adapter disabled, every step; preftune: reference log-probs computed in one pass
-before training, whose time is counted in preftune's end-to-end figure).
+evaluation, no checkpoints, each tool's default reference handling (TRL: a frozen copy of the model
+scored every step, or under LoRA the model with its adapter disabled, every step; preftune:
+reference log-probs computed in one pass before training, whose time is counted in preftune's
+end-to-end figure).
 
 Reported per run: median step time (first step excluded as warm-up), real tokens/s (prompt +
 chosen + rejected tokens of the pairs processed, no padding, the same count for both tools),
