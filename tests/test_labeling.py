@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import random
@@ -386,7 +388,10 @@ def labelled_db(tmp_path) -> Path:
     )
     store.add_items(load_items(pairs))
     ids = {int(i.prompt[1:]): i.id for i in store.items()}
-    with sqlite3.connect(db) as con:
+    store.close()
+    # Closed explicitly (sqlite3's `with` only commits): the last close checkpoints the WAL into the
+    # file now, not whenever the garbage collector gets to it, so the file's bytes are final here.
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
         con.execute(  # withdrawn by undo: must not count
             "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at, undone_at) "
             "VALUES (?, 'cy', 'first', 'A', 1, 2, 3)",
@@ -471,6 +476,7 @@ def test_export_with_fewer_annotators_votes_on_more_items(labelled_db, tmp_path)
     report, labels = agreement_report(Store(labelled_db).judgements(), [i.id for i in Store(labelled_db).items()], 2)
     assert (report["items_rated"], report["exported"], report["dropped_no_majority"]) == (6, 3, 2)  # item 6 splits 1-1
     assert len(labels) == 3
+    gc.collect()  # connections left to the collector close (and checkpoint) now, not at a random moment
     assert hashlib.sha256(labelled_db.read_bytes()).hexdigest() == db_before
 
 
