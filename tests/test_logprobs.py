@@ -9,6 +9,7 @@ import torch
 from conftest import build_tiny_model
 from preftune.batching import collate_pairs, truncate_pair
 from preftune.logprobs import CompletionLogprobs, completion_logps, split_body_and_head
+from preftune.masks import segment_mask
 
 
 def naive_logps(model, pairs):
@@ -46,7 +47,7 @@ def test_layouts_and_chunking_match_separate_full_logits(share_prompt, attn):
     module = CompletionLogprobs(model, chunk_size=3)  # several chunks, one partial
     assert split_body_and_head(model) is not None
 
-    sums, counts = completion_logps(module, collate_pairs(pairs, pad_id=0, share_prompt=share_prompt))
+    sums, counts, *_ = completion_logps(module, collate_pairs(pairs, pad_id=0, share_prompt=share_prompt))
     sums.sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
@@ -64,7 +65,8 @@ def test_shared_layout_mask_and_positions():
     batch = collate_pairs([pair], pad_id=0, share_prompt=True)
     assert batch["input_ids"].tolist() == [[11, 12, 21, 22, 31]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 2]]  # rejected restarts after the prompt
-    allowed = batch["attention_mask"][0, 0].int().tolist()
+    assert batch["doc_ids"].tolist() == [[0, 0, 0, 0, 0]] and batch["branch_ids"].tolist() == [[0, 0, 1, 1, 2]]
+    allowed = segment_mask(batch["doc_ids"], batch["branch_ids"], batch["position_ids"])[0, 0].int().tolist()
     assert allowed == [
         [1, 0, 0, 0, 0],
         [1, 1, 0, 0, 0],
@@ -86,7 +88,7 @@ def test_lora_model_and_no_grad_path():
         expected = naive_logps(model, pairs)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     with torch.no_grad():
-        sums, _ = completion_logps(CompletionLogprobs(peft_model, chunk_size=4), collate_pairs(pairs, 0))
+        sums = completion_logps(CompletionLogprobs(peft_model, chunk_size=4), collate_pairs(pairs, 0)).sums
     # Fresh LoRA (B = 0) leaves the model unchanged.
     assert torch.allclose(sums, expected, atol=1e-5)
 
@@ -97,7 +99,7 @@ def test_logit_transforms_take_the_generic_path():
     assert split_body_and_head(model) is None
     pairs = make_pairs(64)
     with torch.no_grad():
-        sums, _ = completion_logps(CompletionLogprobs(model), collate_pairs(pairs, 0))
+        sums = completion_logps(CompletionLogprobs(model), collate_pairs(pairs, 0)).sums
         expected = naive_logps(model, pairs)
     assert torch.allclose(sums, expected, atol=1e-5)
 
@@ -114,7 +116,7 @@ def test_frozen_head_gradient_in_forward_matches_autograd(share_prompt):
     pairs = make_pairs(64)
     module = CompletionLogprobs(model, chunk_size=3, token_accuracy=True)
     batch = collate_pairs(pairs, pad_id=0, share_prompt=share_prompt)
-    sums, counts, correct = completion_logps(module, batch)
+    sums, counts, correct, *_ = completion_logps(module, batch)
     sums.mul(torch.arange(1.0, 7.0)).sum().backward()  # a different weight per completion
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
@@ -158,7 +160,8 @@ def test_wpo_sums_match_full_logits(head_trains, softcap):
     model.get_output_embeddings().weight.requires_grad_(head_trains)
     pairs = make_pairs(64)
     module = CompletionLogprobs(model, chunk_size=3, wpo=True)
-    sums, counts, wpo = completion_logps(module, collate_pairs(pairs, pad_id=0))
+    out = completion_logps(module, collate_pairs(pairs, pad_id=0))
+    sums, counts, wpo = out.sums, out.counts, out.wpo
     with torch.no_grad():
         expected = naive_wpo(model, pairs)
     assert not wpo.requires_grad and sums.requires_grad

@@ -38,7 +38,7 @@ def test_reference_free_losses_on_the_models_own_logps(tmp_path, tiny_model_dir,
     assert not (tmp_path / "cache").exists()  # nothing precomputed
     result = trainer.evaluate()
     with torch.no_grad():
-        sums, lengths = completion_logps(base_module(tiny_model_dir), collate_pairs(trainer.eval_items, trainer.pad_id))
+        sums, lengths, *_ = completion_logps(base_module(tiny_model_dir), collate_pairs(trainer.eval_items, trainer.pad_id))
     n = len(trainer.eval_items)
     c, r = sums[:n].double(), sums[n:].double()
     cm, rm = c / lengths[:n], r / lengths[n:]
@@ -94,7 +94,7 @@ def test_sft_loss_is_the_token_mean_and_accumulation_is_exact(tmp_path, tiny_mod
     result = trainer.evaluate()
     module = CompletionLogprobs(base_module(tiny_model_dir).model, token_accuracy=True)
     with torch.no_grad():
-        sums, counts, correct = completion_logps(module, trainer.objective.collate(trainer.eval_items, trainer.pad_id, True))
+        sums, counts, correct, *_ = completion_logps(module, trainer.objective.collate(trainer.eval_items, trainer.pad_id, True))
     # SFT on a pair file learns the chosen completions; the loss is averaged over their tokens.
     assert result["eval_loss"] == pytest.approx(float(-sums.sum() / counts.sum()), rel=1e-5)
     assert result["eval_mean_token_accuracy"] == pytest.approx(float(correct.sum() / counts.sum()), rel=1e-5)

@@ -78,7 +78,7 @@ def test_a_packed_row_scores_each_sequence_as_alone(tiny_tokenizer, tiny_model_d
     assert len(rows) == 1 and len(rows[0].sequences) == 3 and stats.rows == 1
     module = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), token_accuracy=True)
     with torch.no_grad():
-        packed, counts, correct = completion_logps(module, collate_sequences(rows, tok.eos_token_id))
+        packed, counts, correct, *_ = completion_logps(module, collate_sequences(rows, tok.eos_token_id))
         alone = [
             completion_logps(module, collate_sequences([SequenceRow(0, [s])], tok.eos_token_id))
             for s in rows[0].sequences

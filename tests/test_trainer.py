@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from preftune.config import TrainConfig, validate
+from preftune.errors import PreftuneError
 from preftune.trainer import DPOTrainer, lr_factor, step_examples, train
 
 POSITIVE = ["good", "great", "happy", "yes", "wonderful"]
@@ -201,8 +202,8 @@ def test_lora_with_disabled_adapter_reference(tmp_path, tiny_model_dir, pairs_fi
     batch = collate_pairs(trainer.train_pairs[:4], trainer.pad_id)
     base = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
     with torch.no_grad():
-        expected, _ = completion_logps(base, batch)
-        policy, _ = completion_logps(trainer.inner, batch)
+        expected = completion_logps(base, batch).sums
+        policy = completion_logps(trainer.inner, batch).sums
     chosen, rejected = trainer.reference.logps(batch)
     assert torch.allclose(torch.cat([chosen, rejected]), expected, atol=1e-5)
     assert not torch.allclose(policy, expected, atol=1e-4)
@@ -280,3 +281,39 @@ def test_shared_prompt_path_gives_the_plain_path_loss_curve(tmp_path, tiny_model
                 assert x[key] == pytest.approx(y[key], abs=1e-5, rel=1e-5), (key, x[key], y[key])
     # The shared layout reads each prompt once: fewer real tokens for the same pairs.
     assert a[0]["tokens_per_second"] * a[0]["step_seconds"] < b[0]["tokens_per_second"] * b[0]["step_seconds"]
+
+
+def test_flex_attention_training_on_cpu_is_one_line(tmp_path, tiny_model_dir, pairs_file):
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, attn_implementation="flex_attention")
+    with pytest.raises(PreftuneError, match=r"^attn_implementation: flex_attention trains only on a GPU .*use sdpa on this machine$"):
+        train(cfg)
+
+
+def test_functional_dropout_rates_are_disabled(tiny_tokenizer):
+    """Models that keep a dropout rate on the module (OPT) or drop layers (`layerdrop`) agree with
+    their eval-mode selves in training mode once dropout is disabled."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from preftune.trainer import disable_dropout
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                     num_attention_heads=4, word_embed_proj_dim=32, dropout=0.5, layerdrop=0.5))
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        expected = model.eval()(input_ids=ids).logits
+        disable_dropout(model)
+        got = model.train()(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pairs_file):
+    """A full fine-tune under bf16 keeps fp32 weights with bf16 autocast; the copy reference is
+    loaded the same way, so both compute the same step-0 log-probs: loss ln 2 exactly."""
+    out = tmp_path / "bf16"
+    trainer = DPOTrainer(make_config(out, tiny_model_dir, pairs_file, bf16=True, reference="copy", max_steps=1, eval_split=0))
+    trainer.setup()
+    assert next(trainer.reference.module.parameters()).dtype == next(trainer.inner.parameters()).dtype == torch.float32
+    trainer.train()
+    first = read_metrics(out / "run")[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)

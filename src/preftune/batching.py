@@ -264,6 +264,18 @@ def _scores(rows: list[int], sources: list[int], targets: list[int], outs: list[
     }
 
 
+def segments(doc_ids: torch.Tensor, branch_ids: torch.Tensor, position_ids: torch.Tensor, segmented: bool) -> dict[str, torch.Tensor]:
+    """The row description every collate function returns (see `masks.py`): segment ids, position
+    ids, the 2D padding mask, and whether any row holds several segments."""
+    return {
+        "attention_mask": (doc_ids >= 0).long(),
+        "position_ids": position_ids,
+        "doc_ids": doc_ids,
+        "branch_ids": branch_ids,
+        "segmented": torch.tensor(bool(segmented)),
+    }
+
+
 def collate_separate(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (0, 1)) -> dict[str, torch.Tensor]:
     """The textbook layout: for each slot in turn, B right-padded `prompt + completion` rows (for
     pairs: the B `prompt + chosen` sequences, then the B `prompt + rejected` ones). Every prompt is
@@ -273,19 +285,18 @@ def collate_separate(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (
     prompt_lengths = [len(p.prompt_ids) for p in pairs] * len(slots)
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    doc_ids = torch.full((len(rows), width), -1, dtype=torch.long)
     score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     for r, (row, start) in enumerate(zip(rows, prompt_lengths)):
         input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[r, : len(row)] = 1
+        doc_ids[r, : len(row)] = 0
         position_ids[r, : len(row)] = torch.arange(len(row))
         for t in range(start, len(row)):  # token t is predicted by the output at t - 1
             score[0].append(r), score[1].append(t - 1), score[2].append(t), score[3].append(r)
     return {
         "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
+        **segments(doc_ids, torch.zeros_like(doc_ids), position_ids, segmented=False),
         **_scores(*score),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
         "output_slot": torch.tensor([s for s in slots for _ in pairs], dtype=torch.long),
@@ -300,21 +311,21 @@ def collate_shared(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (0,
     tokens see the prompt and themselves, and the rejected tokens see the prompt and themselves
     (never the chosen ones); position ids restart at the prompt's end for each completion block.
     Each completion then sees exactly what it would see in its own sequence, so the log-probs equal
-    the separate layout's, at the cost of the prompt once, not twice. `attention_mask` is
-    (B, 1, L, L) boolean, True where attention is allowed; a padding query attends to itself only,
-    so no softmax row is empty. `slots` picks which of each item's completions go in, in order.
+    the separate layout's, at the cost of the prompt once, not twice. The row is described by
+    segments (the prompt is branch 0 of document 0, completion k is branch k + 1), from which
+    `masks.build_attention_mask` makes the mask each model needs. `slots` picks which of each
+    item's completions go in, in order.
     """
     width = max(len(p.prompt_ids) + sum(len(p.completions[s]) for s in slots) for p in pairs)
     n = len(pairs)
-    pad_segment = len(slots) + 1
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), pad_segment, dtype=torch.long)  # 0 prompt, k completion k, then padding
+    doc_ids = torch.full((n, width), -1, dtype=torch.long)
+    branch_ids = torch.zeros((n, width), dtype=torch.long)
     score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     for r, p in enumerate(pairs):
         lp = len(p.prompt_ids)
         ids = list(p.prompt_ids)
-        segment[r, :lp] = 0
         position_ids[r, :lp] = torch.arange(lp)
         start = lp
         for k, s in enumerate(slots):
@@ -322,21 +333,18 @@ def collate_shared(pairs: Sequence[Any], pad_id: int, slots: Sequence[int] = (0,
             end = start + len(completion)
             ids += completion
             position_ids[r, start:end] = torch.arange(lp, lp + len(completion))
-            segment[r, start:end] = k + 1
+            branch_ids[r, start:end] = k + 1
             for t in range(start, end):
                 # The first token of each completion follows the prompt, not the completion before it.
                 score[0].append(r), score[1].append(t - 1 if t > start else lp - 1), score[2].append(t)
                 score[3].append(k * n + r)
             start = end
         input_ids[r, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-    q, k = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    allowed = causal & (k != pad_segment) & ((k == 0) | (k == q))
-    allowed |= torch.eye(width, dtype=torch.bool) & (q == pad_segment)
+        doc_ids[r, : len(ids)] = 0
     return {
         "input_ids": input_ids,
-        "attention_mask": allowed[:, None],
-        "position_ids": position_ids,
+        # One completion after the prompt is a plain sequence: only several need segment masks.
+        **segments(doc_ids, branch_ids, position_ids, segmented=len(slots) > 1),
         **_scores(*score),
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
         "output_slot": torch.tensor([s for s in slots for _ in pairs], dtype=torch.long),

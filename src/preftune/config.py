@@ -88,7 +88,7 @@ class TrainConfig:
     # Model and precision
     lora_r: int | None = 16  # 0 or null: full fine-tune
     lora_alpha: float = 32.0
-    lora_dropout: float = 0.05
+    lora_dropout: float | None = None  # null: 0.05, or 0 on weights where peft allows no dropout
     lora_target_modules: Union[str, list] = "all-linear"
     merge_lora: bool = False  # also write `final_merged/` with the adapter merged into full weights
     use_4bit: bool = False
@@ -98,6 +98,7 @@ class TrainConfig:
     use_liger_kernel: bool | None = None  # null: Liger's kernels when installed and on CUDA
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at step 0
     share_prompt: bool = True  # encode each prompt once for both completions (see batching.py)
+    router_aux_loss_coef: float | None = None  # MoE: null takes the model config's; 0 turns the aux loss off
 
     # Reference model
     reference: str = "auto"
@@ -236,7 +237,14 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     )
     _check(cfg.lora_r is None or cfg.lora_r >= 0, where, f"'lora_r' must be >= 0 (0 or null: full fine-tune), got {cfg.lora_r}")
     _check(cfg.lora_alpha > 0, where, "'lora_alpha' must be > 0")
-    _check(0.0 <= cfg.lora_dropout < 1.0, where, f"'lora_dropout' must be in [0, 1), got {cfg.lora_dropout}")
+    _check(
+        cfg.lora_dropout is None or 0.0 <= cfg.lora_dropout < 1.0, where, f"'lora_dropout' must be in [0, 1) or null, got {cfg.lora_dropout}"
+    )
+    _check(
+        cfg.router_aux_loss_coef is None or (cfg.router_aux_loss_coef >= 0 and math.isfinite(cfg.router_aux_loss_coef)),
+        where,
+        f"'router_aux_loss_coef' must be >= 0 or null, got {cfg.router_aux_loss_coef}",
+    )
     _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
     _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
     _check(cfg.max_nonfinite_steps >= 1, where, "'max_nonfinite_steps' must be >= 1")

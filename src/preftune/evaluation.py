@@ -421,9 +421,9 @@ def pair_logps(
     out: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id, share_prompt=False).items()}
-        sums, _ = batch_logps(CompletionLogprobs(policy), batch)
+        sums = batch_logps(CompletionLogprobs(policy), batch).sums
         with as_reference(policy, reference) as ref:
-            ref_sums, _ = batch_logps(CompletionLogprobs(ref), batch)
+            ref_sums = batch_logps(CompletionLogprobs(ref), batch).sums
         half = sums.shape[0] // 2
         for values, part in zip(out, (sums[:half], sums[half:], ref_sums[:half], ref_sums[half:])):
             values.extend(part.double().cpu().tolist())

@@ -541,21 +541,65 @@ def _load_unsloth(
 # --------------------------------------------------------------------------- LoRA
 
 
+DEFAULT_LORA_DROPOUT = 0.05
+
+
+def _fused_expert_weights(model: torch.nn.Module) -> str | None:
+    """The first module holding fused MoE expert weights (one 3D parameter for all experts), which
+    peft adapts through `ParamWrapper`, where it allows no dropout."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv1d):
+            continue
+        if any(p.dim() == 3 for p in module.parameters(recurse=False)):
+            return name
+    return None
+
+
+def _all_linear_targets(model: torch.nn.Module, task_type: str) -> tuple[str | list[str], list[str]]:
+    """("all-linear", []) or, where peft refuses some of those layers on this architecture (Mamba's
+    `out_proj` and `conv1d`), (every other linear layer by name, the names left out)."""
+    from peft import LoraConfig, TaskType
+
+    try:
+        from peft.tuners.tuners_utils import _check_lora_target_modules_mamba, _maybe_include_all_linear_layers
+    except ImportError:  # another peft: its own checks speak for themselves
+        return "all-linear", []
+    probe = LoraConfig(task_type=TaskType[task_type], target_modules="all-linear")
+    names = sorted(_maybe_include_all_linear_layers(probe, model).target_modules)
+    refused = set()
+    for leaf in sorted({n.rsplit(".", 1)[-1] for n in names}):
+        try:
+            _check_lora_target_modules_mamba(probe, model, leaf)
+        except ValueError:
+            refused.add(leaf)
+    if not refused:
+        return "all-linear", []
+    return [n for n in names if n.rsplit(".", 1)[-1] not in refused], sorted(refused)
+
+
 def apply_lora(
     model: PreTrainedModel,
     *,
     r: int,
     alpha: float,
-    dropout: float,
+    dropout: float | None,
     target_modules: str | list[str] | None = "all-linear",
     task_type: str = "CAUSAL_LM",
 ) -> PeftModel:
     """Wrap `model` with LoRA adapters (Hu et al. 2021, arXiv:2106.09685); only they train.
 
-    "all-linear" targets every linear layer except the output head, as in QLoRA; None lets peft
-    pick its default modules for known architectures. `task_type="SEQ_CLS"` (a reward model) also
-    trains the new score head in full, as peft does for classification heads.
+    "all-linear" targets every linear layer except the output head, as in QLoRA, less those peft
+    refuses on this architecture (Mamba's `out_proj`, `conv1d`); None lets peft pick its default
+    modules for known architectures. `dropout` None is 0.05, or 0 on a MoE model whose fused
+    expert weights peft adapts without dropout; each adjustment is said in one line. An explicit
+    setting that peft refuses stays an error. `task_type="SEQ_CLS"` (a reward model) also trains
+    the new score head in full, as peft does for classification heads.
     """
+    if dropout is None:
+        fused = _fused_expert_weights(model)
+        dropout = 0.0 if fused else DEFAULT_LORA_DROPOUT
+        if fused:
+            log.info("LoRA: lora_dropout 0 (peft adapts fused expert weights such as %s without dropout)", fused)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise PreftuneError(f"lora_r must be a whole number > 0 (got {r!r}); use lora_r: 0 for a full fine-tune")
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
@@ -574,6 +618,11 @@ def apply_lora(
 
     from peft import LoraConfig, TaskType, get_peft_model
 
+    if target_modules == "all-linear":
+        target_modules, refused = _all_linear_targets(model, task_type)
+        if refused:
+            kind = getattr(getattr(model, "config", None), "model_type", "this model")
+            log.info("LoRA: all linear layers but %s, which peft does not adapt on %s", ", ".join(refused), kind)
     config = LoraConfig(
         task_type=TaskType[task_type],
         r=r,
@@ -584,7 +633,8 @@ def apply_lora(
     try:
         return get_peft_model(model, config)
     except (ValueError, TypeError, KeyError) as exc:
-        raise PreftuneError(f"lora_target_modules: {_short_reason(exc)}") from exc
+        key = "lora_dropout" if "lora_dropout" in str(exc) else "lora_target_modules"
+        raise PreftuneError(f"{key}: {_short_reason(exc)}") from exc
 
 
 def _apply_unsloth_lora(model: Any, r: int, alpha: float, dropout: float, target_modules: Any) -> PeftModel:

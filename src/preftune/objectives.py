@@ -30,10 +30,10 @@ from torch import nn
 from preftune.batching import collate_pairs, tokenize_dataset, tokenize_unpaired
 from preftune.config import TrainConfig
 from preftune.data import kto_balance_advice, load_preference_data, load_sft_data, load_unpaired_data
-from preftune.logprobs import CompletionLogprobs, completion_logps
+from preftune.logprobs import CompletionLogprobs, Scored, completion_logps
 from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
 from preftune.reference import eval_mode
-from preftune.sequences import collate_sequences, tokenize_sft
+from preftune.sequences import SequenceRow, collate_sequences, tokenize_sft
 
 log = logging.getLogger("preftune")
 
@@ -65,6 +65,7 @@ class Objective:
 
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
+        self.router_aux = False  # a MoE policy adds its router load-balancing loss (`enable_router_aux`)
 
     # data
     def load(self, source: str, split: str) -> list[Any]:
@@ -84,6 +85,36 @@ class Objective:
 
     def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
         return collate_pairs(items, pad_id, share_prompt)
+
+    def check_batches(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> tuple[Batch, Batch | None, torch.Tensor | None] | None:
+        """A few real items for `logprobs.check_paths`: one sequence a row, the same in the run's
+        segment layout (or None), and which segmented output each plain output belongs to (None:
+        the same order). None when the objective has no fast path to check."""
+        sample = sorted(items, key=lambda item: -item.num_tokens)[:4]  # the longest reach any window
+        if not sample:
+            return None
+        segmented = collate_pairs(sample, pad_id, True) if share_prompt else None
+        return collate_pairs(sample, pad_id, False), segmented, None
+
+    def enable_router_aux(self, coef: float) -> None:
+        """Train a MoE model with `coef` x its router load-balancing loss, logged as `aux_loss`."""
+        if not self.router_aux:
+            self.stat_keys = self.stat_keys + ("aux_loss",)
+        self.router_aux, self.router_aux_coef = True, float(coef)
+
+    def with_router_aux(
+        self, scored: Scored, losses: torch.Tensor, values: dict[str, torch.Tensor], units: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Add coef x the batch's aux loss to the per-item losses, spread by each item's units, so
+        the step's loss gains coef x the unit-weighted mean of its micro-batches' aux losses (one
+        micro-batch: exactly the model's own `loss + coef * aux_loss`). Evaluation and reference
+        passes run without gradients and compute none."""
+        if not self.router_aux:
+            return losses, values
+        aux = scored.aux_loss if scored.aux_loss is not None else losses.new_zeros(())
+        units = units.to(losses.dtype)
+        losses = losses + self.router_aux_coef * aux * units
+        return losses, {**values, "loss": losses.detach(), "aux_loss": aux.detach() * units}
 
     def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool) -> Any:
         return None
@@ -150,7 +181,8 @@ class DPOObjective(PairwiseObjective):
 
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
         cfg = self.cfg
-        sums, lengths, *wpo = completion_logps(module, batch)
+        scored = completion_logps(module, batch)
+        sums, lengths = scored.sums, scored.counts
         half = sums.shape[0] // 2
         policy_chosen, policy_rejected = sums[:half], sums[half:]
         with rt.accelerator.autocast():
@@ -176,13 +208,14 @@ class DPOObjective(PairwiseObjective):
             f_alpha=cfg.f_alpha,
             bco_delta=bco_delta,
         )
-        if wpo:
+        if scored.wpo is not None:
             # WPO (Zhou et al. 2024, arXiv:2406.11827, eq. 2, as TRL's `use_weighting`): each pair's
             # loss times w(chosen) * w(rejected), w = exp(mean over tokens of log p(token) - log sum_v
             # p_v^2), the policy's probability of the completion relative to its own sampling; no gradient.
-            weights = torch.exp(wpo[0] / lengths.clamp_min(1))
+            weights = torch.exp(scored.wpo / lengths.clamp_min(1))
             losses = losses * weights[:half] * weights[half:]
-        return losses, _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        values = _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
+        return self.with_router_aux(scored, losses, values, torch.ones_like(losses))
 
     def _update_bco(self, rt: Runtime, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
         """TRL's running mean of all rewards seen, current batch included, as BCO's baseline delta."""
@@ -215,7 +248,8 @@ class ReferenceFreeObjective(PairwiseObjective):
 
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
         cfg = self.cfg
-        sums, lengths, *wpo = completion_logps(module, batch)
+        scored = completion_logps(module, batch)
+        sums, lengths = scored.sums, scored.counts
         half = sums.shape[0] // 2
         chosen, rejected = sums[:half], sums[half:]
         chosen_mean = chosen / lengths[:half].clamp(min=1)
@@ -237,7 +271,7 @@ class ReferenceFreeObjective(PairwiseObjective):
         values = _pair_values(losses, chosen_rewards, rejected_rewards, chosen, rejected)
         values["nll_loss"] = nll.detach()
         values.update({k: v.detach() for k, v in extra.items()})
-        return losses, values
+        return self.with_router_aux(scored, losses, values, torch.ones_like(losses))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,7 +337,7 @@ class KTOObjective(Objective):
                 for chunk in chunks:
                     batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt, slots=(1,)))
                     with acc.autocast():
-                        policy = completion_logps(module, batch)[0].float()
+                        policy = completion_logps(module, batch).sums.float()
                         ref = rt.reference.sequence_logps(batch).float()
                     total += torch.tensor([float((policy - ref).sum()), float(len(chunk))], dtype=torch.float64)
         total = acc.reduce(total.to(acc.device), "sum").cpu()
@@ -311,7 +345,8 @@ class KTOObjective(Objective):
 
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
         cfg = self.cfg
-        sums = completion_logps(module, batch)[0]
+        scored = completion_logps(module, batch)
+        sums = scored.sums
         with rt.accelerator.autocast():
             ref = rt.reference.sequence_logps(batch).float().detach()
         labels = batch["label"].bool()
@@ -331,7 +366,7 @@ class KTOObjective(Objective):
             "count/rejected": bad,
             "kl": kl.expand_as(losses),  # the step's one value, logged as its mean
         }
-        return losses, values
+        return self.with_router_aux(scored, losses, values, torch.ones_like(losses))
 
     def metrics(self, totals: dict[str, float]) -> dict[str, float]:
         n = max(1.0, totals["units"])
@@ -345,6 +380,8 @@ class KTOObjective(Objective):
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         out["kl"] = totals["kl"] / n
         out["count/chosen"], out["count/rejected"] = nc, nr
+        if self.router_aux:
+            out["aux_loss"] = totals["aux_loss"] / n
         return out
 
     def progress(self, means: dict[str, float]) -> dict[str, str]:
@@ -363,13 +400,17 @@ class SFTObjective(Objective):
     name = "sft"
     stat_keys = ("loss", "mean_token_accuracy")
 
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.packing = cfg.packing  # turned off for models whose rows cannot hold several sequences
+
     def load(self, source: str, split: str) -> list[Any]:
         return load_sft_data(source, split)
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         cfg = self.cfg
         rows, stats = tokenize_sft(
-            tokenizer, examples, cfg.max_seq_length, cfg.max_prompt_length, cfg.completion_only_loss, cfg.packing
+            tokenizer, examples, cfg.max_seq_length, cfg.max_prompt_length, cfg.completion_only_loss, self.packing
         )
         if stats.no_loss_tokens:
             log.warning("%d examples have no trained token left after truncation; raise max_seq_length", stats.no_loss_tokens)
@@ -384,10 +425,21 @@ class SFTObjective(Objective):
     def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
         return collate_sequences(items, pad_id)
 
+    def check_batches(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> tuple[Batch, Batch | None, torch.Tensor | None] | None:
+        """Packed rows are checked against their sequences one a row; unpacked rows alone."""
+        sample = sorted(items, key=lambda row: (-len(row.sequences), -row.num_tokens))[:2]
+        if not sample:
+            return None
+        singles = [SequenceRow(k, [seq]) for row in sample for k, seq in enumerate(row.sequences)]
+        group = torch.tensor([r for r, row in enumerate(sample) for _ in row.sequences], dtype=torch.long)
+        packed = any(len(row.sequences) > 1 for row in sample)
+        return collate_sequences(singles, pad_id), collate_sequences(sample, pad_id) if packed else None, group
+
     def forward(self, rt: Runtime, module: nn.Module, batch: Batch, context: Any, training: bool):
-        sums, _, correct = completion_logps(module, batch)
-        losses = -sums  # summed over each row's trained tokens; the loop divides by the step's tokens
-        return losses, {"loss": losses.detach(), "mean_token_accuracy": correct}
+        scored = completion_logps(module, batch)
+        losses = -scored.sums  # summed over each row's trained tokens; the loop divides by the step's tokens
+        values = {"loss": losses.detach(), "mean_token_accuracy": scored.hits}
+        return self.with_router_aux(scored, losses, values, scored.counts)
 
     def progress(self, means: dict[str, float]) -> dict[str, str]:
         return {"loss": f"{means['loss']:.4f}", "acc": f"{means['mean_token_accuracy']:.3f}"}
@@ -472,6 +524,9 @@ class RewardObjective(Objective):
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return RewardScores(model)
+
+    def check_batches(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> None:
+        return None  # the classifier's own forward scores whole sequences: no fast path
 
     def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
         return collate_reward_pairs(items, pad_id)

@@ -28,7 +28,7 @@ from preftune.logprobs import CompletionLogprobs, completion_logps
 
 log = logging.getLogger("preftune")
 
-CACHE_FORMAT = 1  # bump when the meaning of a cached file changes
+CACHE_FORMAT = 2  # bump when the meaning of a cached file changes (2: windows, heads and layouts proven per model)
 
 
 @contextlib.contextmanager
@@ -67,7 +67,7 @@ class AdapterReference(_Reference):
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with eval_mode(self.policy), self.policy.model.disable_adapter():
-            return completion_logps(self.policy, batch)[0]
+            return completion_logps(self.policy, batch).sums
 
 
 class ModelReference(_Reference):
@@ -80,7 +80,7 @@ class ModelReference(_Reference):
 
     @torch.no_grad()
     def sequence_logps(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return completion_logps(self.module, batch)[0]
+        return completion_logps(self.module, batch).sums
 
 
 class PrecomputedReference(_Reference):
@@ -142,7 +142,7 @@ def compute_logps(
             chunk = [pairs[i] for i in order[start : start + batch_size]]
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
             with autocast() if autocast else contextlib.nullcontext():
-                sums = completion_logps(module, batch)[0]
+                sums = completion_logps(module, batch).sums
             c, r = _split(sums.float().cpu())
             chosen[batch["index"].cpu()] = c
             rejected[batch["index"].cpu()] = r

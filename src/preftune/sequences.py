@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from preftune.batching import completion_text, effective_prompt_length, encode_completion, encode_prompt
+from preftune.batching import completion_text, effective_prompt_length, encode_completion, encode_prompt, segments
 from preftune.data import SFTExample
 from preftune.errors import PreftuneError
 
@@ -199,13 +199,13 @@ def tokenize_sft(
 
 def collate_sequences(rows: Sequence[SequenceRow], pad_id: int) -> dict[str, torch.Tensor]:
     """A batch of rows in the layout `CompletionLogprobs` reads: one output per row (its trained
-    tokens' summed log-prob). Rows holding one sequence take a plain padding mask; packed rows a
-    (B, 1, L, L) boolean block-diagonal causal mask, True where attention is allowed."""
+    tokens' summed log-prob). Each packed sequence is its own document of the row (see
+    `masks.py`), so the mask built from it is block-diagonal causal: no sequence sees another."""
     width = max(r.num_tokens for r in rows)
     n = len(rows)
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), -1, dtype=torch.long)
+    segment = torch.full((n, width), -1, dtype=torch.long)  # the row's sequence k, -1 padding
     score: tuple[list[int], list[int], list[int], list[int]] = ([], [], [], [])
     for r, row in enumerate(rows):
         start = 0
@@ -218,18 +218,10 @@ def collate_sequences(rows: Sequence[SequenceRow], pad_id: int) -> dict[str, tor
                 if trained and t > 0:
                     score[0].append(r), score[1].append(start + t - 1), score[2].append(start + t), score[3].append(r)
             start = end
-    if any(len(row.sequences) > 1 for row in rows):
-        q, k = segment[:, :, None], segment[:, None, :]
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        attention = causal & (q == k) & (k >= 0)
-        attention |= torch.eye(width, dtype=torch.bool) & (q < 0)  # padding attends to itself only
-        attention = attention[:, None]
-    else:
-        attention = (segment >= 0).long()
+    packed = any(len(row.sequences) > 1 for row in rows)
     return {
         "input_ids": input_ids,
-        "attention_mask": attention,
-        "position_ids": position_ids,
+        **segments(segment, torch.zeros_like(segment), position_ids, segmented=packed),
         "score_row": torch.tensor(score[0], dtype=torch.long),
         "score_src": torch.tensor(score[1], dtype=torch.long),
         "score_tgt": torch.tensor(score[2], dtype=torch.long),

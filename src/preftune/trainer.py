@@ -30,7 +30,7 @@ from preftune import checkpoint, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
-from preftune.logprobs import CompletionLogprobs
+from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune.objectives import PAIR_KEYS, Runtime, make_objective
 from preftune.reference import (
     AdapterReference,
@@ -101,10 +101,16 @@ def split_for_eval(examples: Sequence[Any], eval_split: float, seed: int, what: 
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """As TRL does by default: with dropout on, policy and reference disagree even at step 0."""
+    """As TRL does by default: with dropout on, policy and reference disagree even at step 0.
+    Besides `nn.Dropout` modules, many models keep a rate on the module and call the functional
+    dropout with it (OPT's `dropout`, attention dropout), or skip layers at random (`layerdrop`):
+    those rates go to 0 too."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if ("dropout" in name or name == "layerdrop") and isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,7 +198,16 @@ class Trainer:
         if bf16 and use_cuda and not torch.cuda.is_bf16_supported():
             raise PreftuneError("bf16: this GPU does not support bfloat16; set bf16: false")
         self.bf16 = bool(bf16)
-        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.bf16 else "no", cpu=not use_cuda)
+        precision = "bf16" if self.bf16 else "no"
+        from accelerate.state import AcceleratorState
+
+        shared = AcceleratorState._shared_state
+        if shared and shared.get("_mixed_precision") != precision:
+            # accelerate keeps one precision per process; a later run in the same process (a
+            # notebook, a pipeline stage) with another bf16 setting starts its state anew. The
+            # process group and device (PartialState) are kept.
+            AcceleratorState._reset_state()
+        self.accelerator = acc = Accelerator(mixed_precision=precision, cpu=not use_cuda)
         self.is_main = acc.is_main_process
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
@@ -228,19 +243,8 @@ class Trainer:
                 cfg.max_seq_length,
                 effective_prompt_length(cfg.max_seq_length, cfg.max_prompt_length),
             )
-        self.train_items, summary, truncated = objective.tokenize(self.tokenizer, train_ex)
-        eval_items, eval_summary, _ = objective.tokenize(self.tokenizer, eval_ex) if eval_ex else ([], "", [])
-        offset = len(self.train_items)  # eval items get their own positions in the reference cache
-        for item in eval_items:
-            item.index += offset
-        self.eval_items = eval_items
+        self._tokenize(train_ex, eval_ex)
         self.pad_id = self.tokenizer.pad_token_id
-        if self.is_main:
-            log.info("train: %s", summary)
-            if eval_items:
-                log.info("eval: %s", eval_summary)
-            if truncated:
-                log.info("first truncated examples: %s", ", ".join(truncated))
 
         # Model, reference, adapter
         self.model_dtype = torch.bfloat16 if (self.bf16 and cfg.use_lora) else torch.float32
@@ -270,12 +274,16 @@ class Trainer:
                 log.info("Liger kernels: RMSNorm, RoPE and SwiGLU")
         if cfg.disable_dropout:
             disable_dropout(model)
-        impl = getattr(model.config, "_attn_implementation", None)
-        flash = impl in ("flash_attention_2", "flash_attention_3")
-        # Flash-attention takes no custom mask: there the prompt is encoded once per completion.
-        self.share_prompt = cfg.share_prompt and not flash
-        if flash and cfg.packing:
-            raise PreftuneError("'packing' needs a custom attention mask: use attn_implementation sdpa or eager")
+        if getattr(model.config, "_attn_implementation", None) == "flex_attention" and acc.device.type == "cpu":
+            raise PreftuneError(
+                "attn_implementation: flex_attention trains only on a GPU (PyTorch runs its backward on CUDA only); "
+                "use sdpa on this machine"
+            )
+        # The fast paths (chunked head, several segments a row) are proven on this model and data,
+        # or left for the safe ones, before anything trains; the reference model too, if separate.
+        self.share_prompt = cfg.share_prompt
+        head = self._prove_paths(model, "policy", train_ex, eval_ex)
+        aux = self._router_aux(model, head)
         # The reference is frozen and offline data is fixed, so by default its log-probs are
         # computed once (and cached): no reference forward per step, no second model in memory.
         # Reference-free strategies load none at all.
@@ -286,18 +294,11 @@ class Trainer:
         self.reference: Any = None
         self.reference_seconds = 0.0  # wall time of the one-off reference pass, when there is one
         if self.reference_kind == "precomputed":
-            self.reference = self._precompute_reference(model)
+            self.reference = self._precompute_reference(model, head, train_ex, eval_ex)
         elif self.reference_kind == "copy":
-            ref = models.load_model(
-                cfg.ref_model_name or cfg.model_name,
-                dtype=torch.bfloat16 if self.bf16 else torch.float32,
-                use_4bit=cfg.use_4bit,
-                device=acc.device,
-                attn_implementation=cfg.attn_implementation,
-                provider=cfg.provider,
-                use_liger_kernel=cfg.use_liger_kernel,
-            )
-            self.reference = ModelReference(CompletionLogprobs(ref))
+            ref = self._load_reference_model(cfg.ref_model_name or cfg.model_name)
+            ref_head = self._prove_paths(ref, "reference", train_ex, eval_ex)
+            self.reference = ModelReference(CompletionLogprobs(ref, fast_head=ref_head))
         if cfg.use_lora:
             model = models.apply_lora(
                 model,
@@ -309,6 +310,8 @@ class Trainer:
             )
         model.train()
         policy = objective.wrap(model)
+        if isinstance(policy, CompletionLogprobs):
+            policy.fast_head, policy.router_aux = head, aux
 
         # Optimisation
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -365,6 +368,82 @@ class Trainer:
             )
         self.tb = self._tensorboard()
 
+    def _tokenize(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> None:
+        objective = self.objective
+        self.train_items, summary, truncated = objective.tokenize(self.tokenizer, train_ex)
+        eval_items, eval_summary, _ = objective.tokenize(self.tokenizer, eval_ex) if eval_ex else ([], "", [])
+        offset = len(self.train_items)  # eval items get their own positions in the reference cache
+        for item in eval_items:
+            item.index += offset
+        self.eval_items = eval_items
+        if self.is_main:
+            log.info("train: %s", summary)
+            if eval_items:
+                log.info("eval: %s", eval_summary)
+            if truncated:
+                log.info("first truncated examples: %s", ", ".join(truncated))
+
+    def _load_reference_model(self, name: str) -> torch.nn.Module:
+        """A separate reference loaded exactly as the policy is (dtype, attention implementation,
+        quantisation), so both compute the same log-probs at step 0: loss ln 2 in every mode."""
+        cfg = self.cfg
+        ref = models.load_model(
+            name,
+            dtype=self.model_dtype,
+            use_4bit=cfg.use_4bit,
+            device=self.accelerator.device,
+            attn_implementation=cfg.attn_implementation,
+            provider=cfg.provider,
+            use_liger_kernel=cfg.use_liger_kernel,
+        )
+        if cfg.disable_dropout:
+            disable_dropout(ref)
+        return ref
+
+    def _prove_paths(self, model: torch.nn.Module, role: str, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> bool | None:
+        """Check the fast paths on a few real items against the model's own forward (see
+        `logprobs.check_paths`); say in one line what was chosen. Where segments disagree, the
+        run takes one sequence a row (no shared prompt; for SFT, no packing: the data is
+        tokenized again). Returns the head to use (None: the structural choice; False: the
+        model's own forward)."""
+        batches = self.objective.check_batches(self.train_items, self.pad_id, self.share_prompt)
+        if batches is None:
+            return None
+        device = next(model.parameters()).device
+        plain, segmented, group = batches
+        plain = {k: v.to(device) for k, v in plain.items()}
+        segmented = {k: v.to(device) for k, v in segmented.items()} if segmented is not None else None
+        report = check_paths(model, plain, segmented, group)
+        # Every process takes the main process's verdict: ranks that split differently would plan
+        # different steps and hang in the collectives.
+        report.fast_head, report.segments = self._main_says(report.fast_head), self._main_says(report.segments)
+        if self.is_main:
+            what = "packed sequences" if self.cfg.strategy == "sft" else "the prompt once for both completions"
+            log.info("%s: %s", role, report.summary(what))
+        if segmented is not None and not report.segments:
+            if self.cfg.strategy == "sft":
+                self.objective.packing = False
+                self._tokenize(train_ex, eval_ex)
+            else:
+                self.share_prompt = False
+        return None if report.fast_head else False
+
+    def _router_aux(self, model: torch.nn.Module, head: bool | None) -> RouterAux | None:
+        """A MoE policy trains with its router load-balancing loss (see `logprobs.router_aux`)."""
+        aux = router_aux(model, self.cfg.router_aux_loss_coef) if self.objective.model_kind != "reward" else None
+        if aux is None:
+            return None
+        if head is False:
+            if self.is_main:
+                log.warning("MoE router aux loss: off (it is computed beside the chunked output head, which this model cannot use)")
+            return None
+        self.objective.enable_router_aux(aux.coef)
+        if self.is_main:
+            source = "router_aux_loss_coef" if self.cfg.router_aux_loss_coef is not None else "the model config's router_aux_loss_coef"
+            log.info("MoE router load-balancing loss: coefficient %g (%s), %d experts, top %d; logged as aux_loss",
+                     aux.coef, source, aux.num_experts, aux.top_k)
+        return aux
+
     @property
     def train_pairs(self) -> list[Any]:
         """The tokenized training items (pairs for the pairwise strategies)."""
@@ -392,12 +471,16 @@ class Trainer:
             raise PreftuneError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
-    def _precompute_reference(self, model: torch.nn.Module) -> PrecomputedReference:
-        """One pass of the reference over train and eval pairs, cached on disk (see reference.py)."""
+    def _precompute_reference(
+        self, model: torch.nn.Module, head: bool | None, train_ex: Sequence[Any], eval_ex: Sequence[Any]
+    ) -> PrecomputedReference:
+        """One pass of the reference over train and eval pairs, cached on disk (see reference.py):
+        the policy at its start (with its proven `head`), or `ref_model_name`, proven here."""
         cfg, acc = self.cfg, self.accelerator
         ref_model = model
         if cfg.ref_model_name:
-            ref_model = models.load_model(cfg.ref_model_name, dtype=self.model_dtype, device=acc.device, provider=cfg.provider)
+            ref_model = self._load_reference_model(cfg.ref_model_name)
+            head = self._prove_paths(ref_model, "reference", train_ex, eval_ex)
         pairs = self.train_pairs + self.eval_pairs
         settings = {"dtype": str(self.model_dtype), "bf16": self.bf16, "4bit": cfg.use_4bit}
         key = cache_key(models.model_fingerprint(ref_model), pairs, settings)
@@ -419,7 +502,7 @@ class Trainer:
         if self.is_main:
             batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
             chosen, rejected = compute_logps(
-                CompletionLogprobs(ref_model),
+                CompletionLogprobs(ref_model, fast_head=head),
                 pairs,
                 batch_size,
                 self.pad_id,
@@ -647,7 +730,8 @@ class Trainer:
             units += sum(self.objective.units(item) for item in chunk)
         self._context = step_context
         self.inner.train(was_training)
-        return {f"eval_{k}": v for k, v in self._reduce_means(sums, units).items()}
+        # The router aux loss is a training regulariser; evaluation passes compute none.
+        return {f"eval_{k}": v for k, v in self._reduce_means(sums, units).items() if k != "aux_loss"}
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save_checkpoint(self, evaluated: bool = False) -> Path:
