@@ -25,6 +25,7 @@ from preftune.agreement import (
     krippendorff_alpha,
     majority,
     observed_agreement,
+    pair_margin,
     symmetric_alpha,
 )
 from preftune.cli import main
@@ -164,7 +165,7 @@ def test_undo_withdraws_the_last_answer_and_shows_the_item_again(tmp_path):
     store.judge("ann", one["id"], "A")
     two = store.next_item("ann")
     store.judge("ann", two["id"], "tie")
-    assert store.undo("ann") == {"item_id": two["id"], "choice": "tie"}
+    assert store.undo("ann") == {"item_id": two["id"], "choice": "tie", "returned": True}
     assert store.next_item("bob") is None  # the undone item is ann's again, not free for others
     assert store.next_item("ann") == two  # same item, same sides
     store.judge("ann", two["id"], "B")
@@ -310,7 +311,7 @@ def test_conflicts_are_409(client):
     api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "A"}, headers=AUTH)
     response = api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "B"}, headers=AUTH)
     assert response.status_code == 409 and "you already answered 'A'" in response.json()["detail"]
-    assert api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH).json()["undone"] == {"item_id": item["id"], "choice": "A"}
+    assert api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH).json()["undone"] == {"item_id": item["id"], "choice": "A", "returned": True}
     response = api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH)
     assert response.status_code == 409 and response.json() == {"detail": "nothing to undo for 'ann'"}
     assert api.get("/api/next").status_code == 405
@@ -324,6 +325,191 @@ def test_no_request_shape_gets_a_500(client):
         body = {key: rng.choice(values) for key in rng.sample(["annotator", "item_id", "choice", "extra"], rng.randint(0, 4))}
         for path in ("/api/next", "/api/judgements", "/api/undo", "/api/progress"):
             assert api.post(path, json=body, headers=AUTH).status_code < 500, (path, body)
+
+
+def test_undoing_a_skip_never_takes_a_slot_that_others_hold(tmp_path):
+    """The sequence that over-booked an item: 1 skips, 2 and 3 take both slots, 1 undoes the skip.
+    Before the fix the undo revived 1's lease: 2's and 3's answers got 409 and 1's next dropped the item."""
+    store = make_store(tmp_path, n=1, k=2)
+    with TestClient(create_app(store, TOKEN)) as api:
+        def post(path: str, **body):
+            return api.post(path, json=body, headers=AUTH)
+
+        item = post("/api/next", annotator="one").json()["item"]["id"]
+        assert post("/api/judgements", annotator="one", item_id=item, choice="skip").status_code == 200
+        assert post("/api/next", annotator="two").json()["item"]["id"] == item
+        assert post("/api/next", annotator="three").json()["item"]["id"] == item
+        undo = post("/api/undo", annotator="one")
+        assert undo.status_code == 200
+        assert undo.json()["undone"] == {"item_id": item, "choice": "skip", "returned": False}
+        assert undo.json()["detail"] == (
+            f"your skip is withdrawn, but item '{item}' has meanwhile gone to its 2 annotator(s), so it does not come back"
+        )
+        two = post("/api/judgements", annotator="two", item_id=item, choice="A")
+        three = post("/api/judgements", annotator="three", item_id=item, choice="B")
+        assert (two.status_code, three.status_code) == (200, 200), (two.text, three.text)
+        assert three.json()["progress"]["complete"] == 1
+        assert post("/api/next", annotator="one").json()["item"] is None
+    assert rows(store.path, "SELECT annotator, choice, undone_at IS NOT NULL FROM judgements ORDER BY id") == [
+        ("one", "skip", 1), ("two", "A", 0), ("three", "B", 0)
+    ]
+    assert rows(store.path, "SELECT annotator FROM assignments ORDER BY annotator") == [("three",), ("two",)]
+
+
+def test_an_undone_skip_comes_back_while_a_slot_is_free(tmp_path):
+    store = make_store(tmp_path, n=1, k=2)
+    shown = store.next_item("one")
+    store.judge("one", shown["id"], "skip")
+    assert store.next_item("two")["id"] == shown["id"]  # one slot of two taken
+    assert store.undo("one") == {"item_id": shown["id"], "choice": "skip", "returned": True}
+    assert store.next_item("three") is None  # one's lease is back: the item is full again
+    assert store.next_item("one") == shown  # the same way round
+    store.judge("one", shown["id"], "B")
+    store.judge("two", shown["id"], "tie")
+    assert store.progress("three")["complete"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Strength of preference and rationales
+# ---------------------------------------------------------------------------------------------
+
+
+def answer(store: LabelStore, name: str, item: dict, rating: str, strength: int | None = None, comment: str | None = None) -> None:
+    """Answer as a rating in the item's own order (first/second/tie), whichever side it was shown on."""
+    if rating == "tie":
+        store.judge(name, item["id"], "tie", comment=comment)
+        return
+    first_text = {i.id: i.first for i in store.items()}[item["id"]]
+    left_is_first = item["a"] == first_text
+    store.judge(name, item["id"], "A" if (rating == "first") == left_is_first else "B", strength, comment)
+
+
+# item -> annotator -> (rating in item order, strength, comment)
+STRENGTH_PLAN = {
+    0: {"ann": ("first", 2, "clear and correct"), "bob": ("first", 1, None), "cy": ("first", 2, None)},
+    1: {"ann": ("second", 1, None), "bob": ("second", 1, None), "cy": ("first", 1, "both fine")},
+    2: {"ann": ("first", 2, None), "bob": ("tie", None, None), "cy": ("first", 1, None)},
+}
+
+
+@pytest.fixture
+def strength_db(tmp_path) -> Path:
+    (tmp_path / "five").mkdir()
+    store = make_store(tmp_path / "five", n=3, k=3, scale=5)
+    index = {item.id: n for n, item in enumerate(store.items())}
+    for name in ("ann", "bob", "cy"):
+        while (item := store.next_item(name)) is not None:
+            answer(store, name, item, *STRENGTH_PLAN[index[item["id"]]][name])
+    store.close()
+    return store.path
+
+
+def test_pair_margin_is_the_signed_mean_strength():
+    assert pair_margin([2, 1, 2]) == pytest.approx(5 / 3)
+    assert pair_margin([1, 1, -1]) == pytest.approx(1 / 3)
+    assert pair_margin([2, 0, 1]) == pytest.approx(1.0)
+    assert pair_margin([2, None]) is None  # a rating on the 3-point scale has no strength
+    assert pair_margin([]) is None
+
+
+def test_strength_and_comment_round_trip_to_the_export(strength_db, tmp_path):
+    assert rows(strength_db, "SELECT COUNT(*), SUM(strength IS NULL), SUM(strength = 0) FROM judgements") == [(9, 0, 1)]
+    out = tmp_path / "strong.jsonl"
+    report = export_labels(strength_db, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # item 0: 2 + 1 + 2 over 3; item 1: second wins, +1 +1 -1 (cy dissents); item 2: 2 + 0 (tie) + 1
+    assert [(r["chosen"], r["votes"], r["margin"]) for r in records] == [
+        ("good 0", {"chosen": 3, "rejected": 0, "tie": 0}, pytest.approx(5 / 3)),
+        ("bad 1", {"chosen": 2, "rejected": 1, "tie": 0}, pytest.approx(1 / 3)),
+        ("good 2", {"chosen": 2, "rejected": 0, "tie": 1}, pytest.approx(1.0)),
+    ]
+    assert [r["rationales"] for r in records] == [
+        [{"annotator": "ann", "rating": "chosen", "strength": 2, "comment": "clear and correct"}],
+        [{"annotator": "cy", "rating": "rejected", "strength": 1, "comment": "both fine"}],
+        [],
+    ]
+    assert report["mean_margin"] == pytest.approx((5 / 3 + 1 / 3 + 1) / 3)
+
+
+@pytest.mark.parametrize(
+    "min_strength, kept, weak", [("0", ["good 0", "bad 1", "good 2"], 0), ("1", ["good 0", "good 2"], 1), ("1.5", ["good 0"], 2)]
+)
+def test_min_strength_drops_weak_pairs(strength_db, tmp_path, capsys, min_strength, kept, weak):
+    out = tmp_path / "strong.jsonl"
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--min-strength", min_strength]) == 0
+    assert [json.loads(line)["chosen"] for line in out.read_text().splitlines()] == kept
+    report = json.loads((tmp_path / "strong.agreement.json").read_text())
+    assert (report["exported"], report["dropped_weak"], report["dropped_no_strength"]) == (len(kept), weak, 0)
+    printed = capsys.readouterr().out
+    assert f"exported pairs        {len(kept)} (dropped: 0 tie majority, 0 no majority, {weak} below strength {float(min_strength):g}, 0 without strength)" in printed
+    assert "mean margin" in printed
+
+
+def test_min_strength_needs_strengths_and_a_sane_value(labelled_db, strength_db, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(out), "--min-strength", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "preftune: error: --min-strength needs strengths, and no judgement has one: serve with --scale 5 to ask for them\n"
+    )
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--min-strength", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "preftune: error: --min-strength must be between 0 and 2 (1 = slightly better, 2 = much better), got 3.0\n"
+    )
+    assert not out.exists()
+
+
+def test_the_scale_decides_whether_a_strength_is_asked(tmp_path):
+    five = make_store(tmp_path, n=2, k=1, scale=5)
+    with TestClient(create_app(five, TOKEN)) as api:
+        assert api.post("/api/session", json={}, headers=AUTH).json() == {"scale": 5, "guidelines": None}
+        item = api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).json()["item"]
+        body = {"annotator": "ann", "item_id": item["id"], "choice": "A"}
+        response = api.post("/api/judgements", json=body, headers=AUTH)
+        assert (response.status_code, response.json()) == (
+            422, {"detail": "with --scale 5 a pick of A needs a strength: 1 (slightly) or 2 (much), got None"}
+        )
+        response = api.post("/api/judgements", json={**body, "choice": "tie", "strength": 2}, headers=AUTH)
+        assert (response.status_code, response.json()) == (422, {"detail": "a tie has no strength, got 2"})
+        response = api.post("/api/judgements", json={**body, "strength": 3}, headers=AUTH)
+        assert response.status_code == 422 and response.json()["detail"] == "field 'strength': Input should be 0, 1 or 2"
+        response = api.post("/api/judgements", json={**body, "comment": "x" * 2001, "strength": 1}, headers=AUTH)
+        assert response.json()["detail"] == "field 'comment': String should have at most 2000 characters"
+        stored = api.post("/api/judgements", json={**body, "strength": 1, "comment": "  the list is complete  "}, headers=AUTH)
+        assert stored.status_code == 200
+        again = api.post("/api/judgements", json={**body, "strength": 2}, headers=AUTH)
+        assert again.json()["detail"] == f"you already answered 'A (slightly)' for item '{item['id']}': undo it first to change it"
+    assert rows(five.path, "SELECT choice, strength, comment FROM judgements") == [("A", 1, "the list is complete")]
+    three = LabelStore(tmp_path / "three.sqlite", annotators_per_item=1)
+    three.add_items(simple_items(1))
+    shown = three.next_item("ann")
+    with pytest.raises(PreftuneError, match=r"this labeling session asks no strength \(serve with --scale 5 for it\)"):
+        three.judge("ann", shown["id"], "A", strength=2)
+    three.judge("ann", shown["id"], "A", comment="   ")  # a blank comment is none
+    assert rows(three.path, "SELECT strength, comment FROM judgements") == [(None, None)]
+    with pytest.raises(PreftuneError, match="--scale must be 3 \\(A/B/tie\\) or 5 \\(with strength\\), got 4"):
+        LabelStore(tmp_path / "four.sqlite", scale=4)
+
+
+def test_a_database_from_before_strengths_opens_and_exports(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', '1'), ('annotators_per_item', '1');"
+            "CREATE TABLE items (id TEXT PRIMARY KEY, position INTEGER NOT NULL, source TEXT NOT NULL, prompt TEXT NOT NULL,"
+            " first TEXT NOT NULL, second TEXT NOT NULL, prompt_text TEXT NOT NULL, first_text TEXT NOT NULL, second_text TEXT NOT NULL);"
+            "CREATE TABLE assignments (item_id TEXT NOT NULL, annotator TEXT NOT NULL, shown_left TEXT NOT NULL,"
+            " assigned_at REAL NOT NULL, PRIMARY KEY (item_id, annotator));"
+            "CREATE TABLE judgements (id INTEGER PRIMARY KEY AUTOINCREMENT, item_id TEXT NOT NULL, annotator TEXT NOT NULL,"
+            " shown_left TEXT NOT NULL, choice TEXT NOT NULL, shown_at REAL NOT NULL, answered_at REAL NOT NULL, undone_at REAL);"
+            "INSERT INTO items VALUES ('i1', 0, 'p.jsonl:1', '\"q\"', '\"yes\"', '\"no\"', 'q', 'yes', 'no');"
+            "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at) VALUES ('i1', 'ann', 'second', 'B', 1, 2);"
+        )
+    report = export_labels(db, tmp_path / "o.jsonl", min_annotators=1)
+    assert report["exported"] == 1
+    assert json.loads((tmp_path / "o.jsonl").read_text())["margin"] is None
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    assert [r[1] for r in rows(db, "PRAGMA table_info(judgements)")][-2:] == ["strength", "comment"]
 
 
 # ---------------------------------------------------------------------------------------------
