@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from preftune.data import MAX_MARGIN
 from preftune.errors import PreftuneError
 from preftune.generation import write_atomic
 from preftune.labeling import Judgement, LabelStore
@@ -212,7 +213,7 @@ def _share(part: int, whole: int) -> float | None:
 
 
 EXPORT_FORMATS = ("jsonl", "csv", "parquet", "datasets")
-MAX_STRENGTH = 2  # "much better"; "slightly better" is 1, a tie 0
+MAX_STRENGTH = int(MAX_MARGIN)  # "much better"; "slightly better" is 1, a tie 0
 
 
 def pair_margin(strengths: Sequence[int | None]) -> float | None:
