@@ -238,6 +238,41 @@ def test_page_is_plain_files_with_a_strict_content_policy(client):
     assert api.get("/static/secrets.txt").json() == {"detail": "no file 'secrets.txt'"}
 
 
+def test_markdown_is_rendered_with_raw_html_escaped_and_only_http_links():
+    from preftune.rendering import render_markdown, render_value
+
+    assert render_markdown("- one\n- **two**\n\n```py\nx < 1\n```") == (
+        "<ul>\n<li>one</li>\n<li><strong>two</strong></li>\n</ul>\n<pre><code class=\"language-py\">x &lt; 1\n</code></pre>\n"
+    )
+    hostile = "<script>alert(1)</script> <img src=x onerror=alert(1)> [a](javascript:alert(1)) <javascript:alert(1)> [b](https://x.org)"
+    assert render_markdown(hostile) == (
+        "<p>&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(1)&gt; [a](javascript:alert(1)) "
+        "&lt;javascript:alert(1)&gt; <a href=\"https://x.org\" target=\"_blank\" rel=\"noopener noreferrer nofollow\">b</a></p>\n"
+    )
+    assert render_markdown("![x](https://t.example/p.png)").startswith("<p>!<a href=")  # images are not loaded
+    conversation = render_value([{"role": "user", "content": "Hi"}, {"role": "<b>bot</b>", "content": "*yo*"}])
+    assert conversation == (
+        '<div class="conversation"><div class="turn" data-role="user"><div class="role">user</div>'
+        '<div class="content"><p>Hi</p>\n</div></div><div class="turn" data-role="&lt;b&gt;bot&lt;/b&gt;">'
+        '<div class="role">&lt;b&gt;bot&lt;/b&gt;</div><div class="content"><p><em>yo</em></p>\n</div></div></div>'
+    )
+    assert render_value([{"role": "assistant", "content": "**4**"}]) == "<p><strong>4</strong></p>\n"
+
+
+def test_next_item_carries_its_rendered_html_and_the_session_its_guidelines(tmp_path):
+    store = LabelStore(tmp_path / "l.sqlite", annotators_per_item=1)
+    store.add_items([Item(item_id("p", "a", "b"), "gen:1", [{"role": "user", "content": "Q?"}], "**yes**", "<i>no</i>")])
+    with TestClient(create_app(store, TOKEN, guidelines="# Rules\n<script>x</script>")) as api:
+        assert api.post("/api/session", json={}, headers=AUTH).json() == {
+            "scale": 3, "guidelines": "<h1>Rules</h1>\n<p>&lt;script&gt;x&lt;/script&gt;</p>\n"
+        }
+        assert api.post("/api/session", json={}).status_code == 401
+        item = api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).json()["item"]
+    html = {item["a"]: item["html"]["a"], item["b"]: item["html"]["b"]}
+    assert html == {"**yes**": "<p><strong>yes</strong></p>\n", "<i>no</i>": "<p>&lt;i&gt;no&lt;/i&gt;</p>\n"}
+    assert item["prompt"] == "user: Q?" and 'data-role="user"' in item["html"]["prompt"]
+
+
 def test_token_is_required_when_set(client):
     api, _ = client
     for headers in ({}, {"X-Label-Token": "wrong"}):
@@ -676,6 +711,102 @@ def test_exported_pairs_train_as_preference_data(labelled_db, tmp_path):
     assert examples[0].extra["votes"] == {"chosen": 3, "rejected": 0, "tie": 0}
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "datasets"])
+def test_export_as_parquet_or_a_saved_dataset_trains_like_the_jsonl(strength_db, tmp_path, fmt):
+    from preftune.data import load_preference_data
+
+    export_labels(strength_db, tmp_path / "pairs.jsonl")
+    out = tmp_path / ("pairs.parquet" if fmt == "parquet" else "pairs-dataset")
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", fmt]) == 0
+    assert out.is_file() if fmt == "parquet" else (out / "state.json").is_file()
+    expected = load_preference_data(tmp_path / "pairs.jsonl")
+    loaded = load_preference_data(out)
+    assert [(e.prompt, e.chosen, e.rejected) for e in loaded] == [(e.prompt, e.chosen, e.rejected) for e in expected]
+    assert [e.extra["margin"] for e in loaded] == pytest.approx([5 / 3, 1 / 3, 1.0])
+    assert [e.extra["votes"] for e in loaded] == [e.extra["votes"] for e in expected]
+    assert loaded[0].extra["rationales"][0]["comment"] == "clear and correct"
+    report = json.loads((out.with_suffix(".agreement.json")).read_text())
+    assert (report["format"], report["exported"]) == (fmt, 3)
+    # a second export replaces the first whole
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", fmt, "--min-strength", "1.5"]) == 0
+    assert len(load_preference_data(out)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_as_csv_for_a_spreadsheet(strength_db, tmp_path):
+    import csv
+
+    out = tmp_path / "pairs.csv"
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", "csv"]) == 0
+    with out.open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["prompt"], r["chosen"], r["votes_chosen"], r["votes_tie"]) for r in table] == [
+        ("p0", "good 0", "3", "0"), ("p1", "bad 1", "2", "0"), ("p2", "good 2", "2", "1")
+    ]
+    assert float(table[0]["margin"]) == pytest.approx(5 / 3)
+    assert json.loads(table[1]["rationales"]) == [{"annotator": "cy", "rating": "rejected", "strength": 1, "comment": "both fine"}]
+    assert table[2]["rationales"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The lead's dashboard
+# ---------------------------------------------------------------------------------------------
+
+ADMIN = {"X-Admin-Token": "lead-only"}
+
+
+def test_dashboard_refuses_without_its_own_token(labelled_db):
+    store = LabelStore(labelled_db)
+    with TestClient(create_app(store, TOKEN, admin_token="lead-only")) as api:
+        for headers in ({}, {"X-Admin-Token": "wrong"}, AUTH, {"X-Admin-Token": TOKEN}):
+            for path in ("/api/admin/summary", "/api/admin/download"):
+                response = api.post(path, json={}, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.json() == {
+                    "detail": "missing or wrong dashboard token: open /admin?token=... with the dashboard's own token"
+                }
+        assert api.post("/api/next", json={"annotator": "x"}, headers=ADMIN).status_code == 401  # no labeling with it
+        assert api.get("/admin").status_code == 200  # the page itself holds no data
+    with TestClient(create_app(store, TOKEN)) as api:
+        response = api.post("/api/admin/summary", json={}, headers=ADMIN)
+        assert (response.status_code, response.json()["detail"]) == (403, "the dashboard is off: serve with --admin-token to turn it on")
+
+
+def test_dashboard_figures_equal_the_exports(labelled_db, tmp_path):
+    out = tmp_path / "voted.jsonl"
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(out), "--min-annotators", "3"]) == 0
+    exported = json.loads((tmp_path / "voted.agreement.json").read_text())
+    store = LabelStore(labelled_db)
+    with TestClient(create_app(store, TOKEN, admin_token="lead-only")) as api:
+        data = api.post("/api/admin/summary", json={"min_annotators": 3}, headers=ADMIN).json()
+        jsonl = api.post("/api/admin/download", json={"min_annotators": 3, "format": "jsonl"}, headers=ADMIN)
+        report = api.post("/api/admin/download", json={"min_annotators": 3, "format": "report"}, headers=ADMIN)
+        csv_file = api.post("/api/admin/download", json={"min_annotators": 3, "format": "csv"}, headers=ADMIN)
+        bad = api.post("/api/admin/summary", json={"min_annotators": 0}, headers=ADMIN)
+    for key in ("output", "format"):  # where the file went, which the dashboard has not
+        exported.pop(key)
+    assert data["report"] == exported  # alpha, agreement with majority, position bias: the same figures
+    assert data["report"]["krippendorff_alpha"] == pytest.approx(0.125)
+    assert data["report"]["position_bias"]["left_share"] == pytest.approx(8 / 13)
+    assert data["report"]["annotators"]["cy"]["agreement_with_majority"] == pytest.approx(0.25)
+    assert jsonl.content == out.read_bytes()
+    assert jsonl.headers["content-disposition"] == 'attachment; filename="labelled.jsonl"'
+    assert json.loads(report.content) == exported
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(tmp_path / "v.csv"), "--format", "csv"]) == 0
+    assert csv_file.content == (tmp_path / "v.csv").read_bytes()
+    assert bad.status_code == 422 and bad.json()["detail"] == "field 'min_annotators': Input should be greater than or equal to 1"
+    overview = data["overview"]
+    # 6 items, 3 annotators each: items 1-5 have 3 ratings, item 6 two ratings and a skip
+    assert {k: overview[k] for k in ("items", "complete", "remaining", "annotators_per_item")} == {
+        "items": 6, "complete": 5, "remaining": 1, "annotators_per_item": 3
+    }
+    # the fixture shows each item 1 s before its answer; the undone judgement does not count
+    assert overview["annotators"]["cy"] == {
+        "judgements": 6, "ratings": 5, "skips": 1, "comments": 0, "median_seconds": 1.0, "last_hour": 0, "last_answer_at": 28.0
+    }
+    assert store.overview(now=30.0)["annotators"]["ann"]["last_hour"] == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -693,6 +824,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == "preftune: error: --port must be between 1 and 65535, got 70000\n"
     assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--annotators-per-item", "0"]) == 2
     assert capsys.readouterr().err == "preftune: error: annotators per item must be at least 1, got 0\n"
+    missing = tmp_path / "rules.md"
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--guidelines", str(missing)]) == 2
+    assert capsys.readouterr().err == f"preftune: error: --guidelines: file not found: {missing}\n"
+    missing.write_bytes(b"caf\xe9")
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--guidelines", str(missing)]) == 2
+    assert capsys.readouterr().err == f"preftune: error: --guidelines: {missing} is not UTF-8 text (byte 3)\n"
 
 
 def test_serve_never_modifies_the_input_and_refuses_a_taken_port(tmp_path, capsys):
