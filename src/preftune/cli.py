@@ -149,10 +149,9 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
     from preftune.labeling import new_token, serve
 
     token = new_token() if args.token == "" else args.token
-    admin_token = new_token() if args.admin_token == "" else args.admin_token
     serve(
         args.input, args.db, args.annotators_per_item, args.host, args.port, token,
-        scale=args.scale, guidelines=args.guidelines, admin_token=admin_token,
+        scale=args.scale, guidelines=args.guidelines, admin_token=args.admin_token or None,  # none given: serve makes one
     )
     return 0
 
