@@ -585,6 +585,46 @@ def test_four_annotators_posting_50_judgements_each_at_once(tmp_path):
     assert max(per_item) == 3 and per_item[3] >= 50  # items fill to the limit, never past it
 
 
+def test_eight_annotators_skipping_and_undoing_at_once_never_over_book_an_item(tmp_path):
+    """Each undoes some of its skips a moment later, when others may have taken the slot: an
+    answer to an item just handed out must never be refused, and no item ever gets more than k."""
+    store = make_store(tmp_path, n=40, k=2)
+    barrier = threading.Barrier(8)
+    failures: list[str] = []
+    undos = Counter()
+
+    def annotate(name: str) -> None:
+        rng = random.Random(name)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+            barrier.wait()
+            pending_undo = False
+            for _ in range(15):
+                if pending_undo:
+                    undone = http.post("/api/undo", json={"annotator": name}).json()["undone"]
+                    undos[undone["returned"]] += 1
+                    pending_undo = False
+                item = http.post("/api/next", json={"annotator": name}).json()["item"]
+                if item is None:
+                    break
+                choice = rng.choice(["A", "B", "tie", "skip", "skip"])
+                response = http.post("/api/judgements", json={"annotator": name, "item_id": item["id"], "choice": choice})
+                if response.status_code != 200:
+                    failures.append(f"{name}: {response.status_code} {response.text}")
+                pending_undo = choice == "skip" and rng.random() < 0.6
+
+    with live_server(create_app(store, TOKEN)) as url:
+        threads = [threading.Thread(target=annotate, args=(f"annotator-{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    print(f"undone skips that came back / did not: {undos[True]} / {undos[False]}")
+    assert failures == []
+    assert sum(undos.values()) > 10
+    ratings = rows(store.path, "SELECT COUNT(*) FROM judgements WHERE undone_at IS NULL AND choice != 'skip' GROUP BY item_id")
+    assert max(n for (n,) in ratings) <= 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Export: majority vote and agreement, hand-computed
 # ---------------------------------------------------------------------------------------------
