@@ -26,6 +26,10 @@ itself is symmetric, so `krippendorff_alpha_symmetric` takes chance as the same 
 Position bias is the share of left (A) picks among the ratings that picked a side: 0.5 when the
 side does not matter. Sides are drawn at random per annotator and item, so a bias shows in this
 share but cannot tilt the exported labels in a consistent direction.
+
+Strength (asked with `--scale 5`) does not enter the vote or the agreement figures, which stay on the
+three categories; it becomes each exported pair's `margin`, the mean strength towards the winner,
+so training can weigh close calls less (`margin_weighting`) and `--min-strength` can drop them.
 """
 
 from __future__ import annotations

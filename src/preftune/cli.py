@@ -452,12 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export",
         parents=[common],
         help="write majority-vote pairs and the agreement report",
-        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) as JSONL "
-        "for training, and print the agreement report (Krippendorff's alpha, each annotator's agreement with "
-        "the majority, position bias), also written as JSON.",
+        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) for "
+        "training, with their votes, margin (mean strength) and rationales, and print the agreement report "
+        "(Krippendorff's alpha, each annotator's agreement with the majority, position bias), also written as JSON.",
     )
     e.add_argument("--db", required=True, help="labeling database written by 'label serve'")
-    e.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    e.add_argument("--out", required=True, help="pairs file (or, with --format datasets, folder) to write")
     e.add_argument("--min-annotators", type=int, default=3, help="ratings an item needs to be voted on (default: 3)")
     e.add_argument("--report", help="agreement report to write (default: OUT with the suffix .agreement.json)")
     e.add_argument(
