@@ -25,6 +25,7 @@ from preftune.agreement import (
     krippendorff_alpha,
     majority,
     observed_agreement,
+    pair_margin,
     symmetric_alpha,
 )
 from preftune.cli import main
@@ -164,7 +165,7 @@ def test_undo_withdraws_the_last_answer_and_shows_the_item_again(tmp_path):
     store.judge("ann", one["id"], "A")
     two = store.next_item("ann")
     store.judge("ann", two["id"], "tie")
-    assert store.undo("ann") == {"item_id": two["id"], "choice": "tie"}
+    assert store.undo("ann") == {"item_id": two["id"], "choice": "tie", "returned": True}
     assert store.next_item("bob") is None  # the undone item is ann's again, not free for others
     assert store.next_item("ann") == two  # same item, same sides
     store.judge("ann", two["id"], "B")
@@ -235,6 +236,41 @@ def test_page_is_plain_files_with_a_strict_content_policy(client):
     assert "innerHTML" not in script.text and "textContent" in script.text
     assert api.get("/static/../labeling.py").status_code == 404
     assert api.get("/static/secrets.txt").json() == {"detail": "no file 'secrets.txt'"}
+
+
+def test_markdown_is_rendered_with_raw_html_escaped_and_only_http_links():
+    from preftune.rendering import render_markdown, render_value
+
+    assert render_markdown("- one\n- **two**\n\n```py\nx < 1\n```") == (
+        "<ul>\n<li>one</li>\n<li><strong>two</strong></li>\n</ul>\n<pre><code class=\"language-py\">x &lt; 1\n</code></pre>\n"
+    )
+    hostile = "<script>alert(1)</script> <img src=x onerror=alert(1)> [a](javascript:alert(1)) <javascript:alert(1)> [b](https://x.org)"
+    assert render_markdown(hostile) == (
+        "<p>&lt;script&gt;alert(1)&lt;/script&gt; &lt;img src=x onerror=alert(1)&gt; [a](javascript:alert(1)) "
+        "&lt;javascript:alert(1)&gt; <a href=\"https://x.org\" target=\"_blank\" rel=\"noopener noreferrer nofollow\">b</a></p>\n"
+    )
+    assert render_markdown("![x](https://t.example/p.png)").startswith("<p>!<a href=")  # images are not loaded
+    conversation = render_value([{"role": "user", "content": "Hi"}, {"role": "<b>bot</b>", "content": "*yo*"}])
+    assert conversation == (
+        '<div class="conversation"><div class="turn" data-role="user"><div class="role">user</div>'
+        '<div class="content"><p>Hi</p>\n</div></div><div class="turn" data-role="&lt;b&gt;bot&lt;/b&gt;">'
+        '<div class="role">&lt;b&gt;bot&lt;/b&gt;</div><div class="content"><p><em>yo</em></p>\n</div></div></div>'
+    )
+    assert render_value([{"role": "assistant", "content": "**4**"}]) == "<p><strong>4</strong></p>\n"
+
+
+def test_next_item_carries_its_rendered_html_and_the_session_its_guidelines(tmp_path):
+    store = LabelStore(tmp_path / "l.sqlite", annotators_per_item=1)
+    store.add_items([Item(item_id("p", "a", "b"), "gen:1", [{"role": "user", "content": "Q?"}], "**yes**", "<i>no</i>")])
+    with TestClient(create_app(store, TOKEN, guidelines="# Rules\n<script>x</script>")) as api:
+        assert api.post("/api/session", json={}, headers=AUTH).json() == {
+            "scale": 3, "guidelines": "<h1>Rules</h1>\n<p>&lt;script&gt;x&lt;/script&gt;</p>\n"
+        }
+        assert api.post("/api/session", json={}).status_code == 401
+        item = api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).json()["item"]
+    html = {item["a"]: item["html"]["a"], item["b"]: item["html"]["b"]}
+    assert html == {"**yes**": "<p><strong>yes</strong></p>\n", "<i>no</i>": "<p>&lt;i&gt;no&lt;/i&gt;</p>\n"}
+    assert item["prompt"] == "user: Q?" and 'data-role="user"' in item["html"]["prompt"]
 
 
 def test_token_is_required_when_set(client):
@@ -310,7 +346,7 @@ def test_conflicts_are_409(client):
     api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "A"}, headers=AUTH)
     response = api.post("/api/judgements", json={"annotator": "ann", "item_id": item["id"], "choice": "B"}, headers=AUTH)
     assert response.status_code == 409 and "you already answered 'A'" in response.json()["detail"]
-    assert api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH).json()["undone"] == {"item_id": item["id"], "choice": "A"}
+    assert api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH).json()["undone"] == {"item_id": item["id"], "choice": "A", "returned": True}
     response = api.post("/api/undo", json={"annotator": "ann"}, headers=AUTH)
     assert response.status_code == 409 and response.json() == {"detail": "nothing to undo for 'ann'"}
     assert api.get("/api/next").status_code == 405
@@ -324,6 +360,191 @@ def test_no_request_shape_gets_a_500(client):
         body = {key: rng.choice(values) for key in rng.sample(["annotator", "item_id", "choice", "extra"], rng.randint(0, 4))}
         for path in ("/api/next", "/api/judgements", "/api/undo", "/api/progress"):
             assert api.post(path, json=body, headers=AUTH).status_code < 500, (path, body)
+
+
+def test_undoing_a_skip_never_takes_a_slot_that_others_hold(tmp_path):
+    """The sequence that over-booked an item: 1 skips, 2 and 3 take both slots, 1 undoes the skip.
+    Before the fix the undo revived 1's lease: 2's and 3's answers got 409 and 1's next dropped the item."""
+    store = make_store(tmp_path, n=1, k=2)
+    with TestClient(create_app(store, TOKEN)) as api:
+        def post(path: str, **body):
+            return api.post(path, json=body, headers=AUTH)
+
+        item = post("/api/next", annotator="one").json()["item"]["id"]
+        assert post("/api/judgements", annotator="one", item_id=item, choice="skip").status_code == 200
+        assert post("/api/next", annotator="two").json()["item"]["id"] == item
+        assert post("/api/next", annotator="three").json()["item"]["id"] == item
+        undo = post("/api/undo", annotator="one")
+        assert undo.status_code == 200
+        assert undo.json()["undone"] == {"item_id": item, "choice": "skip", "returned": False}
+        assert undo.json()["detail"] == (
+            f"your skip is withdrawn, but item '{item}' has meanwhile gone to its 2 annotator(s), so it does not come back"
+        )
+        two = post("/api/judgements", annotator="two", item_id=item, choice="A")
+        three = post("/api/judgements", annotator="three", item_id=item, choice="B")
+        assert (two.status_code, three.status_code) == (200, 200), (two.text, three.text)
+        assert three.json()["progress"]["complete"] == 1
+        assert post("/api/next", annotator="one").json()["item"] is None
+    assert rows(store.path, "SELECT annotator, choice, undone_at IS NOT NULL FROM judgements ORDER BY id") == [
+        ("one", "skip", 1), ("two", "A", 0), ("three", "B", 0)
+    ]
+    assert rows(store.path, "SELECT annotator FROM assignments ORDER BY annotator") == [("three",), ("two",)]
+
+
+def test_an_undone_skip_comes_back_while_a_slot_is_free(tmp_path):
+    store = make_store(tmp_path, n=1, k=2)
+    shown = store.next_item("one")
+    store.judge("one", shown["id"], "skip")
+    assert store.next_item("two")["id"] == shown["id"]  # one slot of two taken
+    assert store.undo("one") == {"item_id": shown["id"], "choice": "skip", "returned": True}
+    assert store.next_item("three") is None  # one's lease is back: the item is full again
+    assert store.next_item("one") == shown  # the same way round
+    store.judge("one", shown["id"], "B")
+    store.judge("two", shown["id"], "tie")
+    assert store.progress("three")["complete"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Strength of preference and rationales
+# ---------------------------------------------------------------------------------------------
+
+
+def answer(store: LabelStore, name: str, item: dict, rating: str, strength: int | None = None, comment: str | None = None) -> None:
+    """Answer as a rating in the item's own order (first/second/tie), whichever side it was shown on."""
+    if rating == "tie":
+        store.judge(name, item["id"], "tie", comment=comment)
+        return
+    first_text = {i.id: i.first for i in store.items()}[item["id"]]
+    left_is_first = item["a"] == first_text
+    store.judge(name, item["id"], "A" if (rating == "first") == left_is_first else "B", strength, comment)
+
+
+# item -> annotator -> (rating in item order, strength, comment)
+STRENGTH_PLAN = {
+    0: {"ann": ("first", 2, "clear and correct"), "bob": ("first", 1, None), "cy": ("first", 2, None)},
+    1: {"ann": ("second", 1, None), "bob": ("second", 1, None), "cy": ("first", 1, "both fine")},
+    2: {"ann": ("first", 2, None), "bob": ("tie", None, None), "cy": ("first", 1, None)},
+}
+
+
+@pytest.fixture
+def strength_db(tmp_path) -> Path:
+    (tmp_path / "five").mkdir()
+    store = make_store(tmp_path / "five", n=3, k=3, scale=5)
+    index = {item.id: n for n, item in enumerate(store.items())}
+    for name in ("ann", "bob", "cy"):
+        while (item := store.next_item(name)) is not None:
+            answer(store, name, item, *STRENGTH_PLAN[index[item["id"]]][name])
+    store.close()
+    return store.path
+
+
+def test_pair_margin_is_the_signed_mean_strength():
+    assert pair_margin([2, 1, 2]) == pytest.approx(5 / 3)
+    assert pair_margin([1, 1, -1]) == pytest.approx(1 / 3)
+    assert pair_margin([2, 0, 1]) == pytest.approx(1.0)
+    assert pair_margin([2, None]) is None  # a rating on the 3-point scale has no strength
+    assert pair_margin([]) is None
+
+
+def test_strength_and_comment_round_trip_to_the_export(strength_db, tmp_path):
+    assert rows(strength_db, "SELECT COUNT(*), SUM(strength IS NULL), SUM(strength = 0) FROM judgements") == [(9, 0, 1)]
+    out = tmp_path / "strong.jsonl"
+    report = export_labels(strength_db, out)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    # item 0: 2 + 1 + 2 over 3; item 1: second wins, +1 +1 -1 (cy dissents); item 2: 2 + 0 (tie) + 1
+    assert [(r["chosen"], r["votes"], r["margin"]) for r in records] == [
+        ("good 0", {"chosen": 3, "rejected": 0, "tie": 0}, pytest.approx(5 / 3)),
+        ("bad 1", {"chosen": 2, "rejected": 1, "tie": 0}, pytest.approx(1 / 3)),
+        ("good 2", {"chosen": 2, "rejected": 0, "tie": 1}, pytest.approx(1.0)),
+    ]
+    assert [r["rationales"] for r in records] == [
+        [{"annotator": "ann", "rating": "chosen", "strength": 2, "comment": "clear and correct"}],
+        [{"annotator": "cy", "rating": "rejected", "strength": 1, "comment": "both fine"}],
+        [],
+    ]
+    assert report["mean_margin"] == pytest.approx((5 / 3 + 1 / 3 + 1) / 3)
+
+
+@pytest.mark.parametrize(
+    "min_strength, kept, weak", [("0", ["good 0", "bad 1", "good 2"], 0), ("1", ["good 0", "good 2"], 1), ("1.5", ["good 0"], 2)]
+)
+def test_min_strength_drops_weak_pairs(strength_db, tmp_path, capsys, min_strength, kept, weak):
+    out = tmp_path / "strong.jsonl"
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--min-strength", min_strength]) == 0
+    assert [json.loads(line)["chosen"] for line in out.read_text().splitlines()] == kept
+    report = json.loads((tmp_path / "strong.agreement.json").read_text())
+    assert (report["exported"], report["dropped_weak"], report["dropped_no_strength"]) == (len(kept), weak, 0)
+    printed = capsys.readouterr().out
+    assert f"exported pairs        {len(kept)} (dropped: 0 tie majority, 0 no majority, {weak} below strength {float(min_strength):g}, 0 without strength)" in printed
+    assert "mean margin" in printed
+
+
+def test_min_strength_needs_strengths_and_a_sane_value(labelled_db, strength_db, tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(out), "--min-strength", "1"]) == 2
+    assert capsys.readouterr().err == (
+        "preftune: error: --min-strength needs strengths, and no judgement has one: serve with --scale 5 to ask for them\n"
+    )
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--min-strength", "3"]) == 2
+    assert capsys.readouterr().err == (
+        "preftune: error: --min-strength must be between 0 and 2 (1 = slightly better, 2 = much better), got 3.0\n"
+    )
+    assert not out.exists()
+
+
+def test_the_scale_decides_whether_a_strength_is_asked(tmp_path):
+    five = make_store(tmp_path, n=2, k=1, scale=5)
+    with TestClient(create_app(five, TOKEN)) as api:
+        assert api.post("/api/session", json={}, headers=AUTH).json() == {"scale": 5, "guidelines": None}
+        item = api.post("/api/next", json={"annotator": "ann"}, headers=AUTH).json()["item"]
+        body = {"annotator": "ann", "item_id": item["id"], "choice": "A"}
+        response = api.post("/api/judgements", json=body, headers=AUTH)
+        assert (response.status_code, response.json()) == (
+            422, {"detail": "with --scale 5 a pick of A needs a strength: 1 (slightly) or 2 (much), got None"}
+        )
+        response = api.post("/api/judgements", json={**body, "choice": "tie", "strength": 2}, headers=AUTH)
+        assert (response.status_code, response.json()) == (422, {"detail": "a tie has no strength, got 2"})
+        response = api.post("/api/judgements", json={**body, "strength": 3}, headers=AUTH)
+        assert response.status_code == 422 and response.json()["detail"] == "field 'strength': Input should be 0, 1 or 2"
+        response = api.post("/api/judgements", json={**body, "comment": "x" * 2001, "strength": 1}, headers=AUTH)
+        assert response.json()["detail"] == "field 'comment': String should have at most 2000 characters"
+        stored = api.post("/api/judgements", json={**body, "strength": 1, "comment": "  the list is complete  "}, headers=AUTH)
+        assert stored.status_code == 200
+        again = api.post("/api/judgements", json={**body, "strength": 2}, headers=AUTH)
+        assert again.json()["detail"] == f"you already answered 'A (slightly)' for item '{item['id']}': undo it first to change it"
+    assert rows(five.path, "SELECT choice, strength, comment FROM judgements") == [("A", 1, "the list is complete")]
+    three = LabelStore(tmp_path / "three.sqlite", annotators_per_item=1)
+    three.add_items(simple_items(1))
+    shown = three.next_item("ann")
+    with pytest.raises(PreftuneError, match=r"this labeling session asks no strength \(serve with --scale 5 for it\)"):
+        three.judge("ann", shown["id"], "A", strength=2)
+    three.judge("ann", shown["id"], "A", comment="   ")  # a blank comment is none
+    assert rows(three.path, "SELECT strength, comment FROM judgements") == [(None, None)]
+    with pytest.raises(PreftuneError, match="--scale must be 3 \\(A/B/tie\\) or 5 \\(with strength\\), got 4"):
+        LabelStore(tmp_path / "four.sqlite", scale=4)
+
+
+def test_a_database_from_before_strengths_opens_and_exports(tmp_path):
+    db = tmp_path / "old.sqlite"
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.executescript(
+            "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            "INSERT INTO meta VALUES ('schema', '1'), ('annotators_per_item', '1');"
+            "CREATE TABLE items (id TEXT PRIMARY KEY, position INTEGER NOT NULL, source TEXT NOT NULL, prompt TEXT NOT NULL,"
+            " first TEXT NOT NULL, second TEXT NOT NULL, prompt_text TEXT NOT NULL, first_text TEXT NOT NULL, second_text TEXT NOT NULL);"
+            "CREATE TABLE assignments (item_id TEXT NOT NULL, annotator TEXT NOT NULL, shown_left TEXT NOT NULL,"
+            " assigned_at REAL NOT NULL, PRIMARY KEY (item_id, annotator));"
+            "CREATE TABLE judgements (id INTEGER PRIMARY KEY AUTOINCREMENT, item_id TEXT NOT NULL, annotator TEXT NOT NULL,"
+            " shown_left TEXT NOT NULL, choice TEXT NOT NULL, shown_at REAL NOT NULL, answered_at REAL NOT NULL, undone_at REAL);"
+            "INSERT INTO items VALUES ('i1', 0, 'p.jsonl:1', '\"q\"', '\"yes\"', '\"no\"', 'q', 'yes', 'no');"
+            "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at) VALUES ('i1', 'ann', 'second', 'B', 1, 2);"
+        )
+    report = export_labels(db, tmp_path / "o.jsonl", min_annotators=1)
+    assert report["exported"] == 1
+    assert json.loads((tmp_path / "o.jsonl").read_text())["margin"] is None
+    assert rows(db, "SELECT value FROM meta WHERE key = 'schema'") == [("2",)]
+    assert [r[1] for r in rows(db, "PRAGMA table_info(judgements)")][-2:] == ["strength", "comment"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,6 +583,46 @@ def test_four_annotators_posting_50_judgements_each_at_once(tmp_path):
     assert total == [(200, 200)]
     assert per_annotator == {f"annotator-{i}": 50 for i in range(4)}
     assert max(per_item) == 3 and per_item[3] >= 50  # items fill to the limit, never past it
+
+
+def test_eight_annotators_skipping_and_undoing_at_once_never_over_book_an_item(tmp_path):
+    """Each undoes some of its skips a moment later, when others may have taken the slot: an
+    answer to an item just handed out must never be refused, and no item ever gets more than k."""
+    store = make_store(tmp_path, n=40, k=2)
+    barrier = threading.Barrier(8)
+    failures: list[str] = []
+    undos = Counter()
+
+    def annotate(name: str) -> None:
+        rng = random.Random(name)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=60) as http:
+            barrier.wait()
+            pending_undo = False
+            for _ in range(15):
+                if pending_undo:
+                    undone = http.post("/api/undo", json={"annotator": name}).json()["undone"]
+                    undos[undone["returned"]] += 1
+                    pending_undo = False
+                item = http.post("/api/next", json={"annotator": name}).json()["item"]
+                if item is None:
+                    break
+                choice = rng.choice(["A", "B", "tie", "skip", "skip"])
+                response = http.post("/api/judgements", json={"annotator": name, "item_id": item["id"], "choice": choice})
+                if response.status_code != 200:
+                    failures.append(f"{name}: {response.status_code} {response.text}")
+                pending_undo = choice == "skip" and rng.random() < 0.6
+
+    with live_server(create_app(store, TOKEN)) as url:
+        threads = [threading.Thread(target=annotate, args=(f"annotator-{i}",)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    print(f"undone skips that came back / did not: {undos[True]} / {undos[False]}")
+    assert failures == []
+    assert sum(undos.values()) > 10
+    ratings = rows(store.path, "SELECT COUNT(*) FROM judgements WHERE undone_at IS NULL AND choice != 'skip' GROUP BY item_id")
+    assert max(n for (n,) in ratings) <= 2
 
 
 # ---------------------------------------------------------------------------------------------
@@ -490,6 +751,102 @@ def test_exported_pairs_train_as_preference_data(labelled_db, tmp_path):
     assert examples[0].extra["votes"] == {"chosen": 3, "rejected": 0, "tie": 0}
 
 
+@pytest.mark.parametrize("fmt", ["parquet", "datasets"])
+def test_export_as_parquet_or_a_saved_dataset_trains_like_the_jsonl(strength_db, tmp_path, fmt):
+    from preftune.data import load_preference_data
+
+    export_labels(strength_db, tmp_path / "pairs.jsonl")
+    out = tmp_path / ("pairs.parquet" if fmt == "parquet" else "pairs-dataset")
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", fmt]) == 0
+    assert out.is_file() if fmt == "parquet" else (out / "state.json").is_file()
+    expected = load_preference_data(tmp_path / "pairs.jsonl")
+    loaded = load_preference_data(out)
+    assert [(e.prompt, e.chosen, e.rejected) for e in loaded] == [(e.prompt, e.chosen, e.rejected) for e in expected]
+    assert [e.extra["margin"] for e in loaded] == pytest.approx([5 / 3, 1 / 3, 1.0])
+    assert [e.extra["votes"] for e in loaded] == [e.extra["votes"] for e in expected]
+    assert loaded[0].extra["rationales"][0]["comment"] == "clear and correct"
+    report = json.loads((out.with_suffix(".agreement.json")).read_text())
+    assert (report["format"], report["exported"]) == (fmt, 3)
+    # a second export replaces the first whole
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", fmt, "--min-strength", "1.5"]) == 0
+    assert len(load_preference_data(out)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_as_csv_for_a_spreadsheet(strength_db, tmp_path):
+    import csv
+
+    out = tmp_path / "pairs.csv"
+    assert main(["label", "export", "--db", str(strength_db), "--out", str(out), "--format", "csv"]) == 0
+    with out.open(newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert [(r["prompt"], r["chosen"], r["votes_chosen"], r["votes_tie"]) for r in table] == [
+        ("p0", "good 0", "3", "0"), ("p1", "bad 1", "2", "0"), ("p2", "good 2", "2", "1")
+    ]
+    assert float(table[0]["margin"]) == pytest.approx(5 / 3)
+    assert json.loads(table[1]["rationales"]) == [{"annotator": "cy", "rating": "rejected", "strength": 1, "comment": "both fine"}]
+    assert table[2]["rationales"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# The lead's dashboard
+# ---------------------------------------------------------------------------------------------
+
+ADMIN = {"X-Admin-Token": "lead-only"}
+
+
+def test_dashboard_refuses_without_its_own_token(labelled_db):
+    store = LabelStore(labelled_db)
+    with TestClient(create_app(store, TOKEN, admin_token="lead-only")) as api:
+        for headers in ({}, {"X-Admin-Token": "wrong"}, AUTH, {"X-Admin-Token": TOKEN}):
+            for path in ("/api/admin/summary", "/api/admin/download"):
+                response = api.post(path, json={}, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.json() == {
+                    "detail": "missing or wrong dashboard token: open /admin?token=... with the dashboard's own token"
+                }
+        assert api.post("/api/next", json={"annotator": "x"}, headers=ADMIN).status_code == 401  # no labeling with it
+        assert api.get("/admin").status_code == 200  # the page itself holds no data
+    with TestClient(create_app(store, TOKEN)) as api:
+        response = api.post("/api/admin/summary", json={}, headers=ADMIN)
+        assert (response.status_code, response.json()["detail"]) == (403, "the dashboard is off: serve with --admin-token to turn it on")
+
+
+def test_dashboard_figures_equal_the_exports(labelled_db, tmp_path):
+    out = tmp_path / "voted.jsonl"
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(out), "--min-annotators", "3"]) == 0
+    exported = json.loads((tmp_path / "voted.agreement.json").read_text())
+    store = LabelStore(labelled_db)
+    with TestClient(create_app(store, TOKEN, admin_token="lead-only")) as api:
+        data = api.post("/api/admin/summary", json={"min_annotators": 3}, headers=ADMIN).json()
+        jsonl = api.post("/api/admin/download", json={"min_annotators": 3, "format": "jsonl"}, headers=ADMIN)
+        report = api.post("/api/admin/download", json={"min_annotators": 3, "format": "report"}, headers=ADMIN)
+        csv_file = api.post("/api/admin/download", json={"min_annotators": 3, "format": "csv"}, headers=ADMIN)
+        bad = api.post("/api/admin/summary", json={"min_annotators": 0}, headers=ADMIN)
+    for key in ("output", "format"):  # where the file went, which the dashboard has not
+        exported.pop(key)
+    assert data["report"] == exported  # alpha, agreement with majority, position bias: the same figures
+    assert data["report"]["krippendorff_alpha"] == pytest.approx(0.125)
+    assert data["report"]["position_bias"]["left_share"] == pytest.approx(8 / 13)
+    assert data["report"]["annotators"]["cy"]["agreement_with_majority"] == pytest.approx(0.25)
+    assert jsonl.content == out.read_bytes()
+    assert jsonl.headers["content-disposition"] == 'attachment; filename="labelled.jsonl"'
+    assert json.loads(report.content) == exported
+    assert main(["label", "export", "--db", str(labelled_db), "--out", str(tmp_path / "v.csv"), "--format", "csv"]) == 0
+    assert csv_file.content == (tmp_path / "v.csv").read_bytes()
+    assert bad.status_code == 422 and bad.json()["detail"] == "field 'min_annotators': Input should be greater than or equal to 1"
+    overview = data["overview"]
+    # 6 items, 3 annotators each: items 1-5 have 3 ratings, item 6 two ratings and a skip
+    assert {k: overview[k] for k in ("items", "complete", "remaining", "annotators_per_item")} == {
+        "items": 6, "complete": 5, "remaining": 1, "annotators_per_item": 3
+    }
+    # the fixture shows each item 1 s before its answer; the undone judgement does not count
+    assert overview["annotators"]["cy"] == {
+        "judgements": 6, "ratings": 5, "skips": 1, "comments": 0, "median_seconds": 1.0, "last_hour": 0, "last_answer_at": 28.0
+    }
+    assert store.overview(now=30.0)["annotators"]["ann"]["last_hour"] == 6
+
+
 # ---------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------
@@ -507,6 +864,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == "preftune: error: --port must be between 1 and 65535, got 70000\n"
     assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--annotators-per-item", "0"]) == 2
     assert capsys.readouterr().err == "preftune: error: annotators per item must be at least 1, got 0\n"
+    missing = tmp_path / "rules.md"
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--guidelines", str(missing)]) == 2
+    assert capsys.readouterr().err == f"preftune: error: --guidelines: file not found: {missing}\n"
+    missing.write_bytes(b"caf\xe9")
+    assert main(["label", "serve", "--input", str(good), "--db", str(tmp_path / "l.sqlite"), "--guidelines", str(missing)]) == 2
+    assert capsys.readouterr().err == f"preftune: error: --guidelines: {missing} is not UTF-8 text (byte 3)\n"
 
 
 def test_serve_never_modifies_the_input_and_refuses_a_taken_port(tmp_path, capsys):

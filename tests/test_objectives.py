@@ -148,3 +148,32 @@ def test_reward_model_learns_a_preference_and_scores_as_a_reward_folder(tmp_path
     r = merged([r["prompt"] for r in held_out], [r["rejected"] for r in held_out])
     assert sum(a - b for a, b in zip(c, r)) / len(held_out) == pytest.approx(lora["eval_margin"], rel=1e-3, abs=1e-5)
     assert math.isfinite(lora["eval_loss"])
+
+
+def test_margin_weighting_weighs_each_pair_by_its_label_strength(tmp_path, tiny_model_dir, pairs_file):
+    # Before any update the policy is the reference: every sigmoid loss is -log sigmoid(0) = log 2,
+    # so the mean loss is log 2 times the mean weight. Margins 2, 1, none, -0.5 weigh 1, 0.5, 1, 0.
+    margins = [2, 1, None, -0.5]
+    rows = [{**pair, "margin": m} for pair, m in zip(synthetic_pairs(4), margins)]
+    rows[2].pop("margin")
+    labelled = tmp_path / "labelled.jsonl"
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    trainer = trainer_for(tmp_path, tiny_model_dir, pairs_file, eval_dataset=str(labelled), margin_weighting=True)
+    assert [item.weight for item in trainer.eval_items] == [1.0, 0.5, 1.0, 0.0]
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(math.log(2) * 2.5 / 4, abs=1e-5)
+    plain = trainer_for(tmp_path / "plain", tiny_model_dir, pairs_file, eval_dataset=str(labelled))
+    assert plain.evaluate()["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+def test_margin_weighting_names_a_bad_margin_and_the_strategies_it_fits(tmp_path, tiny_model_dir, pairs_file):
+    from preftune.errors import PreftuneError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({**p, "margin": m}) + "\n" for p, m in zip(synthetic_pairs(2), [1.5, "strong"])))
+    with pytest.raises(PreftuneError, match=r"^bad.jsonl:2: field 'margin' must be a finite number, got str 'strong'$"):
+        trainer_for(tmp_path, tiny_model_dir, pairs_file, eval_dataset=str(bad), margin_weighting=True)
+    bad.write_text(json.dumps({**synthetic_pairs(1)[0], "margin": 3}) + "\n")
+    with pytest.raises(PreftuneError, match=r"bad.jsonl:1: field 'margin' must be between -2 and 2 \(label export's mean strength\), got 3"):
+        trainer_for(tmp_path / "b", tiny_model_dir, pairs_file, eval_dataset=str(bad), margin_weighting=True)
+    with pytest.raises(PreftuneError, match="'margin_weighting' weighs preference pairs; strategy 'kto' has none"):
+        make_config(tmp_path, tiny_model_dir, pairs_file, strategy="kto", margin_weighting=True)

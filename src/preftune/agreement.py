@@ -26,6 +26,10 @@ itself is symmetric, so `krippendorff_alpha_symmetric` takes chance as the same 
 Position bias is the share of left (A) picks among the ratings that picked a side: 0.5 when the
 side does not matter. Sides are drawn at random per annotator and item, so a bias shows in this
 share but cannot tilt the exported labels in a consistent direction.
+
+Strength (asked with `--scale 5`) does not enter the vote or the agreement figures, which stay on the
+three categories; it becomes each exported pair's `margin`, the mean strength towards the winner,
+so training can weigh close calls less (`margin_weighting`) and `--min-strength` can drop them.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from preftune.data import MAX_MARGIN
 from preftune.errors import PreftuneError
 from preftune.generation import write_atomic
 from preftune.labeling import Judgement, LabelStore
@@ -51,8 +56,12 @@ __all__ = [
     "symmetric_alpha",
     "observed_agreement",
     "agreement_report",
+    "build_export",
     "export_labels",
     "format_agreement",
+    "pair_margin",
+    "pairs_csv",
+    "pairs_jsonl",
 ]
 
 CATEGORIES = ("first", "second", "tie")
@@ -207,48 +216,183 @@ def _share(part: int, whole: int) -> float | None:
     return part / whole if whole else None
 
 
-def export_labels(
-    db_path: str | Path, out: str | Path, min_annotators: int = 3, report_path: str | Path | None = None
-) -> dict[str, Any]:
-    """Write the majority-labelled pairs as JSONL and the agreement report as JSON; return the report.
+EXPORT_FORMATS = ("jsonl", "csv", "parquet", "datasets")
+MAX_STRENGTH = int(MAX_MARGIN)  # "much better"; "slightly better" is 1, a tie 0
 
-    Each line is a preference pair that `preftune train` reads (`prompt`, `chosen`, `rejected` in
-    the original form, text or chat messages), plus `votes` (ratings for chosen, rejected and tie),
-    `item_id` and `source`. The report goes to `report_path`, by default beside `out` with the suffix
-    `.agreement.json`.
+
+def pair_margin(strengths: Sequence[int | None]) -> float | None:
+    """The mean strength of an item's ratings, signed towards the exported chosen response.
+
+    Each rating counts +strength for the chosen side, -strength for the other and 0 for a tie, so
+    dissent lowers the margin. None when a rating carries no strength (given on the 3-point scale).
     """
+    if not strengths or any(s is None for s in strengths):
+        return None
+    return sum(strengths) / len(strengths)  # type: ignore[arg-type]
+
+
+def build_export(
+    store: LabelStore, min_annotators: int = 3, min_strength: float | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The agreement report and the exported pairs, as `label export` writes them and the lead's
+    dashboard shows them (one computation, so the two always agree).
+
+    Each pair holds `prompt`, `chosen`, `rejected` in the original form, `votes` (ratings for chosen,
+    rejected and tie), `margin` (see `pair_margin`; null without strengths), `rationales` (the
+    comments annotators left on the item, with their rating), `item_id` and `source`. With
+    `min_strength` a pair whose margin is below it, or who has none, is dropped as weak.
+    """
+    if min_strength is not None and not 0 <= min_strength <= MAX_STRENGTH:
+        raise PreftuneError(
+            f"--min-strength must be between 0 and {MAX_STRENGTH} (1 = slightly better, 2 = much better), got {min_strength}"
+        )
+    items = store.items()
+    judgements = store.judgements()
+    report, labels = agreement_report(judgements, [i.id for i in items], min_annotators)
+    if min_strength is not None and labels and all(j.strength is None for j in judgements):
+        raise PreftuneError("--min-strength needs strengths, and no judgement has one: serve with --scale 5 to ask for them")
+    by_item: dict[str, list[Judgement]] = defaultdict(list)
+    for j in judgements:
+        by_item[j.item_id].append(j)
+    pairs: list[dict[str, Any]] = []
+    weak = no_strength = 0
+    for item in items:
+        winner = labels.get(item.id)
+        if winner is None:
+            continue
+        loser = "second" if winner == "first" else "first"
+        count: Counter = Counter()
+        signed: list[int | None] = []
+        rationales = []
+        for j in by_item[item.id]:
+            rating = category(j.choice, j.shown_left)
+            side = {winner: "chosen", loser: "rejected"}.get(rating or "", rating or "skip")
+            if rating is not None:
+                count[rating] += 1
+                sign = {winner: 1, loser: -1}.get(rating, 0)
+                signed.append(None if j.strength is None else sign * j.strength)
+            if j.comment:
+                rationales.append({"annotator": j.annotator, "rating": side, "strength": j.strength, "comment": j.comment})
+        margin = pair_margin(signed)
+        if min_strength is not None and (margin is None or margin < min_strength):
+            weak += margin is not None
+            no_strength += margin is None
+            continue
+        pairs.append({
+            "prompt": item.prompt,
+            "chosen": getattr(item, winner),
+            "rejected": getattr(item, loser),
+            "votes": {"chosen": count[winner], "rejected": count[loser], "tie": count["tie"]},
+            "margin": margin,
+            "rationales": rationales,
+            "item_id": item.id,
+            "source": item.source,
+        })
+    report["min_strength"] = min_strength
+    report["dropped_weak"] = weak
+    report["dropped_no_strength"] = no_strength
+    report["exported"] = len(pairs)
+    margins = [p["margin"] for p in pairs if p["margin"] is not None]
+    report["mean_margin"] = sum(margins) / len(margins) if margins else None
+    return report, pairs
+
+
+CSV_COLUMNS = ("item_id", "source", "prompt", "chosen", "rejected", "votes_chosen", "votes_rejected", "votes_tie", "margin", "rationales")
+
+
+def pairs_csv(pairs: Sequence[dict[str, Any]]) -> str:
+    """The exported pairs as CSV for a spreadsheet: chat messages and rationales as JSON text."""
+    import csv
+    import io
+
+    def cell(value: Any) -> Any:
+        return value if isinstance(value, (str, int, float)) or value is None else json.dumps(value, ensure_ascii=False)
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    for p in pairs:
+        votes = p["votes"]
+        writer.writerow([cell(v) for v in (
+            p["item_id"], p["source"], p["prompt"], p["chosen"], p["rejected"],
+            votes["chosen"], votes["rejected"], votes["tie"], p["margin"], p["rationales"] or None,
+        )])
+    return buffer.getvalue()
+
+
+def pairs_jsonl(pairs: Sequence[dict[str, Any]]) -> str:
+    """The exported pairs as JSON Lines, the file `preftune train` reads."""
+    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+
+
+def _arrow_table(pairs: Sequence[dict[str, Any]]) -> Any:
+    import pyarrow
+
+    try:
+        return pyarrow.Table.from_pylist(list(pairs))
+    except (pyarrow.ArrowException, ValueError) as exc:
+        raise PreftuneError(
+            f"cannot write the pairs as a table ({str(exc).splitlines()[0]}): prompts or responses are text in "
+            "some pairs and chat messages in others; use --format jsonl"
+        ) from None
+
+
+def write_pairs(pairs: Sequence[dict[str, Any]], out: Path, fmt: str) -> None:
+    """Write the pairs in `fmt`, atomically: a file through a temp file, a dataset folder swapped in whole."""
+    if fmt == "jsonl":
+        write_atomic(out, pairs_jsonl(pairs))
+    elif fmt == "csv":
+        write_atomic(out, pairs_csv(pairs))
+    elif fmt == "parquet":
+        import pyarrow
+        import pyarrow.parquet as pq
+
+        sink = pyarrow.BufferOutputStream()
+        pq.write_table(_arrow_table(pairs), sink)
+        write_atomic(out, sink.getvalue().to_pybytes())
+    elif fmt == "datasets":
+        from datasets import Dataset
+
+        from preftune.checkpoint import replace_dir
+
+        if out.exists() and not out.is_dir():
+            raise PreftuneError(f"cannot write {out}: a file is there, and --format datasets writes a folder")
+        dataset = Dataset(_arrow_table(pairs))
+        replace_dir(out, lambda folder: dataset.save_to_disk(str(folder)))
+    else:
+        raise PreftuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
+
+
+def export_labels(
+    db_path: str | Path,
+    out: str | Path,
+    min_annotators: int = 3,
+    report_path: str | Path | None = None,
+    min_strength: float | None = None,
+    fmt: str = "jsonl",
+) -> dict[str, Any]:
+    """Write the majority-labelled pairs (see `build_export`) and the agreement report as JSON;
+    return the report.
+
+    `fmt` is `jsonl` (the default), `csv`, `parquet` or `datasets` (a `save_to_disk` folder); every
+    one of them but CSV trains as it is. The report goes to `report_path`, by default beside `out`
+    with the suffix `.agreement.json`.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise PreftuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
     out = Path(out)
     report_path = Path(report_path) if report_path else out.with_suffix(".agreement.json")
     for path in (out, report_path):
         if not path.parent.is_dir():
             raise PreftuneError(f"cannot write {path}: folder {path.parent} does not exist")
     store = LabelStore(db_path, create=False)
-    items = store.items()
-    judgements = store.judgements()
-    report, labels = agreement_report(judgements, [i.id for i in items], min_annotators)
-    votes: dict[str, Counter] = defaultdict(Counter)
-    for j in judgements:
-        rating = category(j.choice, j.shown_left)
-        if rating is not None:
-            votes[j.item_id][rating] += 1
-    lines = []
-    for item in items:
-        winner = labels.get(item.id)
-        if winner is None:
-            continue
-        loser = "second" if winner == "first" else "first"
-        count = votes[item.id]
-        record = {
-            "prompt": item.prompt,
-            "chosen": getattr(item, winner),
-            "rejected": getattr(item, loser),
-            "votes": {"chosen": count[winner], "rejected": count[loser], "tie": count["tie"]},
-            "item_id": item.id,
-            "source": item.source,
-        }
-        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    try:
+        report, pairs = build_export(store, min_annotators, min_strength)
+    finally:
+        store.close()
     report["output"] = str(out)
-    write_atomic(out, "".join(lines))
+    report["format"] = fmt
+    write_pairs(pairs, out, fmt)
     write_atomic(report_path, json.dumps(report, indent=2) + "\n")
     report["report"] = str(report_path)
     return report
@@ -265,12 +409,17 @@ def format_agreement(report: dict[str, Any]) -> str:
         ("items", f"{report['items']} ({report['items_rated']} with >= {report['min_annotators']} ratings, "
          f"{report['items_with_too_few_ratings']} with fewer, {report['items_unrated']} unrated)"),
         ("exported pairs", f"{report['exported']} (dropped: {report['dropped_tie']} tie majority, "
-         f"{report['dropped_no_majority']} no majority)"),
+         f"{report['dropped_no_majority']} no majority"
+         + (f", {report['dropped_weak']} below strength {report['min_strength']:g}, "
+            f"{report['dropped_no_strength']} without strength" if report.get("min_strength") is not None else "")
+         + ")"),
         ("Krippendorff's alpha", f"{_fmt(report['krippendorff_alpha_symmetric'])} either response first, "
          f"{_fmt(report['krippendorff_alpha'])} in the input's order (nominal, {report['ratings']} ratings of rated items)"),
         ("observed agreement", f"{_fmt(report['observed_agreement'])} of rating pairs within an item"),
         ("position bias", f"left picked {_fmt(bias['left_share'])} of {bias['left'] + bias['right']} side picks (0.5 = none)"),
     ]
+    if report.get("mean_margin") is not None:
+        rows.insert(2, ("mean margin", f"{report['mean_margin']:.2f} of {MAX_STRENGTH} (strength towards chosen; 1 = slightly better)"))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
     if report["annotators"]:

@@ -149,14 +149,17 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
     from preftune.labeling import new_token, serve
 
     token = new_token() if args.token == "" else args.token
-    serve(args.input, args.db, args.annotators_per_item, args.host, args.port, token)
+    serve(
+        args.input, args.db, args.annotators_per_item, args.host, args.port, token,
+        scale=args.scale, guidelines=args.guidelines, admin_token=args.admin_token or None,  # none given: serve makes one
+    )
     return 0
 
 
 def cmd_label_export(args: argparse.Namespace) -> int:
     from preftune.agreement import export_labels, format_agreement
 
-    report = export_labels(args.db, args.out, args.min_annotators, args.report)
+    report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format)
     print(format_agreement(report))
     log.info("wrote %d pairs to %s and the report to %s", report["exported"], report["output"], report["report"])
     return 0
@@ -413,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="serve the labeling page",
         description="Serve a web page where annotators pick the better of two responses (keys: 1 = A, 2 = B, "
-        "t = tie, s = skip, u = undo). Every judgement goes to an SQLite database; stopping and starting "
-        "again loses nothing. The input file is only read.",
+        "t = tie, s = skip, u = undo, c = comment, g = guidelines; with --scale 5: 1-5 from A much better to "
+        "B much better). Every judgement goes to an SQLite database; stopping and starting again loses "
+        "nothing. The input file is only read. The lead's dashboard is at /admin, behind its own token.",
     )
     s.add_argument("--input", required=True, help="pairs (prompt/chosen/rejected) or samples (prompt/completions) file")
     s.add_argument("--db", required=True, help="SQLite database to keep the judgements in (created if missing)")
@@ -428,19 +432,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="require this access token from annotators (given alone, a random one is made); "
         "the link to share ends in ?token=...",
     )
+    s.add_argument(
+        "--scale",
+        type=int,
+        choices=(3, 5),
+        default=3,
+        help="3: A / B / tie (default); 5: A much better, A slightly better, tie, B slightly better, "
+        "B much better (keys 1-5), so export can keep strong pairs and pass the strength on as a margin",
+    )
+    s.add_argument("--guidelines", metavar="FILE.md", help="Markdown guidelines shown before the first item and on key g")
+    s.add_argument(
+        "--admin-token",
+        nargs="?",
+        const="",
+        help="token of the lead's dashboard at /admin (default, or given alone: a random one, printed at start)",
+    )
     s.set_defaults(func=cmd_label_serve)
     e = label_sub.add_parser(
         "export",
         parents=[common],
         help="write majority-vote pairs and the agreement report",
-        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) as JSONL "
-        "for training, and print the agreement report (Krippendorff's alpha, each annotator's agreement with "
-        "the majority, position bias), also written as JSON.",
+        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) for "
+        "training, with their votes, margin (mean strength) and rationales, and print the agreement report "
+        "(Krippendorff's alpha, each annotator's agreement with the majority, position bias), also written as JSON.",
     )
     e.add_argument("--db", required=True, help="labeling database written by 'label serve'")
-    e.add_argument("--out", required=True, help="pairs file to write (JSONL)")
+    e.add_argument("--out", required=True, help="pairs file (or, with --format datasets, folder) to write")
     e.add_argument("--min-annotators", type=int, default=3, help="ratings an item needs to be voted on (default: 3)")
     e.add_argument("--report", help="agreement report to write (default: OUT with the suffix .agreement.json)")
+    e.add_argument(
+        "--min-strength",
+        type=float,
+        help="drop pairs whose mean strength towards chosen (the margin: 2 = much better, 1 = slightly, "
+        "a tie 0, dissent negative) is below this; needs judgements made with --scale 5",
+    )
+    e.add_argument(
+        "--format",
+        choices=("jsonl", "csv", "parquet", "datasets"),
+        default="jsonl",
+        help="jsonl (default), csv (for spreadsheets), parquet, or datasets (a save_to_disk folder)",
+    )
     e.set_defaults(func=cmd_label_export)
     label.set_defaults(func=lambda a: label.print_help() or 2)
     return parser

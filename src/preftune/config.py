@@ -72,6 +72,7 @@ class TrainConfig:
     f_alpha: float = 0.5
     discopop_tau: float = 0.05
     use_weighting: bool = False  # WPO: weigh each pair by the policy's length-normalised probabilities
+    margin_weighting: bool = False  # weigh each pair's loss by its `margin` (label export's mean strength) / 2
 
     # Other strategies (TRL's names)
     completion_only_loss: bool = True  # sft: loss on completions / assistant turns only
@@ -251,14 +252,18 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
     _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
     _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")
+    mix = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+    sorts_batch = cfg.strategy == "dpo" and any(t in ("aot", "aot_unpaired") for t in mix)
     if cfg.use_weighting:
         _check(cfg.strategy == "dpo", where, f"'use_weighting' (WPO) weighs DPO's pairs; strategy is '{cfg.strategy}'")
-        mix = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
+        _check(not sorts_batch, where, "'use_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair")
+    if cfg.margin_weighting:
         _check(
-            not any(t in ("aot", "aot_unpaired") for t in mix),
+            cfg.strategy in ("dpo", "orpo", "simpo", "cpo", "reward"),
             where,
-            "'use_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair",
+            f"'margin_weighting' weighs preference pairs; strategy '{cfg.strategy}' has none",
         )
+        _check(not sorts_batch, where, "'margin_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair")
     _check(
         cfg.ref_model_name is None or cfg.reference in ("auto", "copy", "precomputed"),
         where,

@@ -344,6 +344,26 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+MAX_MARGIN = 2.0  # `label export`'s margin: the mean strength, 2 when every annotator said "much better"
+
+
+def margin_weight(example: PreferenceExample) -> float:
+    """The pair's loss weight under `margin_weighting`: its `margin` / 2, so a pair every annotator
+    called much better weighs 1 and one they called slightly better 0.5 (confident labels count
+    fully, close calls half). Without a margin a pair weighs 1: nobody called it weak. A margin of 0
+    or below (the annotators lean the other way on average) weighs 0."""
+    margin = example.extra.get("margin")
+    if margin is None:
+        return 1.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
+        raise PreftuneError(f"{example.location}: field 'margin' must be a finite number, got {_type_name(margin)} {margin!r}")
+    if not -MAX_MARGIN <= margin <= MAX_MARGIN:
+        raise PreftuneError(
+            f"{example.location}: field 'margin' must be between -2 and 2 (label export's mean strength), got {margin}"
+        )
+    return max(float(margin), 0.0) / MAX_MARGIN
+
+
 def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 

@@ -20,7 +20,12 @@ Design points:
   serialises, and the database runs in WAL mode so readers never block the writer.
 - A skip is not a rating: it frees the slot for someone else and the item is not shown to that
   annotator again. Undo marks the annotator's latest judgement as undone (it stays in the table for
-  the record) and gives the item back to them first, shown the same way round.
+  the record) and gives the item back to them first, shown the same way round. An undone rating
+  held its slot, so it always comes back; an undone skip comes back only if a slot is still free,
+  because others may have taken the slot it gave up, and an undo never takes a slot someone holds.
+- With `scale=5` a side pick also says how much better it is (`strength` 1 slightly, 2 much; a tie
+  is 0), so export can keep the confident pairs and pass the strength on as a `margin`. An optional
+  comment (the annotator's rationale) goes with any judgement.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from preftune.data import load_records, validate_record
 from preftune.errors import PreftuneError
@@ -51,6 +56,7 @@ __all__ = [
     "Item",
     "LabelStore",
     "Conflict",
+    "InvalidAnswer",
     "UnknownItem",
     "load_items",
     "create_app",
@@ -61,7 +67,10 @@ log = logging.getLogger("preftune")
 
 SIDES = ("first", "second")
 CHOICES = ("A", "B", "tie", "skip")
-SCHEMA_VERSION = "1"
+SCALES = (3, 5)  # A/B/tie, or A much / A slightly / tie / B slightly / B much
+STRENGTHS = {1: "slightly", 2: "much"}
+MAX_COMMENT_LENGTH = 2000
+SCHEMA_VERSION = "2"
 TOKEN_HEADER = "X-Label-Token"
 MAX_NAME_LENGTH = 64
 
@@ -93,7 +102,9 @@ CREATE TABLE IF NOT EXISTS judgements (
     choice TEXT NOT NULL CHECK (choice IN ('A', 'B', 'tie', 'skip')),   -- A is the left response
     shown_at REAL NOT NULL,
     answered_at REAL NOT NULL,
-    undone_at REAL                      -- set by undo; the row is kept
+    undone_at REAL,                     -- set by undo; the row is kept
+    strength INTEGER CHECK (strength IN (0, 1, 2)),   -- with --scale 5: 0 tie, 1 slightly, 2 much
+    comment TEXT                        -- the annotator's rationale, if they gave one
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_live_judgement
     ON judgements (item_id, annotator) WHERE undone_at IS NULL;
@@ -235,6 +246,10 @@ class Conflict(PreftuneError):
     """A request that clashes with what is stored (already labelled, item full, nothing to undo)."""
 
 
+class InvalidAnswer(PreftuneError):
+    """An answer that does not fit this session's scale (a strength missing, or not asked for)."""
+
+
 @dataclass(frozen=True)
 class Judgement:
     """One stored judgement, as export reads it."""
@@ -246,6 +261,8 @@ class Judgement:
     choice: str
     shown_at: float
     answered_at: float
+    strength: int | None = None
+    comment: str | None = None
 
 
 # The slots of an item taken by annotators other than :me: their live ratings, plus their leases
@@ -259,6 +276,20 @@ _LOAD = """
                           AND j2.annotator = a.annotator AND j2.undone_at IS NULL))
 """
 _MINE = "EXISTS (SELECT 1 FROM judgements m WHERE m.item_id = i.id AND m.annotator = :me AND m.undone_at IS NULL)"
+
+
+# Columns added after schema 1, so a database labelled with an older version opens as it is.
+_ADDED_COLUMNS = {
+    "strength": "INTEGER CHECK (strength IN (0, 1, 2))",
+    "comment": "TEXT",
+}
+
+
+def _add_missing_columns(con: sqlite3.Connection) -> None:
+    have = {row[1] for row in con.execute("PRAGMA table_info(judgements)")}
+    for name, definition in _ADDED_COLUMNS.items():
+        if name not in have:
+            con.execute(f"ALTER TABLE judgements ADD COLUMN {name} {definition}")
 
 
 class LabelStore:
@@ -277,8 +308,12 @@ class LabelStore:
         lease_seconds: float = 1800.0,
         rng: random.Random | None = None,
         create: bool = True,
+        scale: int = 3,
     ) -> None:
+        if scale not in SCALES:
+            raise PreftuneError(f"--scale must be 3 (A/B/tie) or 5 (with strength), got {scale}")
         self.path = Path(path)
+        self.scale = scale
         self.lease_seconds = lease_seconds
         self._rng = rng or random.SystemRandom()
         self._local = threading.local()
@@ -297,7 +332,11 @@ class LabelStore:
             if tables and "judgements" not in tables:
                 raise PreftuneError(f"{self.path}: an SQLite database, but not a preftune labeling database")
             con.executescript(SCHEMA)
-            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+            _add_missing_columns(con)
+            con.execute(
+                "INSERT INTO meta VALUES ('schema', ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (SCHEMA_VERSION,),
+            )
             if annotators_per_item is not None:
                 if annotators_per_item < 1:
                     raise PreftuneError(f"annotators per item must be at least 1, got {annotators_per_item}")
@@ -386,7 +425,8 @@ class LabelStore:
         where = "" if include_undone else "WHERE undone_at IS NULL"
         with self._connect() as con:
             rows = con.execute(
-                f"SELECT id, item_id, annotator, shown_left, choice, shown_at, answered_at FROM judgements {where} ORDER BY id"
+                "SELECT id, item_id, annotator, shown_left, choice, shown_at, answered_at, strength, comment "
+                f"FROM judgements {where} ORDER BY id"
             ).fetchall()
         return [Judgement(*r) for r in rows]
 
@@ -395,12 +435,17 @@ class LabelStore:
     def _params(self, annotator: str) -> dict[str, Any]:
         return {"me": annotator, "cutoff": time.time() - self.lease_seconds, "k": self.annotators_per_item}
 
-    def _shown(self, con: sqlite3.Connection, item: str, shown_left: str) -> dict[str, str]:
-        prompt, first, second = con.execute(
-            "SELECT prompt_text, first_text, second_text FROM items WHERE id = ?", (item,)
+    def _shown(self, con: sqlite3.Connection, item: str, shown_left: str) -> dict[str, Any]:
+        """The item as the page shows it: the texts (for the raw view) and their rendered HTML."""
+        from preftune.rendering import render_value
+
+        prompt, first, second, prompt_json, first_json, second_json = con.execute(
+            "SELECT prompt_text, first_text, second_text, prompt, first, second FROM items WHERE id = ?", (item,)
         ).fetchone()
         left, right = (first, second) if shown_left == "first" else (second, first)
-        return {"id": item, "prompt": prompt, "a": left, "b": right}
+        left_json, right_json = (first_json, second_json) if shown_left == "first" else (second_json, first_json)
+        html = {key: render_value(json.loads(value)) for key, value in (("prompt", prompt_json), ("a", left_json), ("b", right_json))}
+        return {"id": item, "prompt": prompt, "a": left, "b": right, "html": html}
 
     def next_item(self, annotator: str) -> dict[str, str] | None:
         """The item to show this annotator now (taking a lease on it), or None when none is left.
@@ -441,45 +486,81 @@ class LabelStore:
             )
             return self._shown(con, row[0], shown_left)
 
-    def judge(self, annotator: str, item: str, choice: str) -> int:
+    def _strength(self, choice: str, strength: int | None) -> int | None:
+        """The strength to store: required for a side pick on the 5-point scale, 0 for its tie,
+        and never asked on the 3-point one."""
+        if self.scale == 3:
+            if strength is not None:
+                raise InvalidAnswer("this labeling session asks no strength (serve with --scale 5 for it)")
+            return None
+        if choice == "skip":
+            return None
+        if choice == "tie":
+            if strength not in (None, 0):
+                raise InvalidAnswer(f"a tie has no strength, got {strength}")
+            return 0
+        if strength not in STRENGTHS:
+            raise InvalidAnswer(f"with --scale 5 a pick of {choice} needs a strength: 1 (slightly) or 2 (much), got {strength}")
+        return strength
+
+    def judge(
+        self, annotator: str, item: str, choice: str, strength: int | None = None, comment: str | None = None
+    ) -> int:
         """Store one judgement of an item shown to this annotator; returns its row id.
 
         Sending the same judgement twice (a retried request) returns the stored row instead of
-        failing; a different one for the same item needs an undo first.
+        failing; a different one for the same item needs an undo first. An empty comment is none.
         """
         if choice not in CHOICES:
             raise PreftuneError(f"choice must be one of {', '.join(CHOICES)}, got '{choice}'")
+        strength = self._strength(choice, strength)
+        comment = (comment or "").strip() or None
+        if comment is not None and len(comment) > MAX_COMMENT_LENGTH:
+            raise InvalidAnswer(f"the comment is longer than {MAX_COMMENT_LENGTH} characters")
         with self._write() as con:
             if con.execute("SELECT 1 FROM items WHERE id = ?", (item,)).fetchone() is None:
                 raise UnknownItem(f"no item '{item}' in this database")
             existing = con.execute(
-                "SELECT id, choice FROM judgements WHERE item_id = ? AND annotator = ? AND undone_at IS NULL",
+                "SELECT id, choice, strength FROM judgements WHERE item_id = ? AND annotator = ? AND undone_at IS NULL",
                 (item, annotator),
             ).fetchone()
             if existing is not None:
-                if existing[1] == choice:
+                if (existing[1], existing[2]) == (choice, strength):
                     return int(existing[0])
-                raise Conflict(f"you already answered '{existing[1]}' for item '{item}': undo it first to change it")
+                said = existing[1] + (f" ({STRENGTHS[existing[2]]})" if existing[2] in STRENGTHS else "")
+                raise Conflict(f"you already answered '{said}' for item '{item}': undo it first to change it")
             lease = con.execute(
                 "SELECT shown_left, assigned_at FROM assignments WHERE item_id = ? AND annotator = ?", (item, annotator)
             ).fetchone()
             if lease is None:
                 raise Conflict(f"item '{item}' was not shown to '{annotator}': ask for the next item first")
-            params = self._params(annotator)
-            (load,) = con.execute(f"SELECT {_LOAD} FROM items i WHERE i.id = :item", {**params, "item": item}).fetchone()
-            if choice != "skip" and load >= params["k"]:
+            load = self._load(con, annotator, item)
+            if choice != "skip" and load >= self.annotators_per_item:
                 raise Conflict(
-                    f"item '{item}' already has its {params['k']} annotator(s): it was passed on while you were away"
+                    f"item '{item}' already has its {self.annotators_per_item} annotator(s): "
+                    "it was passed on while you were away"
                 )
             cursor = con.execute(
-                "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (item, annotator, lease[0], choice, lease[1], time.time()),
+                "INSERT INTO judgements (item_id, annotator, shown_left, choice, shown_at, answered_at, strength, comment) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (item, annotator, lease[0], choice, lease[1], time.time(), strength, comment),
             )
             return int(cursor.lastrowid)
 
-    def undo(self, annotator: str) -> dict[str, str]:
-        """Withdraw the annotator's latest live judgement; the item comes back to them next."""
+    def _load(self, con: sqlite3.Connection, annotator: str, item: str) -> int:
+        """Slots of this item that annotators other than this one hold now."""
+        (load,) = con.execute(
+            f"SELECT {_LOAD} FROM items i WHERE i.id = :item", {**self._params(annotator), "item": item}
+        ).fetchone()
+        return int(load)
+
+    def undo(self, annotator: str) -> dict[str, Any]:
+        """Withdraw the annotator's latest live judgement; the item comes back to them next.
+
+        A rating held its slot, so its item always comes back. A skip gave its slot up: others may
+        hold every slot since, and then the skip is withdrawn but the item does not come back
+        (`returned` is false); reviving the lease would push one of them out.
+        """
         with self._write() as con:
             row = con.execute(
                 "SELECT id, item_id, shown_left, choice FROM judgements WHERE annotator = ? AND undone_at IS NULL "
@@ -490,12 +571,16 @@ class LabelStore:
                 raise Conflict(f"nothing to undo for '{annotator}'")
             now = time.time()
             con.execute("UPDATE judgements SET undone_at = ? WHERE id = ?", (now, row[0]))
-            con.execute(
-                "INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
-                "DO UPDATE SET shown_left = excluded.shown_left, assigned_at = excluded.assigned_at",
-                (row[1], annotator, row[2], now),
-            )
-        return {"item_id": row[1], "choice": row[3]}
+            returned = row[3] != "skip" or self._load(con, annotator, row[1]) < self.annotators_per_item
+            if returned:
+                con.execute(
+                    "INSERT INTO assignments VALUES (?, ?, ?, ?) ON CONFLICT(item_id, annotator) "
+                    "DO UPDATE SET shown_left = excluded.shown_left, assigned_at = excluded.assigned_at",
+                    (row[1], annotator, row[2], now),
+                )
+            else:
+                con.execute("DELETE FROM assignments WHERE item_id = ? AND annotator = ?", (row[1], annotator))
+        return {"item_id": row[1], "choice": row[3], "returned": returned}
 
     def progress(self, annotator: str) -> dict[str, int]:
         """What this annotator did, what is left for them, and how far the whole set is."""
@@ -509,18 +594,58 @@ class LabelStore:
                 f"SELECT COUNT(*) FROM (SELECT {_LOAD} AS load FROM items i WHERE NOT {_MINE}) WHERE load < :k",
                 params,
             ).fetchone()
-            items, complete = con.execute(
-                "SELECT COUNT(*), COALESCE(SUM(n >= :k), 0) FROM (SELECT i.id, (SELECT COUNT(*) FROM judgements j "
-                "WHERE j.item_id = i.id AND j.undone_at IS NULL AND j.choice != 'skip') AS n FROM items i)",
-                params,
-            ).fetchone()
+            items, complete = self._completion(con)
         return {
             "done": int(done),
             "skipped": int(skipped),
             "remaining": int(remaining),
-            "items": int(items),
-            "complete": int(complete),
+            "items": items,
+            "complete": complete,
             "annotators_per_item": self.annotators_per_item,
+        }
+
+    def _completion(self, con: sqlite3.Connection) -> tuple[int, int]:
+        """Items, and those with their full count of live ratings."""
+        items, complete = con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(n >= :k), 0) FROM (SELECT i.id, (SELECT COUNT(*) FROM judgements j "
+            "WHERE j.item_id = i.id AND j.undone_at IS NULL AND j.choice != 'skip') AS n FROM items i)",
+            {"k": self.annotators_per_item},
+        ).fetchone()
+        return int(items), int(complete)
+
+    def overview(self, now: float | None = None) -> dict[str, Any]:
+        """The whole set and each annotator's work, for the lead's dashboard.
+
+        Pace is the median time from showing an item to its answer, and the answers of the last
+        hour; both over live judgements (undone ones are not work that counts).
+        """
+        import statistics
+
+        now = time.time() if now is None else now
+        with self._connect() as con:
+            items, complete = self._completion(con)
+        per: dict[str, list[Judgement]] = {}
+        for j in self.judgements():
+            per.setdefault(j.annotator, []).append(j)
+        annotators = {}
+        for name in sorted(per):
+            mine = per[name]
+            annotators[name] = {
+                "judgements": len(mine),
+                "ratings": sum(j.choice != "skip" for j in mine),
+                "skips": sum(j.choice == "skip" for j in mine),
+                "comments": sum(j.comment is not None for j in mine),
+                "median_seconds": statistics.median(j.answered_at - j.shown_at for j in mine),
+                "last_hour": sum(j.answered_at > now - 3600 for j in mine),
+                "last_answer_at": max(j.answered_at for j in mine),
+            }
+        return {
+            "items": items,
+            "complete": complete,
+            "remaining": items - complete,
+            "annotators_per_item": self.annotators_per_item,
+            "scale": self.scale,
+            "annotators": annotators,
         }
 
 
@@ -529,7 +654,7 @@ class LabelStore:
 # ---------------------------------------------------------------------------------------------
 
 PAGE_DIR = resources.files("preftune") / "labeling_page"
-_STATIC = {"app.js": "text/javascript", "style.css": "text/css"}
+_STATIC = {"app.js": "text/javascript", "admin.js": "text/javascript", "style.css": "text/css"}
 # The page loads only its own script and style: injected markup could not run even if it got in.
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -566,23 +691,65 @@ class AnnotatorBody(BaseModel):
 class JudgementBody(AnnotatorBody):
     item_id: str
     choice: Literal["A", "B", "tie", "skip"]
+    strength: Literal[0, 1, 2] | None = None  # with --scale 5: 1 slightly, 2 much better
+    comment: str | None = Field(default=None, max_length=MAX_COMMENT_LENGTH)
 
 
-def create_app(store: LabelStore, token: str | None = None):
-    """The FastAPI app: the page at `/`, its files under `/static/`, and a small JSON API.
+class AdminQuery(BaseModel):
+    """What the dashboard asks: the export's settings, as `label export` takes them."""
 
-    API (all POST, JSON bodies, `X-Label-Token` header when a token is set): `api/next`
-    `{annotator}` gives `{item: {id, prompt, a, b} | null, progress}`; `api/judgements`
-    `{annotator, item_id, choice}` with choice A (left), B (right), tie or skip; `api/undo`
-    `{annotator}`; `api/progress` `{annotator}`. Errors are 4xx with a one-line `detail`.
+    model_config = ConfigDict(extra="forbid")
+    min_annotators: int | None = Field(default=None, ge=1)  # default: the session's annotators per item
+    min_strength: float | None = Field(default=None, ge=0, le=2)
+
+
+class AdminDownload(AdminQuery):
+    format: Literal["jsonl", "csv", "report"] = "jsonl"
+
+
+ADMIN_TOKEN_HEADER = "X-Admin-Token"
+
+
+def _token_matches(given: str | None, expected: str) -> bool:
+    return bool(given) and secrets.compare_digest(given.encode(), expected.encode())
+
+
+def create_app(
+    store: LabelStore,
+    token: str | None = None,
+    *,
+    guidelines: str | None = None,
+    admin_token: str | None = None,
+):
+    """The FastAPI app: the page at `/`, the lead's dashboard at `/admin`, their files under
+    `/static/`, and a small JSON API.
+
+    API (all POST, JSON bodies, `X-Label-Token` header when a token is set): `api/session` gives
+    `{scale, guidelines}` (the guidelines as HTML, or null); `api/next` `{annotator}` gives
+    `{item: {id, prompt, a, b, html} | null, progress}`; `api/judgements` `{annotator, item_id,
+    choice, strength?, comment?}` with choice A (left), B (right), tie or skip and, with scale 5,
+    strength 1 (slightly) or 2 (much) for A and B; `api/undo` `{annotator}`; `api/progress`
+    `{annotator}`. The dashboard's `api/admin/summary` and `api/admin/download` take the
+    `X-Admin-Token` header, and without an `admin_token` they are off. Errors are 4xx with a
+    one-line `detail`.
     """
     from fastapi import Depends, FastAPI, Header, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
 
+    from preftune.rendering import render_markdown
+
+    guidelines_html = render_markdown(guidelines) if guidelines and guidelines.strip() else None
+
     def check_token(x_label_token: str | None = Header(default=None)) -> None:
-        if token and not (x_label_token and secrets.compare_digest(x_label_token.encode(), token.encode())):
+        if token and not _token_matches(x_label_token, token):
             raise HTTPException(401, "missing or wrong access token: open the link with ?token=... that you were given")
+
+    def check_admin(x_admin_token: str | None = Header(default=None)) -> None:
+        if not admin_token:
+            raise HTTPException(403, "the dashboard is off: serve with --admin-token to turn it on")
+        if not _token_matches(x_admin_token, admin_token):
+            raise HTTPException(401, "missing or wrong dashboard token: open /admin?token=... with the dashboard's own token")
 
     app = FastAPI(title="preftune labeling", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -617,6 +784,10 @@ def create_app(store: LabelStore, token: str | None = None):
     def index() -> Response:
         return page_file("index.html", "text/html; charset=utf-8")
 
+    @app.get("/admin", include_in_schema=False)
+    def admin_page() -> Response:
+        return page_file("admin.html", "text/html; charset=utf-8")
+
     @app.get("/static/{name}", include_in_schema=False)
     def static(name: str) -> Response:
         if name not in _STATIC:
@@ -624,6 +795,10 @@ def create_app(store: LabelStore, token: str | None = None):
         return page_file(name, _STATIC[name] + "; charset=utf-8")
 
     api = [Depends(check_token)]
+
+    @app.post("/api/session", dependencies=api)
+    def session() -> dict:
+        return {"scale": store.scale, "guidelines": guidelines_html}
 
     @app.post("/api/next", dependencies=api)
     def next_item(body: AnnotatorBody) -> dict:
@@ -633,11 +808,13 @@ def create_app(store: LabelStore, token: str | None = None):
     @app.post("/api/judgements", dependencies=api)
     def judge(body: JudgementBody) -> dict:
         try:
-            row = store.judge(body.annotator, body.item_id, body.choice)
+            row = store.judge(body.annotator, body.item_id, body.choice, body.strength, body.comment)
         except UnknownItem as exc:
             raise HTTPException(404, str(exc)) from None
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
+        except InvalidAnswer as exc:
+            raise HTTPException(422, str(exc)) from None
         return {"stored": row, "progress": store.progress(body.annotator)}
 
     @app.post("/api/undo", dependencies=api)
@@ -646,11 +823,49 @@ def create_app(store: LabelStore, token: str | None = None):
             undone = store.undo(body.annotator)
         except Conflict as exc:
             raise HTTPException(409, str(exc)) from None
-        return {"undone": undone, "progress": store.progress(body.annotator)}
+        answer: dict[str, Any] = {"undone": undone, "progress": store.progress(body.annotator)}
+        if not undone["returned"]:
+            answer["detail"] = (
+                f"your skip is withdrawn, but item '{undone['item_id']}' has meanwhile gone to its "
+                f"{store.annotators_per_item} annotator(s), so it does not come back"
+            )
+        return answer
 
     @app.post("/api/progress", dependencies=api)
     def progress(body: AnnotatorBody) -> dict:
         return {"progress": store.progress(body.annotator)}
+
+    admin = [Depends(check_admin)]
+
+    def export(query: AdminQuery) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        from preftune.agreement import build_export
+
+        try:
+            return build_export(store, query.min_annotators or store.annotators_per_item, query.min_strength)
+        except PreftuneError as exc:
+            raise HTTPException(422, str(exc)) from None
+
+    @app.post("/api/admin/summary", dependencies=admin)
+    def admin_summary(body: AdminQuery) -> dict:
+        report, _ = export(body)
+        return {"report": report, "overview": store.overview()}
+
+    @app.post("/api/admin/download", dependencies=admin)
+    def admin_download(body: AdminDownload) -> Response:
+        from preftune.agreement import pairs_csv, pairs_jsonl
+
+        report, pairs = export(body)
+        if body.format == "report":
+            data, media, name = json.dumps(report, indent=2) + "\n", "application/json", "labelled.agreement.json"
+        elif body.format == "csv":
+            data, media, name = pairs_csv(pairs), "text/csv", "labelled.csv"
+        else:
+            data, media, name = pairs_jsonl(pairs), "application/jsonl", "labelled.jsonl"
+        return Response(
+            data.encode("utf-8"),
+            media_type=media + "; charset=utf-8",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
     return app
 
@@ -674,6 +889,19 @@ def _check_port_free(host: str, port: int) -> None:
             raise PreftuneError(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pick another --port") from None
 
 
+def read_guidelines(path: str | Path) -> str:
+    """The guidelines file's Markdown text; a missing or unreadable file is a one-line error."""
+    path = Path(path)
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PreftuneError(f"--guidelines: file not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise PreftuneError(f"--guidelines: {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise PreftuneError(f"--guidelines: cannot read {path} ({exc.strerror or exc})") from None
+
+
 def serve(
     input_path: str | Path,
     db_path: str | Path,
@@ -681,23 +909,30 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     token: str | None = None,
+    *,
+    scale: int = 3,
+    guidelines: str | Path | None = None,
+    admin_token: str | None = None,
 ) -> None:
     """Add the input's items to the database and serve the labeling page until interrupted.
 
     The input file is only read. Binding anything but a loopback address without a token is
-    allowed (a trusted network) but warned about.
+    allowed (a trusted network) but warned about. The dashboard always needs its own token: one
+    is made when none is given, so annotators' links never open it.
     """
     import uvicorn
 
     if not 0 < port < 65536:
         raise PreftuneError(f"--port must be between 1 and 65535, got {port}")
+    guidelines_text = read_guidelines(guidelines) if guidelines else None
     items = load_items(input_path)
-    store = LabelStore(db_path, annotators_per_item=annotators_per_item)
+    store = LabelStore(db_path, annotators_per_item=annotators_per_item, scale=scale)
     added = store.add_items(items)
     total = len(store.items())
     _check_port_free(host, port)
     if not _is_loopback(host) and not token:
         log.warning("listening on %s without --token: anyone who reaches this address can label", host)
+    admin_token = admin_token or new_token()
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{port}/" + (f"?token={token}" if token else "")
     log.info(
@@ -705,7 +940,9 @@ def serve(
         len(items), Path(input_path).name, added, total, db_path, annotators_per_item,
     )
     log.info("annotators open %s (Ctrl+C stops; nothing is lost)", url)
-    uvicorn.Server(uvicorn.Config(create_app(store, token), host=host, port=port, log_level="warning")).run()
+    log.info("the lead's dashboard: http://%s:%d/admin?token=%s (keep this link to yourself)", shown_host, port, admin_token)
+    app = create_app(store, token, guidelines=guidelines_text, admin_token=admin_token)
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning")).run()
 
 
 def new_token() -> str:

@@ -20,16 +20,16 @@ Conventions every objective keeps, so the loop stays generic and exact:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from preftune.batching import collate_pairs, tokenize_dataset, tokenize_unpaired
+from preftune.batching import TokenizedPair, collate_pairs, tokenize_dataset, tokenize_unpaired
 from preftune.config import TrainConfig
-from preftune.data import kto_balance_advice, load_preference_data, load_sft_data, load_unpaired_data
+from preftune.data import kto_balance_advice, load_preference_data, load_sft_data, load_unpaired_data, margin_weight
 from preftune.logprobs import CompletionLogprobs, Scored, completion_logps
 from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
 from preftune.reference import eval_mode
@@ -55,6 +55,26 @@ class Runtime:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
 
 
+@dataclass
+class WeightedPair(TokenizedPair):
+    """A tokenized pair with its loss weight (`margin_weighting`; see `data.margin_weight`)."""
+
+    weight: float = 1.0
+
+
+def with_pair_weights(batch: Batch, items: Sequence[Any]) -> Batch:
+    """The batch plus each pair's loss weight, when its items carry one."""
+    if items and hasattr(items[0], "weight"):
+        batch["pair_weight"] = torch.tensor([item.weight for item in items], dtype=torch.float32)
+    return batch
+
+
+def weighted(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Per-pair losses times their weights (a no-op without `margin_weighting`)."""
+    weight = batch.get("pair_weight")
+    return losses if weight is None else losses * weight.to(losses.device, losses.dtype)
+
+
 class Objective:
     """The default behaviour; each strategy overrides what differs."""
 
@@ -74,6 +94,11 @@ class Objective:
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         """(items, a one-line summary, locations of the first truncated examples)."""
         items, stats = tokenize_dataset(tokenizer, examples, self.cfg.max_seq_length, self.cfg.max_prompt_length)
+        if self.cfg.margin_weighting:
+            items = [
+                WeightedPair(**{f.name: getattr(item, f.name) for f in fields(item)}, weight=margin_weight(example))
+                for item, example in zip(items, examples)
+            ]
         return items, stats.summary(), stats.examples
 
     def units(self, item: Any) -> int:
@@ -84,7 +109,7 @@ class Objective:
         return CompletionLogprobs(model)
 
     def collate(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> Batch:
-        return collate_pairs(items, pad_id, share_prompt)
+        return with_pair_weights(collate_pairs(items, pad_id, share_prompt), items)
 
     def check_batches(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> tuple[Batch, Batch | None, torch.Tensor | None] | None:
         """A few real items for `logprobs.check_paths`: one sequence a row, the same in the run's
@@ -214,6 +239,7 @@ class DPOObjective(PairwiseObjective):
             # p_v^2), the policy's probability of the completion relative to its own sampling; no gradient.
             weights = torch.exp(scored.wpo / lengths.clamp_min(1))
             losses = losses * weights[:half] * weights[half:]
+        losses = weighted(losses, batch)
         values = _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return self.with_router_aux(scored, losses, values, torch.ones_like(losses))
 
@@ -268,6 +294,7 @@ class ReferenceFreeObjective(PairwiseObjective):
         else:
             pref, chosen_rewards, rejected_rewards = cpo_loss(chosen, rejected, beta=cfg.beta, label_smoothing=cfg.label_smoothing)
             losses = pref + float(cfg.cpo_alpha or 0.0) * nll
+        losses = weighted(losses, batch)
         values = _pair_values(losses, chosen_rewards, rejected_rewards, chosen, rejected)
         values["nll_loss"] = nll.detach()
         values.update({k: v.detach() for k, v in extra.items()})
@@ -458,6 +485,7 @@ class TokenizedRewardPair:
     chosen_ids: list[int]
     rejected_ids: list[int]
     truncated: bool = False
+    weight: float = 1.0  # the loss weight under `margin_weighting`
 
     @property
     def num_tokens(self) -> int:
@@ -490,6 +518,7 @@ def collate_reward_pairs(pairs: Sequence[TokenizedRewardPair], pad_id: int) -> B
         "attention_mask": attention_mask,
         "index": torch.tensor([p.index for p in pairs], dtype=torch.long),
         "num_tokens": torch.tensor(sum(len(r) for r in rows)),
+        "pair_weight": torch.tensor([p.weight for p in pairs], dtype=torch.float32),
     }
 
 
@@ -518,7 +547,8 @@ class RewardObjective(Objective):
                 truncated += 1
                 if len(locations) < 3:
                     locations.append(example.location)
-            items.append(TokenizedRewardPair(i, chosen, rejected, cut))
+            weight = margin_weight(example) if self.cfg.margin_weighting else 1.0
+            items.append(TokenizedRewardPair(i, chosen, rejected, cut, weight))
         summary = f"{len(items)} pairs tokenized as conversations; truncated (from the left): {truncated}; longest {longest} tokens"
         return items, summary, locations
 
@@ -535,7 +565,7 @@ class RewardObjective(Objective):
         scores = module(batch["input_ids"], batch["attention_mask"])
         half = scores.shape[0] // 2
         chosen, rejected = scores[:half], scores[half:]
-        losses = bradley_terry_loss(chosen, rejected)
+        losses = weighted(bradley_terry_loss(chosen, rejected), batch)
         c, r = chosen.detach(), rejected.detach()
         return losses, {
             "loss": losses.detach(),
