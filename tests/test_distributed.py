@@ -96,3 +96,35 @@ def test_two_processes_match_one(tmp_path, tiny_model_dir, strategy):
     wb = load_file(str(one / "final" / "model.safetensors"))
     for name in wa:
         assert torch.allclose(wa[name], wb[name], atol=1e-5), name
+
+
+def test_bco_pair_with_a_short_last_step_matches_one_process(tmp_path, tiny_model_dir):
+    """5 pairs, 2 processes, batch 2 x 2 accumulation: one process gets 3 pairs (two micro-batches),
+    the other 2 (one). BCO's running mean is reduced once per step over the global batch, so the
+    processes stay in step and the run equals one process."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(5, seed=7)))
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    extra = "loss_type: bco_pair\n"
+
+    def config(out, batch):
+        text = CONFIG.format(strategy="dpo", model=tiny_model_dir, data=data, out=out, batch=batch)
+        return text.replace("eval_split: 6", "eval_split: 0") + extra
+
+    two, one = tmp_path / "two", tmp_path / "one"
+    (tmp_path / "two.yaml").write_text(config(two, 2))
+    (tmp_path / "one.yaml").write_text(config(one, 4))
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "preftune", "train", str(tmp_path / "two.yaml"),
+    ]
+    done = run_group(launch, env, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = subprocess.run([sys.executable, "-m", "preftune", "train", str(tmp_path / "one.yaml")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = records(two), records(one)
+    assert [r["step"] for r in a] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert abs(x["loss"] - y["loss"]) < 1e-5, (x, y)

@@ -177,3 +177,29 @@ def test_margin_weighting_names_a_bad_margin_and_the_strategies_it_fits(tmp_path
         trainer_for(tmp_path / "b", tiny_model_dir, pairs_file, eval_dataset=str(bad), margin_weighting=True)
     with pytest.raises(PreftuneError, match="'margin_weighting' weighs preference pairs; strategy 'kto' has none"):
         make_config(tmp_path, tiny_model_dir, pairs_file, strategy="kto", margin_weighting=True)
+
+
+def test_bco_pair_does_not_depend_on_how_a_step_is_split(tmp_path, tiny_model_dir, pairs_file):
+    """BCO's running reward mean is taken over the optimizer step's whole batch, once: 1 x 8 and
+    4 x 2 micro-batches give the same losses."""
+    runs = {}
+    for batch, accumulation in ((8, 1), (2, 4)):
+        out = tmp_path / f"b{batch}"
+        trainer = Trainer(make_config(out, tiny_model_dir, pairs_file, loss_type="bco_pair", max_steps=3,
+                                         per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation))
+        trainer.setup()
+        trainer.train()
+        runs[batch] = [r["loss"] for r in read_metrics(out / "run") if "loss" in r]
+    assert len(runs[8]) == 3 and all(abs(a - b) < 1e-6 for a, b in zip(runs[8], runs[2])), runs
+
+
+def test_aot_refuses_a_split_step(tmp_path, tiny_model_dir, pairs_file):
+    """AOT sorts across the batch: with accumulation its update would depend on the split, so it is
+    refused in one line; one micro-batch a step trains."""
+    from preftune.errors import PreftuneError
+
+    cfg = make_config(tmp_path / "split", tiny_model_dir, pairs_file, loss_type="aot", gradient_accumulation_steps=2)
+    with pytest.raises(PreftuneError, match=r"^loss_type aot sorts log-ratios across the whole batch, so a step split into"):
+        train(cfg)
+    train(make_config(tmp_path / "whole", tiny_model_dir, pairs_file, loss_type="aot_unpaired", max_steps=2))
+    assert [r["step"] for r in read_metrics(tmp_path / "whole" / "run") if "loss" in r] == [1, 2]

@@ -317,3 +317,33 @@ def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pa
     trainer.train()
     first = read_metrics(out / "run")[0]
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+class _Planted:
+    """A pickle that runs code when loaded: what a checkpoint folder from elsewhere may hold."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_resume_never_unpickles_arbitrary_objects(tmp_path, tiny_model_dir, pairs_file):
+    from preftune import checkpoint
+
+    cfg = make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=2, save_steps=1, eval_split=0)
+    train(cfg)
+    step1 = tmp_path / "run" / "checkpoints" / "step-1"
+    state = checkpoint.load_state(step1 / "rng_state_0.pt")  # what preftune writes loads safely
+    assert set(state) >= {"python", "numpy", "torch"}
+    marker = tmp_path / "ran-code"
+    torch.save({"state": {}, "param_groups": [], "payload": _Planted(marker)}, step1 / "optimizer.pt")
+    checkpoint.write_manifest(step1, 1)  # a planted file with a matching manifest
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-2")
+    shutil.rmtree(tmp_path / "run" / "final")
+    resume = make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=2, save_steps=1, eval_split=0,
+                         resume_from_checkpoint="latest")
+    with pytest.raises(PreftuneError, match=r"^checkpoint file .*optimizer\.pt holds more than tensors and plain values, so it is not loaded \(unpickling it could run code\)"):
+        train(resume)
+    assert not marker.exists()

@@ -115,7 +115,14 @@ def prune(output_dir: Path, keep: int | None) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values only, so that `load_state` can read it
+    back without unpickling arbitrary objects (numpy's key array becomes a tensor)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -123,10 +130,29 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_state(path: Path) -> Any:
+    """A checkpoint's optimizer, scheduler or RNG file, read with `weights_only=True`: tensors and
+    plain values only. Unpickling anything else runs code chosen by whoever wrote the file, so a
+    checkpoint folder from elsewhere is refused in one line instead."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = " ".join(str(exc).split("\n")[0].split())[:160]
+        raise PreftuneError(
+            f"checkpoint file {path} holds more than tensors and plain values, so it is not loaded "
+            f"(unpickling it could run code): {detail}"
+        ) from None
+    except (OSError, RuntimeError, EOFError) as exc:
+        raise PreftuneError(f"could not read checkpoint file {path}: {str(exc).splitlines()[0][:160]}") from None
 
 
 def save_weights(model: torch.nn.Module, folder: Path) -> None:

@@ -141,7 +141,8 @@ class Objective:
         losses = losses + self.router_aux_coef * aux * units
         return losses, {**values, "loss": losses.detach(), "aux_loss": aux.detach() * units}
 
-    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool) -> Any:
+    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool,
+              training: bool = True) -> Any:
         return None
 
     def forward(
@@ -214,9 +215,7 @@ class DPOObjective(PairwiseObjective):
             ref_chosen, ref_rejected = rt.reference.logps(batch)
         ref_chosen, ref_rejected = ref_chosen.float().detach(), ref_rejected.float().detach()
         types, weights = cfg.loss_mix()
-        bco_delta = rt.state.bco_mean
-        if "bco_pair" in types and training:
-            bco_delta = self._update_bco(rt, policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+        bco_delta = context if context is not None else rt.state.bco_mean
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
@@ -243,14 +242,35 @@ class DPOObjective(PairwiseObjective):
         values = _pair_values(losses, chosen_rewards, rejected_rewards, policy_chosen, policy_rejected)
         return self.with_router_aux(scored, losses, values, torch.ones_like(losses))
 
-    def _update_bco(self, rt: Runtime, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor) -> float:
-        """TRL's running mean of all rewards seen, current batch included, as BCO's baseline delta."""
-        rewards = self.cfg.beta * torch.cat([pc.detach() - rc, pr.detach() - rr])
-        batch_mean = rt.accelerator.reduce(rewards.mean().reshape(1), "mean").item()
-        n = rewards.numel() * rt.world
-        total = rt.state.bco_count + n
-        rt.state.bco_mean += (batch_mean - rt.state.bco_mean) * n / total
-        rt.state.bco_count = total
+    @torch.no_grad()
+    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool,
+              training: bool = True) -> float | None:
+        """`bco_pair`'s baseline delta for the step: TRL's running mean of all rewards seen, the
+        current batch included. The batch is the optimizer step's whole global batch, scored here
+        without gradient and summed over processes in one collective, so the mean (and the loss)
+        does not depend on how the step is split into micro-batches and processes. Evaluation
+        reads the mean without updating it."""
+        if "bco_pair" not in self.cfg.loss_mix()[0]:
+            return None
+        if not training:
+            return rt.state.bco_mean
+        acc = rt.accelerator
+        total = torch.zeros(2, dtype=torch.float64)
+        if active:
+            with eval_mode(module):
+                for chunk in chunks:
+                    batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt))
+                    with acc.autocast():
+                        policy = completion_logps(module, batch).sums.float()
+                        ref = rt.reference.sequence_logps(batch).float()
+                    rewards = self.cfg.beta * (policy - ref)
+                    total += torch.tensor([float(rewards.sum()), float(rewards.numel())], dtype=torch.float64)
+        total = acc.reduce(total.to(acc.device), "sum").cpu()
+        n = float(total[1])
+        if n:
+            count = rt.state.bco_count + n
+            rt.state.bco_mean += (float(total[0]) / n - rt.state.bco_mean) * n / count
+            rt.state.bco_count = int(count)
         return rt.state.bco_mean
 
 
@@ -354,7 +374,8 @@ class KTOObjective(Objective):
         return batch
 
     @torch.no_grad()
-    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool) -> torch.Tensor:
+    def begin(self, rt: Runtime, module: nn.Module, chunks: Sequence[Sequence[Any]], active: bool,
+              training: bool = True) -> torch.Tensor:
         """z0 for the step: sum of log-ratios on this process's mismatched pairs, summed over
         processes, over the step's example count; clamped at 0."""
         acc = rt.accelerator

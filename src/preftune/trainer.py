@@ -328,6 +328,15 @@ class Trainer:
         )
         self.world = acc.num_processes
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
+        sorting = sorted({"aot", "aot_unpaired"} & set(cfg.loss_mix()[0])) if cfg.strategy == "dpo" else []
+        if sorting and self.global_batch != cfg.per_device_train_batch_size:
+            # AOT pairs the k-th smallest chosen log-ratio with the k-th smallest rejected one across
+            # the batch: split into micro-batches, a step would sort each part alone.
+            raise PreftuneError(
+                f"loss_type {sorting[0]} sorts log-ratios across the whole batch, so a step split into micro-batches "
+                "or processes would not be the same update: use gradient_accumulation_steps: 1 on one process, "
+                "or another loss_type"
+            )
         self.steps_per_epoch = math.ceil(len(self.train_items) / self.global_batch)
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
@@ -722,7 +731,7 @@ class Trainer:
         was_training = self.inner.training
         self.inner.eval()
         step_context = self._context
-        self._context = self.objective.begin(self.runtime, self.inner, chunks, active=bool(chunks))
+        self._context = self.objective.begin(self.runtime, self.inner, chunks, active=bool(chunks), training=False)
         for chunk in chunks:
             with acc.autocast():
                 _, values = self._forward(self.inner, self._device_batch(chunk), training=False)
@@ -801,11 +810,11 @@ class Trainer:
                 f"{self.global_batch}: keep per_device_train_batch_size x gradient_accumulation_steps x processes equal to resume exactly"
             )
         checkpoint.load_weights(self.inner.model, path / "model")
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+        self.optimizer.load_state_dict(checkpoint.load_state(path / "optimizer.pt"))
+        self.scheduler.load_state_dict(checkpoint.load_state(path / "scheduler.pt"))
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
-            checkpoint.set_rng_state(torch.load(rng_file, weights_only=False))
+            checkpoint.set_rng_state(checkpoint.load_state(rng_file))
         self.state = TrainState(
             step=state["step"],
             bco_count=state.get("bco_count", 0),
