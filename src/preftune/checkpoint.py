@@ -155,9 +155,13 @@ def load_state(path: Path) -> Any:
         raise PreftuneError(f"could not read checkpoint file {path}: {str(exc).splitlines()[0][:160]}") from None
 
 
-def save_weights(model: torch.nn.Module, folder: Path) -> None:
-    """Adapter (PEFT) or full model via `save_pretrained`: a checkpoint is also a loadable model."""
-    model.save_pretrained(folder, safe_serialization=True)
+def save_weights(model: torch.nn.Module, folder: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Adapter (PEFT) or full model via `save_pretrained`: a checkpoint is also a loadable model.
+    `state_dict`: the weights to write instead of the model's own (a sharded model's, gathered)."""
+    if state_dict is None:
+        model.save_pretrained(folder, safe_serialization=True)
+    else:
+        model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
 
 
 def load_weights(model: torch.nn.Module, folder: Path) -> None:

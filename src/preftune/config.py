@@ -100,6 +100,8 @@ class TrainConfig:
     disable_dropout: bool = True  # as TRL: dropout makes policy and reference disagree at step 0
     share_prompt: bool = True  # encode each prompt once for both completions (see batching.py)
     router_aux_loss_coef: float | None = None  # MoE: null takes the model config's; 0 turns the aux loss off
+    fsdp: str | None = None  # full_shard | shard_grad_op: shard with PyTorch's FSDP2 across the launched processes
+    fsdp_config: dict | None = None  # wrap, cpu_offload, reshard_after_forward, mixed_precision (see sharding.py)
 
     # Reference model
     reference: str = "auto"
@@ -148,7 +150,8 @@ ALIASES = {
 
 
 def _type_name(tp: Any) -> str:
-    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list"}.get(
+    return {int: "a whole number", float: "a number", bool: "true or false", str: "a string", list: "a list",
+            dict: "a mapping"}.get(
         tp, str(tp)
     )
 
@@ -180,6 +183,8 @@ def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
             return value
         if tp is list and isinstance(value, (list, tuple)):
             return list(value)
+        if tp is dict and isinstance(value, dict):
+            return dict(value)
     nullable = type(None) in get_args(annotation)
     wanted = " or ".join(_type_name(o) for o in options if o is not type(None)) + (" or null" if nullable else "")
     raise PreftuneError(f"{where}: '{key}' must be {wanted}, got {value!r}")
@@ -288,6 +293,12 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
         raise PreftuneError(f"{where}: {exc}") from None
     if isinstance(cfg.lora_target_modules, list):
         _check(all(isinstance(m, str) for m in cfg.lora_target_modules), where, "'lora_target_modules' must be a string or a list of strings")
+    if cfg.fsdp is not None or cfg.fsdp_config is not None:
+        from preftune.sharding import FSDP_MODES, ShardingPlan
+
+        _check(cfg.fsdp is not None, where, "'fsdp_config' needs 'fsdp': full_shard or shard_grad_op")
+        _one_of(where, "fsdp", cfg.fsdp, FSDP_MODES)
+        ShardingPlan.from_config(cfg.fsdp, cfg.fsdp_config, where)
     _validate_strategy(cfg, where)
     return cfg
 

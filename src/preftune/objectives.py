@@ -50,6 +50,7 @@ class Runtime:
     share_prompt: bool
     state: Any  # the trainer's run state (BCO's running mean lives there)
     world: int = 1
+    forwards: int = 0  # forwards every process runs this step (sharded models: the same on all)
 
     def to_device(self, batch: Batch) -> Batch:
         return {k: v.to(self.accelerator.device) for k, v in batch.items()}
@@ -73,6 +74,12 @@ def weighted(losses: torch.Tensor, batch: Batch) -> torch.Tensor:
     """Per-pair losses times their weights (a no-op without `margin_weighting`)."""
     weight = batch.get("pair_weight")
     return losses if weight is None else losses * weight.to(losses.device, losses.dtype)
+
+
+def padded(chunks: Sequence[Sequence[Any]], count: int) -> list[tuple[Sequence[Any], bool]]:
+    """(chunk, real) for each chunk, then the first chunk again, not real, up to `count` forwards:
+    a sharded model's forward is a collective, so every process runs the same number."""
+    return [(c, True) for c in chunks] + [(chunks[0], False)] * max(0, count - len(chunks))
 
 
 class Objective:
@@ -256,13 +263,13 @@ class DPOObjective(PairwiseObjective):
             return rt.state.bco_mean
         acc = rt.accelerator
         total = torch.zeros(2, dtype=torch.float64)
-        if active:
-            with eval_mode(module):
-                for chunk in chunks:
-                    batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt))
-                    with acc.autocast():
-                        policy = completion_logps(module, batch).sums.float()
-                        ref = rt.reference.sequence_logps(batch).float()
+        with eval_mode(module):
+            for chunk, real in padded(chunks, rt.forwards):
+                batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt))
+                with acc.autocast():
+                    policy = completion_logps(module, batch).sums.float()
+                    ref = rt.reference.sequence_logps(batch).float()
+                if active and real:
                     rewards = self.cfg.beta * (policy - ref)
                     total += torch.tensor([float(rewards.sum()), float(rewards.numel())], dtype=torch.float64)
         total = acc.reduce(total.to(acc.device), "sum").cpu()
@@ -380,13 +387,13 @@ class KTOObjective(Objective):
         processes, over the step's example count; clamped at 0."""
         acc = rt.accelerator
         total = torch.zeros(2, dtype=torch.float64)
-        if active:
-            with eval_mode(module):
-                for chunk in chunks:
-                    batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt, slots=(1,)))
-                    with acc.autocast():
-                        policy = completion_logps(module, batch).sums.float()
-                        ref = rt.reference.sequence_logps(batch).float()
+        with eval_mode(module):
+            for chunk, real in padded(chunks, rt.forwards):
+                batch = rt.to_device(collate_pairs(chunk, rt.pad_id, rt.share_prompt, slots=(1,)))
+                with acc.autocast():
+                    policy = completion_logps(module, batch).sums.float()
+                    ref = rt.reference.sequence_logps(batch).float()
+                if active and real:
                     total += torch.tensor([float((policy - ref).sum()), float(len(chunk))], dtype=torch.float64)
         total = acc.reduce(total.to(acc.device), "sum").cpu()
         return kto_kl(total[:1].float(), torch.zeros(1), count=float(total[1]))

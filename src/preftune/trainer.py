@@ -31,7 +31,8 @@ from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
-from preftune.objectives import PAIR_KEYS, Runtime, make_objective
+from preftune import sharding
+from preftune.objectives import PAIR_KEYS, Runtime, make_objective, padded
 from preftune.reference import (
     AdapterReference,
     ModelReference,
@@ -211,12 +212,22 @@ class Trainer:
         self.is_main = acc.is_main_process
         kind = str(acc.distributed_type).rsplit(".", 1)[-1]
         if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            # Checkpoints, final weights and the reference pass assume each process holds whole
-            # weights, as DDP does; sharded states need their own save and load paths.
+            # Sharding is preftune's own step on PyTorch's FSDP2 (sharding.py), set in the config.
             raise PreftuneError(
-                f"accelerate's {kind} mode is not supported by this version of preftune; launch with DDP "
-                "(accelerate launch --multi_gpu) and use LoRA, use_4bit or gradient_checkpointing to save memory"
+                f"accelerate's {kind} mode is not used by preftune: launch as for DDP (accelerate launch --multi_gpu, "
+                "or torchrun) and set fsdp: full_shard (or shard_grad_op) in the config to shard the model"
             )
+        self.world = acc.num_processes
+        self.sharded = bool(cfg.fsdp) and self.world > 1
+        if self.sharded and cfg.use_lora and (cfg.merge_lora or cfg.strategy == "reward"):
+            raise PreftuneError(
+                "fsdp: merging LoRA into full weights (merge_lora, or a LoRA reward model) is not done under sharding; "
+                "train with merge_lora: false and merge the saved adapter afterwards, or train without fsdp"
+            )
+        if self.sharded and cfg.use_4bit:
+            raise PreftuneError("fsdp: use_4bit (QLoRA) weights are not sharded by preftune; use one of the two")
+        if cfg.fsdp and self.world == 1 and acc.is_main_process:
+            log.info("fsdp: %s with one process: nothing to shard, training as usual", cfg.fsdp)
         if self.bf16 and acc.device.type == "cpu":
             log.warning("bf16 on CPU is much slower than fp32 on most CPUs; set bf16: false for speed")
         set_seed(cfg.seed)
@@ -298,7 +309,10 @@ class Trainer:
         elif self.reference_kind == "copy":
             ref = self._load_reference_model(cfg.ref_model_name or cfg.model_name)
             ref_head = self._prove_paths(ref, "reference", train_ex, eval_ex)
-            self.reference = ModelReference(CompletionLogprobs(ref, fast_head=ref_head))
+            ref_module = CompletionLogprobs(ref, fast_head=ref_head)
+            if self.sharded:  # sharded like the policy; it trains nothing
+                self._shard(ref_module, ref)
+            self.reference = ModelReference(ref_module)
         if cfg.use_lora:
             model = models.apply_lora(
                 model,
@@ -312,6 +326,8 @@ class Trainer:
         policy = objective.wrap(model)
         if isinstance(policy, CompletionLogprobs):
             policy.fast_head, policy.router_aux = head, aux
+        if self.sharded:
+            self._shard(policy, model)
 
         # Optimisation
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -324,9 +340,9 @@ class Trainer:
             eps=cfg.adam_epsilon,
             weight_decay=cfg.weight_decay,
             # One fused kernel instead of a Python loop over tensors: several times faster on CPU.
-            fused=all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params) or None,
+            # Sharded (DTensor) parameters take the default implementation.
+            fused=(not self.sharded and all(p.dtype in (torch.float32, torch.bfloat16, torch.float16) for p in params)) or None,
         )
-        self.world = acc.num_processes
         self.global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * self.world
         sorting = sorted({"aot", "aot_unpaired"} & set(cfg.loss_mix()[0])) if cfg.strategy == "dpo" else []
         if sorting and self.global_batch != cfg.per_device_train_batch_size:
@@ -346,7 +362,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda s: lr_factor(s, self.total_steps, self.warmup_steps, cfg.lr_scheduler_type)
         )
-        self.policy, self.optimizer = acc.prepare(policy, optimizer)
+        if self.sharded:  # FSDP2 synchronises gradients itself: no DDP wrapper
+            self.policy, self.optimizer = policy, optimizer
+        else:
+            self.policy, self.optimizer = acc.prepare(policy, optimizer)
         self.inner = acc.unwrap_model(self.policy)
         if self.reference_kind == "adapter":
             self.reference = AdapterReference(self.inner)
@@ -391,6 +410,17 @@ class Trainer:
                 log.info("eval: %s", eval_summary)
             if truncated:
                 log.info("first truncated examples: %s", ", ".join(truncated))
+
+    def _shard(self, wrapper: torch.nn.Module, model: torch.nn.Module) -> None:
+        """FSDP2 over all processes (see sharding.py), said in one line."""
+        from preftune import sharding
+
+        if not hasattr(self, "_mesh"):
+            self._mesh = sharding.device_mesh(self.world, self.accelerator.device)
+        plan = sharding.ShardingPlan.from_config(self.cfg.fsdp, self.cfg.fsdp_config)
+        report = sharding.shard(wrapper, model, plan, self._mesh, self.bf16)
+        if self.is_main:
+            log.info("%s (%s)", report.summary(), plan.mode)
 
     def _load_reference_model(self, name: str) -> torch.nn.Module:
         """A separate reference loaded exactly as the policy is (dtype, attention implementation,
@@ -610,24 +640,34 @@ class Trainer:
             if not micro:
                 micro, weight = [[indices[0]]], 0.0
             chunks = [[items[j] for j in chunk] for chunk in micro]
+            # A sharded forward is a collective: every rank runs as many as the busiest one (rank 0),
+            # the extra ones with zero weight.
+            per_rank = math.ceil(len(indices) / self.world)
+            self.runtime.forwards = math.ceil(per_rank / cfg.per_device_train_batch_size) if self.sharded else len(chunks)
             self._context = objective.begin(self.runtime, self.inner, chunks, active=weight > 0)
             sums = torch.zeros(len(objective.stat_keys), dtype=torch.float64)
             units = torch.zeros((), dtype=torch.float64)
             tokens = 0
-            for i, chunk in enumerate(chunks):
+            plan = padded(chunks, self.runtime.forwards)
+            for i, (chunk, real) in enumerate(plan):
                 batch = self._device_batch(chunk)
-                sync = i == len(chunks) - 1
-                with nullcontext() if sync else acc.no_sync(self.policy):
+                sync = i == len(plan) - 1
+                chunk_weight = weight if real else 0.0
+                if self.sharded:
+                    sharding.set_gradient_sync(self.policy, sync)
+                with nullcontext() if sync or self.sharded else acc.no_sync(self.policy):
                     losses, values = self._forward(self.policy, batch)
                     # Sum over the step's items / their units: the same gradient as one big batch,
-                    # whatever the split into micro-batches and ranks (DDP averages ranks).
-                    acc.backward(losses.sum() * weight)
-                if weight:
+                    # whatever the split into micro-batches and ranks (DDP and FSDP average ranks).
+                    acc.backward(losses.sum() * chunk_weight)
+                if chunk_weight:
                     sums += self._sum_values(values)
                     units += sum(objective.units(item) for item in chunk)
                     tokens += int(batch["num_tokens"])
             max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
             grad_norm = acc.clip_grad_norm_(self.inner.parameters(), max_norm)
+            if hasattr(grad_norm, "full_tensor"):  # sharded parameters: the norm is a DTensor
+                grad_norm = grad_norm.full_tensor()
             grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
             means = self._reduce_means(sums, units)
             lr = self.scheduler.get_last_lr()[0]
@@ -730,14 +770,20 @@ class Trainer:
         units = torch.zeros((), dtype=torch.float64)
         was_training = self.inner.training
         self.inner.eval()
-        step_context = self._context
-        self._context = self.objective.begin(self.runtime, self.inner, chunks, active=bool(chunks), training=False)
-        for chunk in chunks:
+        step_context, step_forwards = self._context, self.runtime.forwards
+        per_rank = math.ceil(len(self.eval_items) / self.world)
+        self.runtime.forwards = math.ceil(per_rank / batch_size) if self.sharded else len(chunks)
+        active = bool(chunks)
+        chunks = chunks or [self.eval_items[:1]]  # a rank without eval items still joins a sharded forward
+        self._context = self.objective.begin(self.runtime, self.inner, chunks, active=active, training=False)
+        for chunk, real in padded(chunks, self.runtime.forwards):
             with acc.autocast():
                 _, values = self._forward(self.inner, self._device_batch(chunk), training=False)
+            if not (real and active):
+                continue
             sums += self._sum_values(values)
             units += sum(self.objective.units(item) for item in chunk)
-        self._context = step_context
+        self._context, self.runtime.forwards = step_context, step_forwards
         self.inner.train(was_training)
         # The router aux loss is a training regulariser; evaluation passes compute none.
         return {f"eval_{k}": v for k, v in self._reduce_means(sums, units).items() if k != "aux_loss"}
@@ -758,9 +804,12 @@ class Trainer:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
             torch.save(checkpoint.rng_state(), tmp / f"rng_state_{acc.process_index}.pt")
+            if self.sharded:  # each process writes its shards of weights and optimizer state
+                sharding.save_sharded(self.policy, self.optimizer, tmp / "sharded")
             if self.is_main:
-                checkpoint.save_weights(self.inner.model, tmp / "model")
-                torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+                if not self.sharded:
+                    checkpoint.save_weights(self.inner.model, tmp / "model")
+                    torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
                 torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 state = {
                     "step": self.state.step,
@@ -809,8 +858,16 @@ class Trainer:
                 f"checkpoint {path} was trained with global batch {state.get('global_batch')}, this run has "
                 f"{self.global_batch}: keep per_device_train_batch_size x gradient_accumulation_steps x processes equal to resume exactly"
             )
-        checkpoint.load_weights(self.inner.model, path / "model")
-        self.optimizer.load_state_dict(checkpoint.load_state(path / "optimizer.pt"))
+        if (path / "sharded").is_dir() != self.sharded:
+            written = "with" if (path / "sharded").is_dir() else "without"
+            raise PreftuneError(
+                f"checkpoint {path} was written {written} fsdp sharding; resume it with the fsdp setting it was trained with"
+            )
+        if self.sharded:
+            sharding.load_sharded(self.policy, self.optimizer, path / "sharded")
+        else:
+            checkpoint.load_weights(self.inner.model, path / "model")
+            self.optimizer.load_state_dict(checkpoint.load_state(path / "optimizer.pt"))
         self.scheduler.load_state_dict(checkpoint.load_state(path / "scheduler.pt"))
         rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
         if rng_file.is_file():
@@ -851,9 +908,11 @@ class Trainer:
         model also gets `final_merged/`, the folder that `--reward` loads."""
         self.accelerator.wait_for_everyone()
         final = self.output_dir / "final"
+        # Sharded: full weights gathered from every process (a collective), written by the main one.
+        state = sharding.consolidated_state_dict(self.policy) if self.sharded else None
         if self.is_main:
             checkpoint.replace_dir(
-                final, lambda tmp: (checkpoint.save_weights(self.inner.model, tmp), self.tokenizer.save_pretrained(tmp))
+                final, lambda tmp: (checkpoint.save_weights(self.inner.model, tmp, state), self.tokenizer.save_pretrained(tmp))
             )
             if self.cfg.use_lora and (self.cfg.merge_lora or self.objective.model_kind == "reward"):
                 merged = self.inner.model.merge_and_unload()
