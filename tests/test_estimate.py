@@ -70,3 +70,35 @@ def test_fitting_and_sizes(tiny_model_dir):
     assert parse_size("16GB") == 16 * GiB and parse_size("512MiB") == 512 * 2**20
     assert largest_batch(shape, cfg, "full", False, True, budget=80 * GiB) == 64
     assert largest_batch(shape, cfg, "full", False, True, budget=0.1 * GiB) == 0  # the runtime alone is 0.5 GiB
+
+
+def test_fsdp_divides_the_states_and_adds_the_gathered_units(tiny_model_dir):
+    shape = model_shape(str(tiny_model_dir))
+    cfg = TrainConfig(max_seq_length=96, max_prompt_length=32, lora_r=0, reference="copy")
+    one = estimate(shape, cfg, "full", batch_size=2, checkpointing=False, bf16=False)
+    two = estimate(shape, cfg, "full", batch_size=2, checkpointing=False, bf16=False, num_processes=2)
+    root = shape.vocab * shape.hidden + shape.head_params  # embeddings and the untied head
+    layer = (39072 - root) / 2
+    assert root == 2 * 320 * 32 and layer == 9296
+    assert two["weights"] == 39072 * 4 / 2 and two["gradients"] == 39072 * 4 / 2 and two["optimizer"] == 39072 * 8 / 2
+    assert two["reference"] == 39072 * 4 / 2
+    assert two["gathered"] == (root + 2 * layer) * 4 + 39072 / 2 * 4
+    assert two["activations"] == one["activations"] and one["gathered"] == 0
+    qlora = estimate(shape, cfg, "qlora", batch_size=2, checkpointing=False, bf16=True, num_processes=2)
+    assert qlora == estimate(shape, cfg, "qlora", batch_size=2, checkpointing=False, bf16=True)  # not sharded
+
+
+def test_estimate_command_with_processes(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model_name: {tiny_model_dir}\nlora_r: 0\n")
+    done = subprocess.run([sys.executable, "-m", "preftune", "estimate", str(config), "--gpu-memory", "80GB",
+                           "--num-processes", "8"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "FSDP2 over 8 processes (full and lora sharded, qlora per device)" in done.stdout
+    assert "full   (lora_r: 0, fsdp: full_shard): per_device_train_batch_size 64" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "preftune", "estimate", str(config), "--num-processes", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and bad.stderr.strip() == "preftune: error: --num-processes must be >= 1, got 0"

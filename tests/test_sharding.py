@@ -62,6 +62,8 @@ def test_fsdp_two_processes_match_one(tmp_path, tiny_model_dir, data, strategy, 
     done = run_group(launch(two_cfg), ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "FSDP2 on a cpu mesh of 2 processes: 2 x LlamaDecoderLayer, then the root; this process holds" in done.stderr
+    if strategy in ("dpo", "kto"):  # the reference pass ran sharded: each process scored its share
+        assert "(2 processes, each its share)" in done.stderr
 
     one_cfg, one = write(tmp_path, "one", strategy, tiny_model_dir, data, 4, extra)
     done = subprocess.run([sys.executable, "-m", "preftune", "train", str(one_cfg)], env=ENV, capture_output=True,

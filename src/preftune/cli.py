@@ -72,7 +72,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     from preftune.estimate import report
 
     cfg = load_config(args.config, args.set or [])
-    print(report(cfg.model_name, cfg, args.gpu_memory))
+    print(report(cfg.model_name, cfg, args.gpu_memory, args.num_processes))
     return 0
 
 
@@ -381,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("config", help="training config (.yaml, .yml or .json)")
     e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
     e.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 16GB or 80GiB")
+    e.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="processes the model is sharded over with fsdp: full_shard (per-process memory)")
     e.set_defaults(func=cmd_estimate)
 
     data = sub.add_parser("data", parents=[common], help="inspect preference data")

@@ -20,6 +20,12 @@ nothing. The estimate adds, per process:
   gradient in fp32 (none for a reward model);
 - a fixed allowance for the CUDA context and allocator (0.5 GiB).
 
+Under FSDP2 (`fsdp: full_shard` over N processes, `--num-processes N`) weights, gradients, AdamW's
+moments and a `copy` reference are divided by N, and a process holds besides them the units it
+has gathered: the root's (embeddings, head) for the whole step and two decoder layers at a time
+(the one computing and the one prefetched), plus one layer's unsharded gradients during backward.
+QLoRA is not sharded (preftune refuses `use_4bit` with `fsdp`), so its column stays per device.
+
 It is an estimate: allocator fragmentation and kernels' workspaces vary. Where a GPU is available,
 compare with `torch.cuda.max_memory_allocated()` of a real run.
 """
@@ -95,8 +101,11 @@ def _tokens(cfg: TrainConfig, batch_size: int) -> tuple[int, int]:
     return 2 * batch_size * cfg.max_seq_length, batch_size * 2 * completion
 
 
-def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, checkpointing: bool, bf16: bool) -> dict[str, float]:
-    """Bytes by component for one process; `mode` is full, lora or qlora."""
+def estimate(
+    shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, checkpointing: bool, bf16: bool, num_processes: int = 1
+) -> dict[str, float]:
+    """Bytes by component for one process; `mode` is full, lora or qlora; `num_processes` > 1
+    shards full and LoRA runs with FSDP2 over that many processes."""
     if cfg.strategy == "reward":  # a sequence classifier: the LM head is replaced by a hidden -> 1 score
         shape = dataclasses.replace(shape, params=shape.params - shape.head_params + shape.hidden, head_params=0)
     compute_bytes = 2 if bf16 else 4
@@ -122,11 +131,20 @@ def estimate(shape: ModelShape, cfg: TrainConfig, mode: str, batch_size: int, ch
     else:
         activations = tokens * shape.layers * per_token_layer
     head = min(LOGPROB_CHUNK, scored) * shape.vocab * 4 * 3
+    gradients, optimizer, gathered = trainable * 4, trainable * 8, 0.0
+    n = num_processes if mode != "qlora" else 1
+    if n > 1:
+        root = shape.vocab * shape.hidden + shape.head_params
+        layer = (shape.params - root) / max(1, shape.layers)
+        gather_bytes = compute_bytes if (bf16 or mode == "lora") else 4  # bf16 parameters under mixed precision
+        gathered = (root + 2 * layer) * gather_bytes + trainable / max(1, shape.layers) * 4
+        weights, gradients, optimizer, reference = weights / n, gradients / n, optimizer / n, reference / n
     parts = {
         "weights": weights,
-        "gradients": trainable * 4,
-        "optimizer": trainable * 8,
+        "gradients": gradients,
+        "optimizer": optimizer,
         "reference": reference,
+        "gathered": gathered,
         "activations": activations,
         "output head": head,
         "runtime": CUDA_OVERHEAD,
@@ -143,16 +161,20 @@ def parse_size(text: str) -> float:
     return value * (GiB if unit.startswith("g") else 2**20)
 
 
-def largest_batch(shape: ModelShape, cfg: TrainConfig, mode: str, checkpointing: bool, bf16: bool, budget: float) -> int:
+def largest_batch(
+    shape: ModelShape, cfg: TrainConfig, mode: str, checkpointing: bool, bf16: bool, budget: float, num_processes: int = 1
+) -> int:
     """The largest per-device batch (up to 64) whose estimate fits the budget; 0 if none does."""
     best = 0
     for batch in (1, 2, 4, 8, 16, 32, 64):
-        if estimate(shape, cfg, mode, batch, checkpointing, bf16)["total"] <= budget:
+        if estimate(shape, cfg, mode, batch, checkpointing, bf16, num_processes)["total"] <= budget:
             best = batch
     return best
 
 
-def report(name: str, cfg: TrainConfig, gpu_memory: str | None) -> str:
+def report(name: str, cfg: TrainConfig, gpu_memory: str | None, num_processes: int = 1) -> str:
+    if num_processes < 1:
+        raise PreftuneError(f"--num-processes must be >= 1, got {num_processes}")
     shape = model_shape(name)
     bf16 = cfg.bf16 if cfg.bf16 is not None else True  # the estimate is for a GPU
     batch = cfg.per_device_train_batch_size
@@ -161,11 +183,12 @@ def report(name: str, cfg: TrainConfig, gpu_memory: str | None) -> str:
         f"vocab {shape.vocab}); batch {batch}, max_seq_length {cfg.max_seq_length}, "
         f"{'bf16' if bf16 else 'fp32'}, strategy {cfg.strategy}, "
         f"reference {cfg.reference if cfg.strategy in REFERENCE_STRATEGIES else 'none'}, "
-        f"gradient_checkpointing {cfg.gradient_checkpointing}",
+        f"gradient_checkpointing {cfg.gradient_checkpointing}"
+        + (f"; FSDP2 over {num_processes} processes (full and lora sharded, qlora per device)" if num_processes > 1 else ""),
         "",
         f"{'GiB':<12}" + "".join(f"{m:>10}" for m in ("full", "lora", "qlora")),
     ]
-    table = {m: estimate(shape, cfg, m, batch, cfg.gradient_checkpointing, bf16) for m in ("full", "lora", "qlora")}
+    table = {m: estimate(shape, cfg, m, batch, cfg.gradient_checkpointing, bf16, num_processes) for m in ("full", "lora", "qlora")}
     for part in table["full"]:
         lines.append(f"{part:<12}" + "".join(f"{table[m][part] / GiB:>10.2f}" for m in table))
     if gpu_memory:
@@ -174,9 +197,11 @@ def report(name: str, cfg: TrainConfig, gpu_memory: str | None) -> str:
         for mode in ("full", "lora", "qlora"):
             options = []
             for checkpointing in (False, True):
-                fit = largest_batch(shape, cfg, mode, checkpointing, bf16, budget)
+                fit = largest_batch(shape, cfg, mode, checkpointing, bf16, budget, num_processes)
                 if fit:
                     options.append(f"per_device_train_batch_size {fit}" + (" with gradient_checkpointing" if checkpointing else ""))
             keys = {"full": "lora_r: 0", "lora": f"lora_r: {cfg.lora_r or 16}", "qlora": f"lora_r: {cfg.lora_r or 16}, use_4bit: true"}[mode]
+            if num_processes > 1 and mode != "qlora":
+                keys += ", fsdp: full_shard"
             lines.append(f"  {mode:<6} ({keys}): " + ("; ".join(options) if options else "does not fit even at batch 1"))
     return "\n".join(lines)

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -126,9 +127,12 @@ def compute_logps(
     autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
     progress: bool = False,
     share_prompt: bool = True,
+    share: tuple[int, int] = (0, 1),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed log-probs for every pair, indexed by `TokenizedPair.index` (for KTO's
-    examples: their completion, and their mismatched completion)."""
+    examples: their completion, and their mismatched completion). `share=(rank, world)` scores
+    only this process's share (zeros elsewhere), in as many batches as every other process runs:
+    a sharded model's forwards are collectives."""
     from tqdm.auto import tqdm
 
     size = max(p.index for p in pairs) + 1 if pairs else 0
@@ -136,13 +140,18 @@ def compute_logps(
     rejected = torch.zeros(size, dtype=torch.float32)
     # Longest first: the first batch shows at once whether memory suffices.
     order = sorted(range(len(pairs)), key=lambda i: -pairs[i].num_tokens)
-    starts = range(0, len(order), batch_size)
+    rank, world = share
+    mine = order[rank::world]
+    count = math.ceil(math.ceil(len(order) / world) / batch_size) if pairs else 0
     with eval_mode(module):
-        for start in tqdm(starts, desc="reference log-probs", disable=not progress, unit="batch"):
-            chunk = [pairs[i] for i in order[start : start + batch_size]]
+        for b in tqdm(range(count), desc="reference log-probs", disable=not progress, unit="batch"):
+            indices = mine[b * batch_size : (b + 1) * batch_size]
+            chunk = [pairs[i] for i in (indices or order[:1])]  # a process out of pairs joins with one, discarded
             batch = {k: v.to(device) for k, v in collate_pairs(chunk, pad_id, share_prompt).items()}
             with autocast() if autocast else contextlib.nullcontext():
                 sums = completion_logps(module, batch).sums
+            if not indices:
+                continue
             c, r = _split(sums.float().cpu())
             chosen[batch["index"].cpu()] = c
             rejected[batch["index"].cpu()] = r

@@ -123,11 +123,20 @@ def set_gradient_sync(wrapper: nn.Module, sync: bool) -> None:
     wrapper.set_requires_gradient_sync(sync)
 
 
+def reshard(wrapper: nn.Module) -> None:
+    """Put the sharded parameters back in place. The root keeps its parameters gathered after a
+    forward until the backward; after a forward without one (the reference pass, evaluation) the
+    module would otherwise still hold the gathered copies where the optimizer and the state dicts
+    expect the shards."""
+    wrapper.reshard()
+
+
 def save_sharded(wrapper: nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
     """Every process writes its shards of weights and optimizer state (a collective)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    reshard(wrapper)
     model_state, optim_state = get_state_dict(wrapper, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
 
@@ -138,6 +147,7 @@ def load_sharded(wrapper: nn.Module, optimizer: torch.optim.Optimizer, folder: P
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    reshard(wrapper)
     model_state, optim_state = get_state_dict(wrapper, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
     try:
@@ -152,5 +162,6 @@ def consolidated_state_dict(wrapper: nn.Module, prefix: str = "model.") -> dict[
     (a collective), keys as that model names them."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    reshard(wrapper)
     full = get_model_state_dict(wrapper, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}

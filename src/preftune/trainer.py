@@ -304,8 +304,15 @@ class Trainer:
             self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
         self.reference: Any = None
         self.reference_seconds = 0.0  # wall time of the one-off reference pass, when there is one
+        pending = None  # sharded: the reference pass runs once the models are sharded
         if self.reference_kind == "precomputed":
-            self.reference = self._precompute_reference(model, head, train_ex, eval_ex)
+            ref_model, ref_head = self._reference_model(model, head, train_ex, eval_ex)
+            cache = self._reference_cache(ref_model)
+            if self.sharded:
+                pending = (None if ref_model is model else ref_model, ref_head, cache)
+            else:
+                self.reference = self._precompute_reference(CompletionLogprobs(ref_model, fast_head=ref_head), cache)
+            del ref_model
         elif self.reference_kind == "copy":
             ref = self._load_reference_model(cfg.ref_model_name or cfg.model_name)
             ref_head = self._prove_paths(ref, "reference", train_ex, eval_ex)
@@ -328,6 +335,14 @@ class Trainer:
             policy.fast_head, policy.router_aux = head, aux
         if self.sharded:
             self._shard(policy, model)
+            if pending is not None:
+                ref_model, ref_head, cache = pending
+                module = policy  # the policy at its start (a fresh adapter changes nothing) ...
+                if ref_model is not None:  # ... or ref_model_name, sharded the same way
+                    module = CompletionLogprobs(ref_model, fast_head=ref_head)
+                    self._shard(module, ref_model)
+                self.reference = self._precompute_reference(module, cache)
+                del module, ref_model
 
         # Optimisation
         params = [p for p in policy.parameters() if p.requires_grad]
@@ -510,21 +525,31 @@ class Trainer:
             raise PreftuneError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
         return SummaryWriter(str(self.output_dir / "tensorboard"))
 
-    def _precompute_reference(
+    def _reference_model(
         self, model: torch.nn.Module, head: bool | None, train_ex: Sequence[Any], eval_ex: Sequence[Any]
-    ) -> PrecomputedReference:
-        """One pass of the reference over train and eval pairs, cached on disk (see reference.py):
-        the policy at its start (with its proven `head`), or `ref_model_name`, proven here."""
-        cfg, acc = self.cfg, self.accelerator
-        ref_model = model
-        if cfg.ref_model_name:
-            ref_model = self._load_reference_model(cfg.ref_model_name)
-            head = self._prove_paths(ref_model, "reference", train_ex, eval_ex)
-        pairs = self.train_pairs + self.eval_pairs
+    ) -> tuple[torch.nn.Module, bool | None]:
+        """The model whose log-probs are precomputed: the policy at its start (with its proven
+        `head`), or `ref_model_name`, loaded like the policy and proven here."""
+        if not self.cfg.ref_model_name:
+            return model, head
+        ref = self._load_reference_model(self.cfg.ref_model_name)
+        return ref, self._prove_paths(ref, "reference", train_ex, eval_ex)
+
+    def _reference_cache(self, ref_model: torch.nn.Module) -> Path:
+        """Where the reference's log-probs are cached: keyed by its (whole, unsharded) weights, the
+        tokenized data and the settings, so a stale file is never read (see reference.py)."""
+        cfg = self.cfg
         settings = {"dtype": str(self.model_dtype), "bf16": self.bf16, "4bit": cfg.use_4bit}
-        key = cache_key(models.model_fingerprint(ref_model), pairs, settings)
+        key = cache_key(models.model_fingerprint(ref_model), self.train_items + self.eval_items, settings)
         root = Path(cfg.cache_dir) if cfg.cache_dir else models.cache_dir()
-        path = root / "reference" / f"{key}.safetensors"
+        return root / "reference" / f"{key}.safetensors"
+
+    def _precompute_reference(self, module: CompletionLogprobs, path: Path) -> PrecomputedReference:
+        """One pass of the reference over train and eval items, cached at `path`. Unsharded, the
+        main process scores them all; sharded, every process scores its share (the forwards are
+        collectives) and the shares are summed into one table. The cache is written once."""
+        cfg, acc = self.cfg, self.accelerator
+        pairs = self.train_items + self.eval_items
         # The main process decides, and every process follows: a process that looked for the file
         # itself could find the one the main process has just written, skip the barrier below
         # and desynchronise the collectives (a hang).
@@ -538,29 +563,27 @@ class Trainer:
                 raise PreftuneError(f"could not read precomputed reference log-probs from {path}")
             return PrecomputedReference(*cached)
         started = time.perf_counter()
-        if self.is_main:
-            batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+        batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
+        share = (acc.process_index, self.world) if self.sharded else (0, 1)
+        if self.sharded or self.is_main:
             chosen, rejected = compute_logps(
-                CompletionLogprobs(ref_model, fast_head=head),
-                pairs,
-                batch_size,
-                self.pad_id,
-                acc.device,
-                autocast=acc.autocast,
-                progress=cfg.progress_bar,
-                share_prompt=self.share_prompt,
+                module, pairs, batch_size, self.pad_id, acc.device, autocast=acc.autocast,
+                progress=cfg.progress_bar and self.is_main, share_prompt=self.share_prompt, share=share,
             )
-            save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": cfg.ref_model_name or cfg.model_name})
-            log.info(
-                "precomputed reference log-probs for %d pairs in %.1fs: %s", len(pairs), time.perf_counter() - started, path
-            )
+            if self.sharded:  # each pair was scored by exactly one process
+                sharding.reshard(module)
+                table = acc.reduce(torch.stack([chosen, rejected]).to(acc.device), "sum").cpu()
+                chosen, rejected = table[0], table[1]
+            if self.is_main:
+                save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": cfg.ref_model_name or cfg.model_name})
+                how = f" ({self.world} processes, each its share)" if self.sharded else ""
+                log.info("precomputed reference log-probs for %d pairs in %.1fs%s: %s", len(pairs),
+                         time.perf_counter() - started, how, path)
         acc.wait_for_everyone()
         self.reference_seconds = time.perf_counter() - started
         cached = load_cached(path)
         if cached is None:
             raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
-        if ref_model is not model:
-            del ref_model
         return PrecomputedReference(*cached)
 
     # -- one batch ------------------------------------------------------------------------------
