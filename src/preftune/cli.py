@@ -522,6 +522,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import torch
 
+    from preftune.evaluation import format_table
     from preftune.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.for_device(
@@ -535,6 +536,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         overwrite=args.overwrite or None,
     )
     result = run_quickstart(settings)
+    print(format_table(result, result["reward"]))
     log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
     return 0
 
@@ -606,7 +608,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:
-    from preftune.iterate import load_iterate_config, run_iterate
+    from preftune.iterate import format_iterate, load_iterate_config, run_iterate
 
     flags = {
         "rounds": args.rounds,
@@ -619,6 +621,7 @@ def cmd_iterate(args: argparse.Namespace) -> int:
     }
     cfg, it = load_iterate_config(args.config, args.set or [], flags)
     summary = run_iterate(cfg, it, overwrite=args.overwrite)
+    print(format_iterate(summary))
     log.info("done in %.0fs: %s", summary["seconds"], os.path.join(cfg.output_dir, "summary.json"))
     return 0
 
