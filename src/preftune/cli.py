@@ -41,16 +41,19 @@ def _setup_logging(debug: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from preftune.api import train
     from preftune.config import load_config
     from preftune.pipeline import has_stages
-    from preftune.trainer import train
 
     if has_stages(args.config):
         args.configs = [args.config]
         return cmd_pipeline(args)
     overrides = list(args.set or []) + (["overwrite_output_dir=true"] if args.overwrite else [])
     cfg = load_config(args.config, overrides)
-    final = train(cfg)
+    command = ["preftune", "train", args.config, *(f"--set={o}" for o in args.set or []), *(["--overwrite"] if args.overwrite else [])]
+    final = train(cfg, origin=shlex.join(command)).metrics
     summary = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k in ("loss", "eval_loss", "eval_rewards/accuracies"))
     log.info("done: %s -> %s", summary or "no steps", cfg.output_dir)
     return 0
@@ -507,15 +510,12 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from preftune.data import load_records
+    from preftune.api import build_pairs
     from preftune.generation import write_jsonl_atomic
-    from preftune.pairs import build_pairs
 
-    pairs, stats = build_pairs(load_records(args.scored), args.strategy, args.min_margin, args.seed)
-    if not pairs:
-        raise PreftuneError(f"{args.scored}: no pairs: {stats.summary()}")
+    pairs = build_pairs(args.scored, strategy=args.strategy, min_margin=args.min_margin, seed=args.seed)
     write_jsonl_atomic(args.output, pairs)
-    log.info("%s -> %s", stats.summary(), args.output)
+    log.info("%d pairs -> %s", len(pairs), args.output)
     return 0
 
 
@@ -542,14 +542,11 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from preftune.evaluation import EvalSettings, format_eval, run_eval
+    from preftune.api import evaluate
+    from preftune.evaluation import format_eval
 
-    if not 0 < args.confidence < 1:
-        raise PreftuneError(f"--confidence must be between 0 and 1, got {args.confidence}")
-    if args.bootstrap < 100:
-        raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {args.bootstrap}")
-    settings = EvalSettings(
-        model=args.model,
+    result = evaluate(
+        args.model,
         ref=args.ref,
         baseline=args.baseline,
         pairs=args.pairs,
@@ -563,11 +560,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         beta=args.beta,
         batch_size=args.batch_size,
-        level=args.confidence,
-        resamples=args.bootstrap,
+        confidence=args.confidence,
+        bootstrap=args.bootstrap,
         output=args.output,
     )
-    result = run_eval(settings)
     print(format_eval(result))
     return 0
 
