@@ -123,9 +123,17 @@ def test_a_lora_peft_model_trains_its_own_adapter(tmp_path):
     assert "base_model" not in header and header["library_name"] == "peft"
 
 
+@pytest.fixture(scope="module")
+def one_step_cli(tmp_path_factory, tiny_model_dir) -> list[dict]:
+    """metrics.jsonl of one `preftune train` step on the pairs file, shared by the shape tests."""
+    root = tmp_path_factory.mktemp("one-step")
+    write_jsonl(root / "pairs.jsonl", ROWS)
+    return read_metrics(cli_run(root, tiny_model_dir, root / "pairs.jsonl", "cli", max_steps=1, eval_split=0))
+
+
 @pytest.mark.parametrize("shape", ["dataset", "list", "dataframe", "datasetdict"])
-def test_every_input_shape_gives_the_same_run(tmp_path, tiny_model_dir, pairs_file, shape):
-    cli = read_metrics(cli_run(tmp_path, tiny_model_dir, pairs_file, "cli", max_steps=1, eval_split=0))
+def test_every_input_shape_gives_the_same_run(tmp_path, tiny_model_dir, one_step_cli, shape):
+    cli = one_step_cli
     data = {
         "dataset": lambda: datasets.Dataset.from_list(ROWS),
         "list": lambda: copy.deepcopy(ROWS),
@@ -351,3 +359,18 @@ def test_the_package_exports_a_documented_api_and_logs_without_printing():
         obj = getattr(preftune, name)
         if name != "__version__":
             assert obj.__doc__ and "Example" in obj.__doc__, name
+
+
+def test_the_python_api_example_runs_end_to_end(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import runpy
+
+    from test_docs import ROOT
+
+    out = tmp_path / "example"
+    monkeypatch.setattr("sys.argv", ["python_api.py", "--model", str(tiny_model_dir), "--steps", "2", "--output-dir", str(out)])
+    runpy.run_path(str(ROOT / "examples" / "python_api.py"), run_name="__main__")
+    printed = capsys.readouterr().out
+    assert "step 1: loss 0.6931, margin +0.0000" in printed
+    assert "trained: PeftModelForCausalLM" in printed and "held-out preference accuracy" in printed
+    assert "mean sentiment of fresh samples" in printed and f"base_model: {tiny_model_dir}" in printed
+    assert json.loads((out / "eval.json").read_text())["pairs"]["num_pairs"] == 32

@@ -92,7 +92,11 @@ def _check_model(model: Any, cfg: TrainConfig, what: str) -> None:
     except ImportError:  # pragma: no cover - peft is a dependency
         PeftModel = ()  # type: ignore[assignment]
     if not isinstance(model, (PreTrainedModel, PeftModel)):
-        raise PreftuneError(f"{what}: expected a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}")
+        key = "model_name" if what == "model" else "ref_model_name"
+        raise PreftuneError(
+            f"{what}: expected a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__} "
+            f"(a name or folder goes in the config's '{key}')"
+        )
     if what == "ref_model":
         return
     for key, value, why in (
@@ -156,8 +160,14 @@ def _describe(value: Any) -> str:
 
 
 def _call_text(config: Any, objects: dict[str, Any], overrides: dict[str, Any]) -> str:
-    """The call as a reader of the model card would write it."""
-    head = _describe(config) if isinstance(config, (str, os.PathLike)) else "config"
+    """The call as a reader of the model card would write it: the config as given, the objects by type."""
+    if isinstance(config, TrainConfig):
+        defaults = TrainConfig().to_dict()
+        head = "TrainConfig(" + ", ".join(f"{k}={v!r}" for k, v in config.to_dict().items() if v != defaults[k]) + ")"
+    elif isinstance(config, dict):
+        head = repr(config)
+    else:
+        head = _describe(config)
     args = [head] + [f"{k}={_describe(v)}" for k, v in objects.items() if v is not None]
     args += [f"{k}={v!r}" for k, v in overrides.items()]
     return f"preftune.train({', '.join(args)})"
@@ -430,7 +440,8 @@ def generate(
     records = load_prompts(_prompt_source(prompts))
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
-        model, tokenizer = load_generation_model(name)
+        model, loaded = load_generation_model(name)
+        tokenizer = _prepared_tokenizer(tokenizer) if tokenizer is not None else loaded
     else:
         _check_generation_model(model)
         name = _model_name(model) or type(model).__name__

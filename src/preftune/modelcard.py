@@ -133,7 +133,9 @@ def render(
     ]
     keys = _STRATEGY_KEYS[cfg.strategy] + _COMMON + (_LORA_KEYS if cfg.use_lora else ())
     values = cfg.to_dict()
-    settings = [f"`{k}` {_value(values[k])}" for k in keys if values[k] is not None and not (k == "max_steps" and values[k] <= 0)]
+    # max_steps > 0 overrides the epochs: show the one that counted.
+    shown = [k for k in keys if values[k] is not None and k != ("num_train_epochs" if cfg.max_steps > 0 else "max_steps")]
+    settings = [f"`{k}` {_value(values[k])}" for k in shown]
     lines += [f"- settings: {', '.join(settings)}", "- every setting: `config.resolved.yaml` in the run folder", ""]
     if train_metrics:
         lines += [f"## Last training metrics (step {train_metrics.get('step', '?')})", "", *_metrics_table(train_metrics), ""]
