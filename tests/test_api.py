@@ -374,3 +374,14 @@ def test_the_python_api_example_runs_end_to_end(tmp_path, tiny_model_dir, monkey
     assert "trained: PeftModelForCausalLM" in printed and "held-out preference accuracy" in printed
     assert "mean sentiment of fresh samples" in printed and f"base_model: {tiny_model_dir}" in printed
     assert json.loads((out / "eval.json").read_text())["pairs"]["num_pairs"] == 32
+
+
+def test_a_base_model_trained_with_lora_goes_on_as_its_peft_model(tmp_path, tiny_tokenizer):
+    model = build_tiny_model(len(tiny_tokenizer))
+    config = base_config(tmp_path, lora_r=2, lora_alpha=4, max_steps=1, eval_split=0)
+    first = preftune.train(config, model=model, tokenizer=tiny_tokenizer, train_dataset=ROWS)
+    with pytest.raises(preftune.PreftuneError, match="pass that run's result.model"):
+        preftune.train({**config, "output_dir": str(tmp_path / "again")}, model=model, tokenizer=tiny_tokenizer, train_dataset=ROWS)
+    second = preftune.train({**config, "output_dir": str(tmp_path / "next")}, model=first.model, tokenizer=tiny_tokenizer,
+                            train_dataset=ROWS)
+    assert second.model is first.model and second.metrics["step"] == 1

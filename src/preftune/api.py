@@ -99,6 +99,10 @@ def _check_model(model: Any, cfg: TrainConfig, what: str) -> None:
         )
     if what == "ref_model":
         return
+    if not isinstance(model, PeftModel) and hasattr(model, "peft_config"):
+        raise PreftuneError(
+            "model: it holds LoRA layers injected by an earlier run; pass that run's result.model (the PeftModel around it)"
+        )
     for key, value, why in (
         ("use_4bit", cfg.use_4bit, "load the model in 4-bit yourself and set use_4bit: false"),
         ("provider", cfg.provider not in ("transformers", "hf"), "pass a model loaded by that provider and leave provider unset"),
@@ -453,7 +457,9 @@ def generate(
             tokenizer = _prepared_tokenizer(tokenizer)
     records = chat_prompts(records, tokenizer, chat)
     with eval_mode(model):
-        batches = iter_sample_records(model, tokenizer, records, settings, model_name=name, batch_size=batch_size, progress=progress)
+        batches = iter_sample_records(
+            model, tokenizer, records, settings, model_name=name, batch_size=batch_size, progress=progress
+        )
         return [record for batch in batches for record in batch]
 
 

@@ -175,7 +175,9 @@ def in_memory_records(data: Any, name: str, split: str = "train") -> InMemoryRec
             data = data[split]
             kind = type(data).__name__
         if kind != "Dataset":
-            raise PreftuneError(f"{name}: a {kind} cannot be indexed by row; pass a datasets.Dataset, a list of dicts or a DataFrame")
+            raise PreftuneError(
+                f"{name}: a {kind} cannot be indexed by row; pass a datasets.Dataset, a list of dicts or a DataFrame"
+            )
         rows = data.to_list()
         hub_name = getattr(data.info, "dataset_name", None) or None
     elif module.startswith("pandas") and kind == "DataFrame":

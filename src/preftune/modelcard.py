@@ -56,7 +56,8 @@ def loss_description(cfg: TrainConfig) -> str:
     if cfg.strategy == "dpo":
         types, weights = cfg.loss_mix()
         mix = " + ".join(t if w == 1 else f"{w:g} x {t}" for t, w in zip(types, weights))
-        return f"DPO loss `{mix}`, beta {cfg.beta:g}" + (f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else "")
+        smoothing = f", label smoothing {cfg.label_smoothing:g}" if cfg.label_smoothing else ""
+        return f"DPO loss `{mix}`, beta {cfg.beta:g}{smoothing}"
     if cfg.strategy == "kto":
         return f"KTO loss, beta {cfg.beta:g}, desirable/undesirable weights {cfg.desirable_weight:g}/{cfg.undesirable_weight:g}"
     if cfg.strategy == "orpo":
@@ -143,17 +144,15 @@ def render(
         lines += [f"## Evaluation (step {eval_metrics.get('step', '?')})", "", *_metrics_table(eval_metrics), ""]
     lines += ["## How it was made", "", "```", origin, "```", ""]
     lines += _usage(cfg, adapter)
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines).rstrip() + "\n"
 
 
 def _usage(cfg: TrainConfig, adapter: bool) -> list[str]:
-    if cfg.strategy == "reward":
-        load = "from transformers import AutoModelForSequenceClassification\n\nmodel = AutoModelForSequenceClassification.from_pretrained(FOLDER)"
-    elif adapter:
-        load = "from peft import AutoPeftModelForCausalLM\n\nmodel = AutoPeftModelForCausalLM.from_pretrained(FOLDER)"
-    else:
-        load = "from transformers import AutoModelForCausalLM\n\nmodel = AutoModelForCausalLM.from_pretrained(FOLDER)"
-    return ["## Use", "", "```python", load, "```", ""]
+    """How to load the folder the card sits in."""
+    head = "SequenceClassification" if cfg.strategy == "reward" else "CausalLM"
+    module, loader = ("peft", f"AutoPeftModelFor{head}") if adapter else ("transformers", f"AutoModelFor{head}")
+    code = [f"from {module} import {loader}", "", f"model = {loader}.from_pretrained(FOLDER)  # this folder"]
+    return ["## Use", "", "```python", *code, "```", ""]
 
 
 def read_header(text: str) -> dict[str, Any]:

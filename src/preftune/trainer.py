@@ -828,14 +828,14 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return final
 
-
     def _model_card(self, merged: bool = False) -> str:
         """`final/README.md`; a run from files is reproduced by its resolved config."""
         from preftune.data import dataset_names
 
         origin = self.origin or f"preftune train {self.output_dir / 'config.resolved.yaml'}"
         names = dataset_names(self._train_data if self._train_data is not None else self.cfg.dataset)
-        names += [n for n in dataset_names(self._eval_data if self._eval_data is not None else self.cfg.eval_dataset) if n not in names]
+        evals = dataset_names(self._eval_data if self._eval_data is not None else self.cfg.eval_dataset)
+        names += [n for n in evals if n not in names]
         return modelcard.render(
             self.cfg, train_metrics=self.last_train, eval_metrics=self.last_eval, origin=origin, datasets=names, merged=merged
         )
