@@ -346,6 +346,10 @@ def test_collection_functions_equal_the_commands(tmp_path, tiny_model_dir):
     assert [s["scores"] for s in by_function] == [s["scores"] for s in scored]
     with pytest.raises(preftune.PreftuneError, match="records row 1: field 'completions' must be a list of strings"):
         preftune.score([samples[0], {"prompt": "p", "completions": "one"}], "length")
+    with pytest.raises(preftune.PreftuneError, match="^records: no pairs: 0 pairs from 1 prompts; skipped 1 ties"):
+        preftune.build_pairs([{"prompt": "p", "completions": ["a", "b"], "scores": [1.0, 1.0]}])
+    with pytest.raises(preftune.PreftuneError, match="records row 0: field 'scores' is missing"):
+        preftune.build_pairs(samples)
 
 
 def test_the_package_exports_a_documented_api_and_logs_without_printing():

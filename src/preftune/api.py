@@ -85,12 +85,9 @@ def _resolve_config(config: Any, overrides: dict[str, Any]) -> tuple[TrainConfig
 
 def _check_model(model: Any, cfg: TrainConfig, what: str) -> None:
     """A model object stands in for a loaded one: the settings that only shape loading cannot apply."""
+    from peft import PeftModel
     from transformers import PreTrainedModel
 
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        PeftModel = ()  # type: ignore[assignment]
     if not isinstance(model, (PreTrainedModel, PeftModel)):
         key = "model_name" if what == "model" else "ref_model_name"
         raise PreftuneError(
@@ -204,7 +201,8 @@ def train(
     - `config`: a dict, a JSON/YAML path or a `TrainConfig`, checked like the CLI's; keyword
       `overrides` replace keys (`beta=0.2`), as `--set` does.
     - `model`: a `PreTrainedModel` or a `PeftModel` (its adapter is trained, with its own LoRA
-      settings); it is trained in place (under LoRA, adapters are injected into it). `model_name`
+      settings); it is trained in place (under LoRA, adapters are injected into it), on the run's
+      device, in the dtype it has (`bf16` adds autocast, as for a loaded model). `model_name`
       may then be left out (the model's own `name_or_path` is recorded); given, it is the name the
       resolved config and the model card record. `tokenizer`: used instead of loading
       `model_name`'s (a copy is taken). `ref_model`: the reference (`reference: copy` keeps it
@@ -501,8 +499,9 @@ def build_pairs(
     from preftune.data import load_records
     from preftune.pairs import build_pairs as pair_up
 
-    pairs, stats = pair_up(load_records(_source(records, "records")), strategy, min_margin, seed)
+    source = _source(records, "records")
+    pairs, stats = pair_up(load_records(source), strategy, min_margin, seed)
     if not pairs:
-        raise PreftuneError(f"records: no pairs: {stats.summary()}")
+        raise PreftuneError(f"{source}: no pairs: {stats.summary()}")
     log.info("%s", stats.summary())
     return pairs
