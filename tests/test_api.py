@@ -308,6 +308,21 @@ def test_evaluate_returns_what_preftune_eval_writes(tmp_path, tiny_model_dir, pa
     assert from_memory["pairs"]["file"] == "pairs"
     for key in ("accuracy", "margin", "chosen_reward", "rejected_reward"):
         assert from_memory["pairs"][key] == returned["pairs"][key]
+    # Samples: prompts as plain strings, a reward as a name or as a function.
+    (tmp_path / "prompts.txt").write_text("the movie was\nI think\n")
+    flags = ["--num-samples", "2", "--max-new-tokens", "4", "--bootstrap", "100"]
+    assert main(["eval", "--model", str(run), "--prompts", str(tmp_path / "prompts.txt"), "--reward", "length",
+                 "-o", str(tmp_path / "cli_samples.json"), *flags]) == 0
+    written = json.loads((tmp_path / "cli_samples.json").read_text())
+    sampled = preftune.evaluate(run, prompts=["the movie was", "I think"], reward="length", num_samples=2,
+                                max_new_tokens=4, bootstrap=100, output=tmp_path / "api_samples.json", progress=False)
+    for result in (written, sampled):
+        result.pop("seconds")
+        result["samples"].pop("prompts_file")
+    assert sampled == written and sampled["samples"]["num_prompts"] == 2
+    by_function = preftune.evaluate(run, prompts=["the movie was", "I think"], reward=lambda ps, cs: [1.0 for _ in cs],
+                                    num_samples=2, max_new_tokens=4, bootstrap=100, output=tmp_path / "f.json")
+    assert by_function["samples"]["reward_function"] == "<lambda>" and by_function["samples"]["reward"]["mean"] == 1.0
 
 
 def test_the_model_card_names_the_base_and_how_it_was_made(tmp_path, tiny_model_dir, pairs_file):
