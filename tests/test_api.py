@@ -404,3 +404,25 @@ def test_a_base_model_trained_with_lora_goes_on_as_its_peft_model(tmp_path, tiny
     second = preftune.train({**config, "output_dir": str(tmp_path / "next")}, model=first.model, tokenizer=tiny_tokenizer,
                             train_dataset=ROWS)
     assert second.model is first.model and second.metrics["step"] == 1
+
+
+def test_the_card_lists_the_hub_datasets_it_knows(tmp_path, pairs_file):
+    from preftune.config import from_dict
+    from preftune.data import dataset_names, in_memory_records
+    from preftune.modelcard import render
+
+    loaded = datasets.Dataset.from_list(ROWS, info=datasets.DatasetInfo(dataset_name="owner/prefs"))
+    assert dataset_names(in_memory_records(loaded, "train_dataset")) == ["owner/prefs"]
+    assert dataset_names(in_memory_records(ROWS, "train_dataset")) == []
+    assert dataset_names("owner/prefs") == ["owner/prefs"] and dataset_names(str(pairs_file)) == [] and dataset_names(None) == []
+    cfg = from_dict({"strategy": "kto", "model_name": "smollm2-135m-instruct", "lora_r": 0})
+    card = render(cfg, train_metrics={"step": 3, "loss": 0.5}, eval_metrics={}, origin="preftune train kto.yaml",
+                  datasets=["owner/prefs"])
+    assert read_header(card) == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["preftune", "kto"],
+        "datasets": ["owner/prefs"],
+    }
+    assert "Evaluation" not in card and "| `loss` | 0.5 |" in card and "AutoModelForCausalLM.from_pretrained" in card
