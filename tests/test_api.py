@@ -163,7 +163,7 @@ def test_bad_rows_are_named_as_the_file_readers_name_lines(tmp_path, tiny_model_
     write_jsonl(path, rows)
     with pytest.raises(preftune.PreftuneError) as from_file:
         preftune.train(base_config(tmp_path, model_name=str(tiny_model_dir), dataset=str(path), output_dir=str(tmp_path / "a")))
-    assert str(from_file.value) == f"bad.jsonl:{row + 1}: {message}" or str(from_file.value).startswith(f"bad.jsonl:{row + 1}: {message}")
+    assert str(from_file.value).startswith(f"bad.jsonl:{row + 1}: {message}")
     if shape == "dataset" and row == 2:
         pytest.skip("a Dataset column holds one type: an int prompt among strings cannot be built")
     data = {"dataset": datasets.Dataset.from_list, "list": list, "dataframe": pd.DataFrame}[shape](rows)
@@ -258,18 +258,21 @@ def test_a_callback_stops_the_run_and_an_exception_aborts_it(tmp_path, tiny_mode
     assert again.metrics["step"] == 1
 
 
+KTO_ROWS = [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in ROWS[:12] for k in ("chosen", "rejected")]
+
+
 @pytest.mark.parametrize(
-    "strategy, rows, extra",
+    "strategy, rows",
     [
-        ("sft", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS], {}),
-        ("kto", [{"prompt": r["prompt"], "completion": r[k], "label": k == "chosen"} for r in ROWS[:12] for k in ("chosen", "rejected")], {}),
-        ("orpo", ROWS, {}),
-        ("simpo", ROWS, {}),
-        ("cpo", ROWS, {}),
-        ("reward", ROWS, {}),
+        ("sft", [{"prompt": r["prompt"], "completion": r["chosen"]} for r in ROWS]),
+        ("kto", KTO_ROWS),
+        ("orpo", ROWS),
+        ("simpo", ROWS),
+        ("cpo", ROWS),
+        ("reward", ROWS),
     ],
 )
-def test_every_strategy_trains_from_objects(tmp_path, tiny_tokenizer, strategy, rows, extra):
+def test_every_strategy_trains_from_objects(tmp_path, tiny_tokenizer, strategy, rows):
     if strategy == "reward":
         from transformers import LlamaConfig, LlamaForSequenceClassification
 
@@ -281,7 +284,7 @@ def test_every_strategy_trains_from_objects(tmp_path, tiny_tokenizer, strategy, 
     else:
         model = build_tiny_model(len(tiny_tokenizer))
     result = preftune.train(
-        base_config(tmp_path, strategy=strategy, max_steps=2, **extra),
+        base_config(tmp_path, strategy=strategy, max_steps=2),
         model=model, tokenizer=tiny_tokenizer, train_dataset=pd.DataFrame(rows),
     )
     assert result.model is model and result.metrics["step"] == 2
