@@ -51,10 +51,9 @@ def pairs_file(tmp_path_factory):
     return path
 
 
-def make_config(tmp_path, model_dir, pairs_file, **overrides) -> TrainConfig:
+def quick_settings(tmp_path, **overrides) -> dict:
+    """Settings of a quick run on the tiny model; the caller names the model and the data."""
     base = dict(
-        model_name=str(model_dir),
-        dataset=str(pairs_file),
         output_dir=str(tmp_path / "run"),
         per_device_train_batch_size=4,
         learning_rate=5e-3,
@@ -71,7 +70,11 @@ def make_config(tmp_path, model_dir, pairs_file, **overrides) -> TrainConfig:
         seed=3,
     )
     base.update(overrides)
-    return validate(TrainConfig(**base))
+    return base
+
+
+def make_config(tmp_path, model_dir, pairs_file, **overrides) -> TrainConfig:
+    return validate(TrainConfig(**quick_settings(tmp_path, model_name=str(model_dir), dataset=str(pairs_file), **overrides)))
 
 
 def read_metrics(run_dir):

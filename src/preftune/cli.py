@@ -41,16 +41,19 @@ def _setup_logging(debug: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import shlex
+
+    from preftune.api import train
     from preftune.config import load_config
     from preftune.pipeline import has_stages
-    from preftune.trainer import train
 
     if has_stages(args.config):
         args.configs = [args.config]
         return cmd_pipeline(args)
     overrides = list(args.set or []) + (["overwrite_output_dir=true"] if args.overwrite else [])
     cfg = load_config(args.config, overrides)
-    final = train(cfg)
+    command = ["preftune", "train", args.config, *(f"--set={o}" for o in args.set or []), *(["--overwrite"] if args.overwrite else [])]
+    final = train(cfg, origin=shlex.join(command)).metrics
     summary = ", ".join(f"{k}={v:.4f}" for k, v in final.items() if k in ("loss", "eval_loss", "eval_rewards/accuracies"))
     log.info("done: %s -> %s", summary or "no steps", cfg.output_dir)
     return 0
@@ -540,21 +543,19 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from preftune.data import load_records
+    from preftune.api import build_pairs
     from preftune.generation import write_jsonl_atomic
-    from preftune.pairs import build_pairs
 
-    pairs, stats = build_pairs(load_records(args.scored), args.strategy, args.min_margin, args.seed)
-    if not pairs:
-        raise PreftuneError(f"{args.scored}: no pairs: {stats.summary()}")
+    pairs = build_pairs(args.scored, strategy=args.strategy, min_margin=args.min_margin, seed=args.seed)
     write_jsonl_atomic(args.output, pairs)
-    log.info("%s -> %s", stats.summary(), args.output)
+    log.info("%d pairs -> %s", len(pairs), args.output)
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import torch
 
+    from preftune.evaluation import format_table
     from preftune.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.for_device(
@@ -568,19 +569,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         overwrite=args.overwrite or None,
     )
     result = run_quickstart(settings)
+    print(format_table(result, result["reward"]))
     log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from preftune.evaluation import EvalSettings, format_eval, run_eval
+    from preftune.api import evaluate
+    from preftune.evaluation import format_eval
 
-    if not 0 < args.confidence < 1:
-        raise PreftuneError(f"--confidence must be between 0 and 1, got {args.confidence}")
-    if args.bootstrap < 100:
-        raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {args.bootstrap}")
-    settings = EvalSettings(
-        model=args.model,
+    result = evaluate(
+        args.model,
         ref=args.ref,
         baseline=args.baseline,
         pairs=args.pairs,
@@ -594,11 +593,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         beta=args.beta,
         batch_size=args.batch_size,
-        level=args.confidence,
-        resamples=args.bootstrap,
+        confidence=args.confidence,
+        bootstrap=args.bootstrap,
         output=args.output,
     )
-    result = run_eval(settings)
     print(format_eval(result))
     return 0
 
@@ -639,7 +637,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:
-    from preftune.iterate import load_iterate_config, run_iterate
+    from preftune.iterate import format_iterate, load_iterate_config, run_iterate
 
     flags = {
         "rounds": args.rounds,
@@ -652,6 +650,7 @@ def cmd_iterate(args: argparse.Namespace) -> int:
     }
     cfg, it = load_iterate_config(args.config, args.set or [], flags)
     summary = run_iterate(cfg, it, overwrite=args.overwrite)
+    print(format_iterate(summary))
     log.info("done in %.0fs: %s", summary["seconds"], os.path.join(cfg.output_dir, "summary.json"))
     return 0
 

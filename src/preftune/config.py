@@ -33,7 +33,15 @@ REPORT_TO = ("none", "tensorboard")
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run. Defaults are those written to `config.resolved.yaml`."""
+    """Every setting of a training run. Defaults are those written to `config.resolved.yaml`.
+
+    Built directly, it is checked when a run starts (`preftune.train`), as a file is.
+
+    Example::
+
+        cfg = preftune.TrainConfig(strategy="dpo", dataset="pairs.jsonl", beta=0.2, lora_r=8)
+        preftune.train(cfg)
+    """
 
     # What to train
     strategy: str = "dpo"
@@ -391,7 +399,13 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 def load_config(
     path: str | Path | None, overrides: list[str] | tuple[str, ...] = (), data: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Read CONFIG (JSON or YAML), or take `data` already read from it, apply `--set` overrides, validate."""
+    """Read CONFIG (JSON or YAML), or take `data` already read from it, apply `--set` overrides, validate.
+
+    Example::
+
+        cfg = preftune.load_config("examples/dpo_lora.yaml", ["beta=0.2", "max_steps=8"])
+        cfg.beta, cfg.use_lora  # (0.2, True)
+    """
     if data is None:
         data = read_config_file(path) if path is not None else {}
     where = str(path) if path is not None else "config"

@@ -43,6 +43,9 @@ __all__ = [
     "load_unpaired_data",
     "check_records",
     "check_data",
+    "InMemoryRecords",
+    "in_memory_records",
+    "dataset_names",
     "split_implicit_prompt",
     "quality_report",
     "format_report",
@@ -98,15 +101,16 @@ _Entry = tuple[str, Any]
 
 
 def load_records(
-    source: str | Path, split: str = "train", errors: list[str] | None = None
+    source: str | Path | InMemoryRecords, split: str = "train", errors: list[str] | None = None
 ) -> list[tuple[str, dict]]:
     """(location, raw record) pairs from a file, a saved `datasets` folder or a cached hub dataset.
 
     Accepted sources: JSONL (one object a line; blank lines skipped but counted), JSON (a list of
     objects, or an object holding the list under `split` or `"data"`), Parquet, CSV (header row,
     string cells only), a folder written by `datasets`' `save_to_disk` (a `Dataset`, or a
-    `DatasetDict` from which `split` is taken), or the name of a hub dataset that is already in
-    the local Hugging Face cache (it is never downloaded).
+    `DatasetDict` from which `split` is taken), the name of a hub dataset that is already in
+    the local Hugging Face cache (it is never downloaded), or records in memory
+    (`in_memory_records`).
 
     A whole-source problem (missing file, unknown type, no records) always raises. An entry that
     cannot be parsed (a JSONL line that is not JSON, a CSV row with the wrong number of cells)
@@ -124,7 +128,89 @@ def load_records(
     return records
 
 
-def _read_entries(source: str | Path, split: str) -> list[_Entry]:
+@dataclass(frozen=True)
+class InMemoryRecords:
+    """Records held in memory (from a `datasets.Dataset`, a list of dicts or a pandas DataFrame),
+    given to every reader in place of a file. Locations are `name row N`, N the 0-based position
+    (`dataset[N]`, `df.iloc[N]`), where a file's would be `file:line`."""
+
+    name: str
+    rows: tuple[Any, ...]
+    hub_name: str | None = None  # the hub dataset a `datasets.Dataset` was loaded from, when known
+
+    def __str__(self) -> str:
+        return self.name
+
+    def entries(self) -> list[_Entry]:
+        return [(f"{self.name} row {i}", row) for i, row in enumerate(self.rows)]
+
+
+def _plain(value: Any) -> Any:
+    """A cell as the file readers would give it: numpy arrays and scalars become Python lists and
+    numbers, and pandas' missing values (NaN, NaT, NA) become None, so "missing" means one thing."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist) and type(value).__module__ == "numpy":
+        return _plain(tolist())
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if type(value).__module__.startswith("pandas") and type(value).__name__ in ("NAType", "NaTType"):
+        return None
+    return value
+
+
+def in_memory_records(data: Any, name: str, split: str = "train") -> InMemoryRecords:
+    """Wrap a `datasets.Dataset` (or the `split` of a `DatasetDict`), a pandas DataFrame, or a list
+    of dicts so the readers validate it exactly as a file, naming rows instead of lines."""
+    kind = type(data).__name__
+    module = type(data).__module__
+    hub_name = None
+    if module.startswith("datasets"):
+        if kind == "DatasetDict":
+            if split not in data:
+                raise PreftuneError(f"{name}: split '{split}' not in the DatasetDict (found: {', '.join(data) or 'none'})")
+            data = data[split]
+            kind = type(data).__name__
+        if kind != "Dataset":
+            raise PreftuneError(
+                f"{name}: a {kind} cannot be indexed by row; pass a datasets.Dataset, a list of dicts or a DataFrame"
+            )
+        rows = data.to_list()
+        hub_name = getattr(data.info, "dataset_name", None) or None
+    elif module.startswith("pandas") and kind == "DataFrame":
+        columns = [str(c) for c in data.columns]
+        duplicated = [c for c, n in Counter(columns).items() if n > 1]
+        if duplicated:
+            raise PreftuneError(f"{name}: column '{duplicated[0]}' appears twice")
+        rows = [dict(zip(columns, values)) for values in data.itertuples(index=False, name=None)]
+    elif isinstance(data, (list, tuple)):
+        rows = list(data)
+    else:
+        raise PreftuneError(
+            f"{name}: expected a datasets.Dataset, a pandas DataFrame or a list of dicts, got {_type_name(data)}"
+        )
+    return InMemoryRecords(name, tuple(_plain(row) for row in rows), hub_name)
+
+
+def dataset_names(source: str | Path | InMemoryRecords | None) -> list[str]:
+    """The hub name of a source, for a model card's `datasets`: a hub id read from the local cache,
+    or the dataset a `datasets.Dataset` was loaded from; local files and plain records have none."""
+    if isinstance(source, InMemoryRecords):
+        return [source.hub_name] if source.hub_name else []
+    if not source or Path(source).exists() or _looks_like_path(str(source)):
+        return []
+    return [str(source)]
+
+
+def _read_entries(source: str | Path | InMemoryRecords, split: str) -> list[_Entry]:
+    if isinstance(source, InMemoryRecords):
+        entries = source.entries()
+        if not entries:
+            raise PreftuneError(f"no records in {source}: the dataset is empty")
+        return entries
     path = Path(source)
     if path.is_dir():
         entries = _read_saved_dataset(path, split)
@@ -561,12 +647,12 @@ def _convert_all(records: Iterable[tuple[str, Any]], convert: Any) -> tuple[list
     return examples, errors
 
 
-def check_data(source: str | Path, split: str = "train") -> tuple[list[PreferenceExample], list[str]]:
+def check_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[PreferenceExample], list[str]]:
     """Like `check_records` on a whole source, with unparseable lines among the errors, in order."""
     return check_records(_read_entries(source, split))
 
 
-def load_preference_data(source: str | Path, split: str = "train") -> list[PreferenceExample]:
+def load_preference_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[PreferenceExample]:
     """All examples of a source, or a `PreftuneError` with the first problem and how many more."""
     return _raise_first(check_data(source, split))
 
@@ -684,7 +770,7 @@ def _unpaired_records(location: str, record: Any) -> list[UnpairedExample]:
     return [UnpairedExample(prompt, completion, label, location)]
 
 
-def _check_all(source: str | Path, split: str, convert: Any) -> tuple[list[Any], list[str]]:
+def _check_all(source: str | Path | InMemoryRecords, split: str, convert: Any) -> tuple[list[Any], list[str]]:
     return _convert_all(_read_entries(source, split), convert)
 
 
@@ -698,22 +784,22 @@ def _raise_first(checked: tuple[list[Any], list[str]]) -> list[Any]:
     return examples
 
 
-def check_sft_data(source: str | Path, split: str = "train") -> tuple[list[SFTExample], list[str]]:
+def check_sft_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[SFTExample], list[str]]:
     """Like `check_data`, for supervised examples."""
     return _check_all(source, split, lambda location, record: [_sft_record(location, record)])
 
 
-def check_unpaired_data(source: str | Path, split: str = "train") -> tuple[list[UnpairedExample], list[str]]:
+def check_unpaired_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[UnpairedExample], list[str]]:
     """Like `check_data`, for KTO's unpaired examples."""
     return _check_all(source, split, _unpaired_records)
 
 
-def load_sft_data(source: str | Path, split: str = "train") -> list[SFTExample]:
+def load_sft_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[SFTExample]:
     """Supervised examples (see `SFTExample` for the shapes); errors name the record and field."""
     return _raise_first(check_sft_data(source, split))
 
 
-def load_unpaired_data(source: str | Path, split: str = "train") -> list[UnpairedExample]:
+def load_unpaired_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[UnpairedExample]:
     """KTO examples: `prompt`/`completion`/`label` records, and preference pairs split in two."""
     return _raise_first(check_unpaired_data(source, split))
 

@@ -7,7 +7,15 @@ The CLI prints its message as one line on stderr and exits non-zero, without a t
 
 
 class PreftuneError(Exception):
-    """A user-facing error: its message is the whole story, printed on one line."""
+    """A user-facing error: its message is the whole story, printed on one line.
+
+    Example::
+
+        try:
+            preftune.train({"learning_rat": 1e-4})
+        except preftune.PreftuneError as exc:
+            print(exc)  # config: unknown key 'learning_rat' (did you mean 'learning_rate'?)
+    """
 
 
 class Interrupted(PreftuneError):

@@ -54,7 +54,7 @@ from preftune.generation import (
 )
 from preftune.logprobs import CompletionLogprobs, chunked_token_logps, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
-from preftune.rewards import get_reward, score_groups
+from preftune.rewards import as_reward, score_groups
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -326,9 +326,9 @@ class EvalSettings:
     model: str
     ref: str | None = None
     baseline: str | None = None
-    pairs: str | None = None
-    prompts: str | None = None
-    reward: str | None = None
+    pairs: Any = None  # a file, or records in memory (data.InMemoryRecords)
+    prompts: Any = None
+    reward: Any = None  # a spec for rewards.get_reward, or a reward function
     num_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -541,9 +541,13 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         raise PreftuneError("nothing to evaluate: give --pairs (preference accuracy, margins) and/or --prompts with --reward")
     if settings.prompts and not settings.reward:
         raise PreftuneError("--prompts needs --reward to score the samples (sentiment, length, a reward-model folder, module:function)")
+    if not 0 < settings.level < 1:
+        raise PreftuneError(f"--confidence must be between 0 and 1, got {settings.level}")
+    if settings.resamples < 100:
+        raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {settings.resamples}")
     sampling = SamplingSettings(settings.num_samples, settings.temperature, settings.top_p, settings.max_new_tokens, settings.seed).check()
     target = resolve_target(settings.model, settings.ref, settings.beta)
-    reward = get_reward(settings.reward) if settings.reward else None
+    reward = as_reward(settings.reward) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
     policy, tokenizer = load_generation_model(target.model)
     reference = load_generation_model(target.reference)[0] if target.reference else None
@@ -560,7 +564,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         examples = load_preference_data(settings.pairs, "test")
         pairs, _ = tokenize_dataset(tokenizer, examples, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
-        result["pairs"] = {"file": settings.pairs, **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
+        result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
@@ -583,7 +587,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
         scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
         result["samples"] = {
-            "prompts_file": settings.prompts,
+            "prompts_file": str(settings.prompts),
             "reward_function": reward.name,
             "baseline": settings.baseline or "reference",
             "temperature": settings.temperature,

@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from preftune.batching import encode_prompt
-from preftune.data import Text, _field, load_records
+from preftune.data import InMemoryRecords, Text, _field, load_records
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
@@ -94,12 +94,13 @@ Sampler = Callable[[list[list[int]], list[int]], list[Samples]]
 # --------------------------------------------------------------------------------------- prompts
 
 
-def load_prompts(path: str | Path) -> list[PromptRecord]:
-    """Prompts from a `.txt` file (one per line, blank lines skipped) or any data file
-    `preftune.data.load_records` reads (JSONL, JSON, Parquet, CSV) with a `prompt` field that is
-    text or a list of chat messages. Other fields are kept and copied into the samples."""
-    path = Path(path)
-    if path.suffix.lower() == ".txt":
+def load_prompts(path: str | Path | InMemoryRecords) -> list[PromptRecord]:
+    """Prompts from a `.txt` file (one per line, blank lines skipped) or any source
+    `preftune.data.load_records` reads (JSONL, JSON, Parquet, CSV, records in memory) with a
+    `prompt` field that is text or a list of chat messages. Other fields are kept and copied into
+    the samples."""
+    path = path if isinstance(path, InMemoryRecords) else Path(path)
+    if isinstance(path, Path) and path.suffix.lower() == ".txt":
         if not path.is_file():
             raise PreftuneError(f"prompts file not found: {path}")
         try:
@@ -411,6 +412,35 @@ def scoring_rows(
     return prompt_rows, completion_rows
 
 
+def iter_sample_records(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[PromptRecord],
+    settings: SamplingSettings,
+    *,
+    model_name: str,
+    batch_size: int = 8,
+    progress: bool = True,
+    sampler: Sampler | None = None,
+) -> Iterator[list[dict[str, Any]]]:
+    """The samples records of `prompts` (already in the form the model sees), batch by batch: what
+    a samples file holds, one record per prompt."""
+    sampling = {"model": model_name, **asdict(settings)}
+    for batch, results in iter_samples(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress, sampler=sampler):
+        yield [
+            {
+                **p.extra,
+                "index": p.index,
+                "prompt": p.prompt,
+                "completions": s.completions,
+                "lengths": s.lengths,
+                "stopped": s.stopped,
+                "sampling": sampling,
+            }
+            for p, s in zip(batch, results, strict=True)
+        ]
+
+
 def generate_file(
     model: Any,
     tokenizer: Any,
@@ -442,21 +472,9 @@ def generate_file(
     if done:
         log.info("%s: %d of %d prompts already sampled; sampling the other %d", output, len(done), len(prompts), len(todo))
     started = time.perf_counter()
-    for batch, results in iter_samples(
-        model, tokenizer, todo, settings, batch_size=batch_size, progress=progress, sampler=sampler
+    for records in iter_sample_records(
+        model, tokenizer, todo, settings, model_name=model_name, batch_size=batch_size, progress=progress, sampler=sampler
     ):
-        records = [
-            {
-                **p.extra,
-                "index": p.index,
-                "prompt": p.prompt,
-                "completions": s.completions,
-                "lengths": s.lengths,
-                "stopped": s.stopped,
-                "sampling": sampling,
-            }
-            for p, s in zip(batch, results, strict=True)
-        ]
         _append_lines(output, records)
     seconds = time.perf_counter() - started
     made = len(todo) * settings.num_samples

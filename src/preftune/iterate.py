@@ -582,10 +582,18 @@ def run_iterate(cfg: TrainConfig, it: IterateConfig, overwrite: bool = False) ->
         summary["last_vs_first"] = {"reward_gain": gain, "stderr": gain_se}
     summary["seconds"] = round(time.perf_counter() - started, 1)
     write_atomic(root / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(format_summary(rows, reward.name))
-    if it.rounds > 1:
-        print(
-            f"round {it.rounds} against round 1: {gain:+.3f} mean {reward.name} (standard error of the paired "
-            f"difference {gain_se:.3f}, {len(eval_prompts)} held-out prompts x {it.eval_samples} samples)"
-        )
     return summary
+
+
+def format_iterate(summary: dict[str, Any]) -> str:
+    """The table of `preftune iterate`, and the last round against the first when there are two."""
+    text = format_summary(summary["rounds"], summary["reward"])
+    change = summary.get("last_vs_first")
+    if change:
+        last = summary["rounds"][-1]["round"]
+        text += (
+            f"\nround {last} against round 1: {change['reward_gain']:+.3f} mean {summary['reward']} (standard error of the "
+            f"paired difference {change['stderr']:.3f}, {summary['num_eval_prompts']} held-out prompts x "
+            f"{summary['eval_samples']} samples)"
+        )
+    return text

@@ -288,6 +288,14 @@ def preference_loss(
 
     Returns float32 `(losses, chosen_rewards, rejected_rewards)`, each `(batch,)`, with rewards
     `beta * (policy_logps - ref_logps)` of the summed log-probs (detached), whatever the loss.
+
+    Example::
+
+        import torch
+        losses, chosen, rejected = preftune.preference_loss(
+            torch.tensor([-10.0]), torch.tensor([-12.0]), torch.tensor([-11.0]), torch.tensor([-11.0]), beta=0.1
+        )
+        # losses = -log sigmoid(0.1 * ((-10 + 11) - (-12 + 11))) = [0.598]; chosen = [0.1], rejected = [-0.1]
     """
     types, weights = validate_loss_types(loss_type, loss_weights)
     if f_divergence_type not in F_DIVERGENCE_TYPES:

@@ -140,7 +140,7 @@ def _kl(model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: Quick
 def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     """Run the recipe; returns the contents of `eval.json`."""
     from preftune.config import from_dict
-    from preftune.evaluation import before_after, format_table
+    from preftune.evaluation import before_after
     from preftune.generation import load_generation_model
     from preftune.models import resolve_model_path
     from preftune.rewards import get_reward, score_groups
@@ -238,5 +238,4 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
         ],
     )
     write_atomic(output_dir / "eval.json", json.dumps(result, indent=2) + "\n")
-    print(format_table(result, reward.name))
     return result

@@ -220,6 +220,17 @@ def get_reward(spec: str) -> RewardFunction:
     )
 
 
+def as_reward(reward: str | RewardFunction | Callable[[Sequence[Text], Sequence[str]], Sequence[float]]) -> RewardFunction:
+    """A reward spec (`get_reward`), a reward function as is, or a plain function given its name."""
+    if isinstance(reward, str):
+        return get_reward(reward)
+    if callable(reward):
+        if isinstance(getattr(reward, "name", None), str):
+            return reward  # type: ignore[return-value]
+        return NamedReward(getattr(reward, "__name__", "custom"), reward)
+    raise PreftuneError(f"reward: expected a name, a folder, module:function or a function, got {type(reward).__name__}")
+
+
 def score(reward: RewardFunction, prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:
     """Call a reward and check its answer: one finite float per completion, or a one-line error."""
     try:

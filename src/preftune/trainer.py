@@ -11,6 +11,7 @@ the distributed wrappers; nothing here is a home-made distributed layer.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -22,11 +23,11 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from preftune import checkpoint, models
+from preftune import checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
@@ -166,10 +167,34 @@ class MetricsLog:
 
 class Trainer:
     """A recipe: `setup()` builds everything from the config, `train()` runs the loop. What the
-    strategy computes is `self.objective` (see objectives.py)."""
+    strategy computes is `self.objective` (see objectives.py).
 
-    def __init__(self, config: TrainConfig) -> None:
-        self.cfg = config
+    Objects already in memory replace what the config names (`preftune.api.train` checks them):
+    `model` is trained in place, `ref_model` is the reference, `train_data`/`eval_data` are
+    sources for the readers (`data.in_memory_records`). `callbacks` get each logged record; one
+    that returns False ends training after that step, which then finishes as at `max_steps`. The
+    trainer works on its own copy of the config, so the caller's is never changed."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        model: Any = None,
+        ref_model: Any = None,
+        tokenizer: Any = None,
+        train_data: Any = None,
+        eval_data: Any = None,
+        callbacks: Sequence[Callable[[dict[str, Any]], Any]] = (),
+        origin: str | None = None,
+    ) -> None:
+        self.cfg = copy.deepcopy(config)
+        self._model, self._ref_model, self._tokenizer = model, ref_model, tokenizer
+        self._train_data, self._eval_data = train_data, eval_data
+        self.callbacks = list(callbacks)
+        self.origin = origin  # how the run was started, for the model card
+        self.stopped_by_callback = False
+        self.last_train: dict[str, Any] = {}  # the last logged records, for the model card
+        self.last_eval: dict[str, Any] = {}
         self.output_dir = Path(config.output_dir)
         self._stop_signal: int | None = None
         self._context: Any = None  # the objective's per-step context (KTO's KL estimate)
@@ -191,7 +216,7 @@ class Trainer:
 
         cfg = self.cfg
         self.objective = objective = make_objective(cfg)
-        if not cfg.dataset:
+        if not cfg.dataset and self._train_data is None:
             raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
 
         use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
@@ -231,7 +256,7 @@ class Trainer:
         if self.bf16 and acc.device.type == "cpu":
             log.warning("bf16 on CPU is much slower than fp32 on most CPUs; set bf16: false for speed")
         set_seed(cfg.seed)
-        cfg.bf16 = self.bf16
+        cfg.bf16 = self.bf16  # self.cfg is the trainer's own copy: config.resolved.yaml says what ran
 
         self._check_writable()
         if self.is_main:
@@ -240,11 +265,12 @@ class Trainer:
             self._check_fresh_output_dir()
 
         # Data
-        self.tokenizer = models.load_tokenizer(cfg.model_name)
-        examples = objective.load(cfg.dataset, cfg.dataset_split)
+        self.tokenizer = self._tokenizer if self._tokenizer is not None else models.load_tokenizer(cfg.model_name)
+        examples = objective.load(self._train_data if self._train_data is not None else cfg.dataset, cfg.dataset_split)
         what = "examples" if cfg.strategy in ("sft", "kto") else "pairs"
-        if cfg.eval_dataset:
-            train_ex, eval_ex = examples, objective.load(cfg.eval_dataset, "test")
+        if self._eval_data is not None or cfg.eval_dataset:
+            eval_source = self._eval_data if self._eval_data is not None else cfg.eval_dataset
+            train_ex, eval_ex = examples, objective.load(eval_source, "test")
         else:
             train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, what)
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
@@ -259,7 +285,11 @@ class Trainer:
 
         # Model, reference, adapter
         self.model_dtype = torch.bfloat16 if (self.bf16 and cfg.use_lora) else torch.float32
-        if objective.model_kind == "reward":
+        if self._model is not None:
+            model = self._model.to(acc.device)
+            if cfg.gradient_checkpointing:
+                models._enable_gradient_checkpointing(model)
+        elif objective.model_kind == "reward":
             if cfg.use_4bit or cfg.provider != "transformers":
                 raise PreftuneError("strategy 'reward' loads its model with transformers, without use_4bit")
             model = models.load_reward_model(
@@ -314,13 +344,18 @@ class Trainer:
                 self.reference = self._precompute_reference(CompletionLogprobs(ref_model, fast_head=ref_head), cache)
             del ref_model
         elif self.reference_kind == "copy":
-            ref = self._load_reference_model(cfg.ref_model_name or cfg.model_name)
+            if self._ref_model is not None or self._model is not None:
+                # The reference given, or a copy of the model given as it starts.
+                ref = self._ref_model if self._ref_model is not None else copy.deepcopy(model)
+                ref = ref.to(acc.device)
+            else:
+                ref = self._load_reference_model(cfg.ref_model_name or cfg.model_name)
             ref_head = self._prove_paths(ref, "reference", train_ex, eval_ex)
             ref_module = CompletionLogprobs(ref, fast_head=ref_head)
             if self.sharded:  # sharded like the policy; it trains nothing
                 self._shard(ref_module, ref)
             self.reference = ModelReference(ref_module)
-        if cfg.use_lora:
+        if cfg.use_lora and not hasattr(model, "peft_config"):  # a PeftModel given trains its own adapter
             model = models.apply_lora(
                 model,
                 r=int(cfg.lora_r),
@@ -530,6 +565,9 @@ class Trainer:
     ) -> tuple[torch.nn.Module, bool | None]:
         """The model whose log-probs are precomputed: the policy at its start (with its proven
         `head`), or `ref_model_name`, loaded like the policy and proven here."""
+        if self._ref_model is not None and not self.cfg.ref_model_name:
+            ref = self._ref_model.to(self.accelerator.device)
+            return ref, self._prove_paths(ref, "reference", train_ex, eval_ex)
         if not self.cfg.ref_model_name:
             return model, head
         ref = self._load_reference_model(self.cfg.ref_model_name)
@@ -644,7 +682,7 @@ class Trainer:
         )
         last: dict[str, float] = {}
         objective = self.objective
-        while self.state.step < self.total_steps:
+        while self.state.step < self.total_steps and not self.stopped_by_callback:
             step = self.state.step  # 0-based index of the optimizer step being taken
             started = time.perf_counter()
             items = self.train_items
@@ -777,6 +815,17 @@ class Trainer:
 
     def _log(self, record: dict[str, Any]) -> None:
         self.metrics.write(record)
+        if any(k.startswith("eval_") for k in record):
+            self.last_eval = dict(record)
+        else:
+            self.last_train = dict(record)
+        if self.callbacks:
+            # Every process takes the main process's decision, so all leave the loop together.
+            stop = self.is_main and any(callback(dict(record)) is False for callback in self.callbacks)
+            if self._main_says(stop) and not self.stopped_by_callback:
+                self.stopped_by_callback = True
+                if self.is_main:
+                    log.info("a callback stopped training after step %d", record["step"])
         if self.tb is not None:
             for k, v in record.items():
                 if k not in ("step",) and isinstance(v, (int, float)):
@@ -934,18 +983,41 @@ class Trainer:
         # Sharded: full weights gathered from every process (a collective), written by the main one.
         state = sharding.consolidated_state_dict(self.policy) if self.sharded else None
         if self.is_main:
+            card = self._model_card()
             checkpoint.replace_dir(
-                final, lambda tmp: (checkpoint.save_weights(self.inner.model, tmp, state), self.tokenizer.save_pretrained(tmp))
+                final,
+                lambda tmp: (
+                    checkpoint.save_weights(self.inner.model, tmp, state),
+                    self.tokenizer.save_pretrained(tmp),
+                    (tmp / "README.md").write_text(card, encoding="utf-8"),  # after peft's own card
+                ),
             )
             if self.cfg.use_lora and (self.cfg.merge_lora or self.objective.model_kind == "reward"):
-                merged = self.inner.model.merge_and_unload()
+                # Merged from a copy: the trained PeftModel stays whole for whoever holds it.
+                merged = copy.deepcopy(self.inner.model).merge_and_unload()
                 checkpoint.replace_dir(
                     self.output_dir / "final_merged",
-                    lambda tmp: (merged.save_pretrained(tmp, safe_serialization=True), self.tokenizer.save_pretrained(tmp)),
+                    lambda tmp: (
+                        merged.save_pretrained(tmp, safe_serialization=True),
+                        self.tokenizer.save_pretrained(tmp),
+                        (tmp / "README.md").write_text(self._model_card(merged=True), encoding="utf-8"),
+                    ),
                 )
             log.info("saved %s", final)
         self.accelerator.wait_for_everyone()
         return final
+
+    def _model_card(self, merged: bool = False) -> str:
+        """`final/README.md`; a run from files is reproduced by its resolved config."""
+        from preftune.data import dataset_names
+
+        origin = self.origin or f"preftune train {self.output_dir / 'config.resolved.yaml'}"
+        names = dataset_names(self._train_data if self._train_data is not None else self.cfg.dataset)
+        evals = dataset_names(self._eval_data if self._eval_data is not None else self.cfg.eval_dataset)
+        names += [n for n in evals if n not in names]
+        return modelcard.render(
+            self.cfg, train_metrics=self.last_train, eval_metrics=self.last_eval, origin=origin, datasets=names, merged=merged
+        )
 
 
 DPOTrainer = Trainer  # the name before other strategies existed
