@@ -260,7 +260,8 @@ def test_eval_command_errors(tiny_model_dir, capsys, args, message):
 
 def test_sample_j_of_prompt_i_does_not_depend_on_how_many_are_drawn(tiny_model_dir):
     from preftune.evaluation import load_eval_prompts, sample_prompts
-    from preftune.generation import SamplingSettings, load_generation_model, write_atomic
+    from preftune.generation import SamplingSettings, load_generation_model
+    from preftune.io import write_atomic
 
     model, tokenizer = load_generation_model(str(tiny_model_dir))
     path = tiny_model_dir.parent / "prompts.txt"

@@ -8,7 +8,7 @@ import pytest
 
 from preftune.data import load_preference_data
 from preftune.errors import PreftuneError
-from preftune.generation import write_jsonl_atomic
+from preftune.io import write_jsonl_atomic
 from preftune.pairs import build_pairs
 
 

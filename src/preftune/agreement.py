@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from preftune.data import MAX_MARGIN
 from preftune.errors import PreftuneError
-from preftune.generation import write_atomic
+from preftune.io import write_atomic
 from preftune.labeling import Judgement, LabelStore
 
 if TYPE_CHECKING:
@@ -353,7 +353,7 @@ def write_pairs(pairs: Sequence[dict[str, Any]], out: Path, fmt: str) -> None:
     elif fmt == "datasets":
         from datasets import Dataset
 
-        from preftune.checkpoint import replace_dir
+        from preftune.io import replace_dir
 
         if out.exists() and not out.is_dir():
             raise PreftuneError(f"cannot write {out}: a file is there, and --format datasets writes a folder")

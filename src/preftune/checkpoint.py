@@ -18,12 +18,13 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.io import write_atomic
 
 log = logging.getLogger("preftune")
 
@@ -45,9 +46,7 @@ def _files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path, step: int) -> None:
     """The completion marker: checksums of every file, written (atomically) after all of them."""
     manifest = {"step": step, "files": {str(p.relative_to(folder)): _sha256(p) for p in _files(folder)}}
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, folder / MANIFEST)
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
 
 
 def verify(folder: Path) -> str | None:
@@ -224,20 +223,3 @@ class OutputDirLock:
         if self._file is not None:
             self._file.close()  # closing the descriptor releases the flock
             self._file = None
-
-
-def replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    """Write a folder beside `target`, then swap it in: readers never see a half-written one."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    old = target.with_name(f".old-{target.name}")
-    if old.exists():
-        shutil.rmtree(old)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    if old.exists():
-        shutil.rmtree(old)

@@ -529,7 +529,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from preftune.generation import read_samples, write_jsonl_atomic
+    from preftune.generation import read_samples
+    from preftune.io import write_jsonl_atomic
     from preftune.rewards import get_reward, score_records
 
     records = [record for _, record in read_samples(args.samples)]
@@ -544,7 +545,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     from preftune.api import build_pairs
-    from preftune.generation import write_jsonl_atomic
+    from preftune.io import write_jsonl_atomic
 
     pairs = build_pairs(args.scored, strategy=args.strategy, min_margin=args.min_margin, seed=args.seed)
     write_jsonl_atomic(args.output, pairs)

@@ -49,9 +49,8 @@ from preftune.generation import (
     iter_samples,
     load_generation_model,
     load_prompts,
-    write_atomic,
-    write_jsonl_atomic,
 )
+from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, chunked_token_logps, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
 from preftune.rewards import as_reward, score_groups

@@ -28,7 +28,6 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import torch
 from preftune.batching import encode_prompt
 from preftune.data import InMemoryRecords, Text, _field, load_records
 from preftune.errors import PreftuneError
+from preftune.io import append_jsonl, write_atomic
 
 log = logging.getLogger("preftune")
 
@@ -292,29 +292,6 @@ def read_samples(path: str | Path) -> list[tuple[str, dict]]:
     return records
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> None:
-    """Write a whole file through a synced temp file in the same folder and `os.replace`, so a
-    reader (or a later run) never sees half of it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def write_jsonl_atomic(path: str | Path, records: Sequence[dict]) -> None:
-    """A whole JSONL file, one record a line, written atomically."""
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-
-
 def _repair_tail(path: Path) -> None:
     """Drop a torn last line (a run killed mid-write leaves one without its newline), atomically."""
     data = path.read_bytes()
@@ -322,18 +299,6 @@ def _repair_tail(path: Path) -> None:
         return
     log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
     write_atomic(path, data[: data.rfind(b"\n") + 1])
-
-
-def _append_lines(path: Path, records: Sequence[dict]) -> None:
-    """Append whole lines in one write and sync them: an interruption leaves at most one torn
-    line at the end, which the next run drops (`_repair_tail`)."""
-    payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _done_indices(path: Path, prompts: Sequence[PromptRecord], sampling: dict[str, Any]) -> set[int]:
@@ -475,7 +440,7 @@ def generate_file(
     for records in iter_sample_records(
         model, tokenizer, todo, settings, model_name=model_name, batch_size=batch_size, progress=progress, sampler=sampler
     ):
-        _append_lines(output, records)
+        append_jsonl(output, records)
     seconds = time.perf_counter() - started
     made = len(todo) * settings.num_samples
     return {

@@ -53,9 +53,8 @@ from preftune.generation import (
     load_prompts,
     read_samples,
     scoring_rows,
-    write_atomic,
-    write_jsonl_atomic,
 )
+from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.pairs import STRATEGIES, build_pairs
 from preftune.quickstart import bundled_data
 from preftune.rewards import RewardFunction, get_reward, score_groups, score_records

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from preftune.errors import PreftuneError
+from preftune.io import fsync_tree, replace
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -231,8 +232,9 @@ def convert_gguf(path: str | os.PathLike[str]) -> Path:
             (tmp / _SOURCE_FILE).write_text(
                 json.dumps({"gguf": str(path), "size": path.stat().st_size, "format": _CONVERSION_FORMAT}, indent=2)
             )
+            fsync_tree(tmp)
             try:
-                os.replace(tmp, final)
+                replace(tmp, final)
             except OSError:
                 if not final.is_dir():  # a real failure, not a concurrent writer that won the race
                     raise

@@ -39,9 +39,8 @@ from preftune.generation import (
     chat_prompts,
     load_prompts,
     scoring_rows,
-    write_atomic,
-    write_jsonl_atomic,
 )
+from preftune.io import write_atomic, write_jsonl_atomic
 
 log = logging.getLogger("preftune")
 

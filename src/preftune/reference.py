@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -25,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preftune.batching import collate_pairs
+from preftune.io import atomic_path
 from preftune.logprobs import CompletionLogprobs, completion_logps
 
 log = logging.getLogger("preftune")
@@ -172,12 +171,5 @@ def load_cached(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 def save_cached(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, metadata: dict[str, str]) -> None:
     """Atomic: written beside the target, then renamed, so a crash leaves no half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata=metadata)

@@ -23,7 +23,7 @@ import yaml
 
 from preftune import __version__
 from preftune.errors import PreftuneError
-from preftune.generation import write_atomic
+from preftune.io import write_atomic
 
 SECTIONS = ("settings", "training", "evaluation", "frontier", "samples")
 

@@ -34,7 +34,8 @@ from preftune.evaluation import (
     run_eval,
     sample_prompts,
 )
-from preftune.generation import Samples, SamplingSettings, load_generation_model, write_atomic, write_jsonl_atomic
+from preftune.generation import Samples, SamplingSettings, load_generation_model
+from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.rewards import get_reward, score
 
 log = logging.getLogger("preftune")

@@ -31,6 +31,7 @@ from preftune import checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
+from preftune.io import fsync_tree, replace, replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
 from preftune.objectives import PAIR_KEYS, Runtime, make_objective, padded
@@ -147,9 +148,7 @@ class MetricsLog:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut short by a crash mid-write
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def reset(self) -> None:
         if self.enabled and self.path.exists():
@@ -426,8 +425,7 @@ class Trainer:
         self.runtime.state = self.state
         if self.is_main:
             resolved = self.output_dir / "config.resolved.yaml"
-            resolved.with_suffix(".yaml.tmp").write_text(to_yaml(cfg))
-            os.replace(resolved.with_suffix(".yaml.tmp"), resolved)
+            write_atomic(resolved, to_yaml(cfg))
             log.info(
                 "%s: training on %d %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
                 "trainable, reference: %s, device: %s%s",
@@ -898,9 +896,10 @@ class Trainer:
             acc.wait_for_everyone()
             if self.is_main:
                 checkpoint.write_manifest(tmp, self.state.step)
+                fsync_tree(tmp)
                 if final.exists():
                     shutil.rmtree(final)
-                os.replace(tmp, final)
+                replace(tmp, final)
                 checkpoint.prune(self.output_dir, self.cfg.save_total_limit)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -984,7 +983,7 @@ class Trainer:
         state = sharding.consolidated_state_dict(self.policy) if self.sharded else None
         if self.is_main:
             card = self._model_card()
-            checkpoint.replace_dir(
+            replace_dir(
                 final,
                 lambda tmp: (
                     checkpoint.save_weights(self.inner.model, tmp, state),
@@ -995,7 +994,7 @@ class Trainer:
             if self.cfg.use_lora and (self.cfg.merge_lora or self.objective.model_kind == "reward"):
                 # Merged from a copy: the trained PeftModel stays whole for whoever holds it.
                 merged = copy.deepcopy(self.inner.model).merge_and_unload()
-                checkpoint.replace_dir(
+                replace_dir(
                     self.output_dir / "final_merged",
                     lambda tmp: (
                         merged.save_pretrained(tmp, safe_serialization=True),
