@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import preftune
 from preftune.models import resolve_model_path
-from preftune.quickstart import bundled_data
+from preftune.recipes.quickstart import bundled_data
 
 
 def read_pairs(name: str, n: int) -> datasets.Dataset:

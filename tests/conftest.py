@@ -171,7 +171,7 @@ def tiny_sweep(tmp_path_factory, tiny_model_dir):
     """A two-beta sweep of LoRA runs on the tiny model, evaluated on pairs and on 4 prompts."""
     import json
 
-    from preftune.sweep import SweepSettings, run_sweep
+    from preftune.eval.sweep import SweepSettings, run_sweep
 
     root = tmp_path_factory.mktemp("sweep")
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_pairs(24)))

@@ -177,3 +177,27 @@ def test_train_through_the_cli_writes_the_run(tmp_path, capsys, tiny_model_dir, 
 
     merged = AutoModelForCausalLM.from_pretrained(out / "final_merged")
     assert not any("lora" in name for name, _ in merged.named_parameters())
+
+
+@pytest.mark.parametrize(
+    "module, argv, extra",
+    [
+        ("fastapi", ["label", "serve", "--input", "{samples}", "--db", "{db}"], "label"),
+        ("vaderSentiment", ["score", "{samples}", "--reward", "sentiment"], "sentiment"),
+        ("krippendorff", ["label", "export", "--db", "{db}", "--out", "{out}"], "label"),
+    ],
+)
+def test_a_missing_extra_stops_with_the_pip_install_to_run(capsys, monkeypatch, tmp_path, module, argv, extra):
+    from preftune.label.store import LabelStore, load_items
+
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text(json.dumps({"prompt": "p", "completions": ["a", "b"]}) + "\n")
+    db = tmp_path / "labels.db"
+    store = LabelStore(db, annotators_per_item=1)
+    store.add_items(load_items(samples))
+    monkeypatch.setitem(sys.modules, module, None)  # as if the extra were not installed
+    paths = {"samples": str(samples), "db": str(db), "out": str(tmp_path / "out.jsonl")}
+    code, out, err = run(capsys, *(a.format(**paths) for a in argv))
+    assert code != 0 and "Traceback" not in err
+    (line,) = error_lines(err)
+    assert line.endswith(f"needs the '{extra}' extra ({module} is not installed): pip install 'preftune[{extra}]'")

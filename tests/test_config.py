@@ -127,7 +127,7 @@ def test_every_training_example_config_is_valid():
     from pathlib import Path
 
     from preftune.config import load_config, read_config_file
-    from preftune.pipeline import load_pipeline
+    from preftune.recipes.pipeline import load_pipeline
 
     root = Path(__file__).resolve().parent.parent / "examples"
     names = ("dpo_lora.yaml", "dpo_full.json", "sft.yaml", "kto.yaml", "orpo.yaml", "simpo.yaml", "cpo.yaml",

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from preftune.config import TrainConfig
-from preftune.iterate import IterateConfig
+from preftune.recipes.iterate import IterateConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from preftune.evaluation import before_after, completion_logps, format_table, mean_stderr, paired_difference, win_rate
+from preftune.eval.evaluation import before_after, completion_logps, format_table, mean_stderr, paired_difference, win_rate
 
 
 def test_mean_and_standard_error():
@@ -76,7 +76,7 @@ import json  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from preftune.evaluation import (  # noqa: E402
+from preftune.eval.evaluation import (  # noqa: E402
     best_of_n_kl,
     bootstrap_ci,
     expected_best_of_n,
@@ -259,8 +259,8 @@ def test_eval_command_errors(tiny_model_dir, capsys, args, message):
 
 
 def test_sample_j_of_prompt_i_does_not_depend_on_how_many_are_drawn(tiny_model_dir):
-    from preftune.evaluation import load_eval_prompts, sample_prompts
-    from preftune.generation import SamplingSettings, load_generation_model
+    from preftune.eval.evaluation import load_eval_prompts, sample_prompts
+    from preftune.collect.generation import SamplingSettings, load_generation_model
     from preftune.io import write_atomic
 
     model, tokenizer = load_generation_model(str(tiny_model_dir))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.generation import (
+from preftune.collect.generation import (
     PromptRecord,
     SamplingSettings,
     _GumbelMax,
@@ -131,8 +131,8 @@ def test_scoring_rows_are_the_sampled_ids_beside_their_prompt(tiny, tmp_path):
     # In-memory samples equal the file's, whatever the batch width; the scoring rows are each
     # sample's prompt ids beside the very ids it generated.
     from preftune.batching import encode_prompt
-    from preftune.evaluation import sample_prompts
-    from preftune.generation import chat_prompts
+    from preftune.eval.evaluation import sample_prompts
+    from preftune.collect.generation import chat_prompts
 
     model, tokenizer = tiny
     path = tmp_path / "s.jsonl"

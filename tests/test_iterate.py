@@ -17,7 +17,7 @@ import torch
 import yaml
 
 from preftune.cli import main
-from preftune.iterate import IterateConfig, format_summary, load_iterate_config, round_prompts, run_iterate
+from preftune.recipes.iterate import IterateConfig, format_summary, load_iterate_config, round_prompts, run_iterate
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -135,7 +135,7 @@ def test_reference_initial_and_kl_to_the_initial_model(tmp_path, task, tiny_mode
     from transformers import AutoModelForCausalLM
 
     from preftune.batching import encode_prompt
-    from preftune.evaluation import completion_logps
+    from preftune.eval.evaluation import completion_logps
     from preftune.models import load_tokenizer
 
     config = task(reference="initial")
@@ -279,7 +279,7 @@ def test_flags_override_the_block(tmp_path):
 
 
 def test_round_prompts_draw():
-    from preftune.generation import PromptRecord
+    from preftune.collect.generation import PromptRecord
 
     prompts = [PromptRecord(i, f"p{i}", f"f:{i + 1}") for i in range(10)]
     it = IterateConfig(prompts_per_round=4)

@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from live_server import live_server
 
-from preftune.agreement import (
+from preftune.label.agreement import (
     agreement_report,
     category,
     coincidences,
@@ -30,7 +30,8 @@ from preftune.agreement import (
 )
 from preftune.cli import main
 from preftune.errors import PreftuneError
-from preftune.labeling import PAGE_DIR, Item, LabelStore, create_app, item_id, load_items
+from preftune.label.server import PAGE_DIR, create_app
+from preftune.label.store import Item, LabelStore, item_id, load_items
 
 TOKEN = "s3cret-token"
 AUTH = {"X-Label-Token": TOKEN}
@@ -239,7 +240,7 @@ def test_page_is_plain_files_with_a_strict_content_policy(client):
 
 
 def test_markdown_is_rendered_with_raw_html_escaped_and_only_http_links():
-    from preftune.rendering import render_markdown, render_value
+    from preftune.label.rendering import render_markdown, render_value
 
     assert render_markdown("- one\n- **two**\n\n```py\nx < 1\n```") == (
         "<ul>\n<li>one</li>\n<li><strong>two</strong></li>\n</ul>\n<pre><code class=\"language-py\">x &lt; 1\n</code></pre>\n"
@@ -732,7 +733,7 @@ def test_export_majority_and_agreement(labelled_db, tmp_path, capsys):
 
 def test_export_with_fewer_annotators_votes_on_more_items(labelled_db, tmp_path):
     db_before = hashlib.sha256(labelled_db.read_bytes()).hexdigest()
-    from preftune.labeling import LabelStore as Store
+    from preftune.label.store import LabelStore as Store
 
     report, labels = agreement_report(Store(labelled_db).judgements(), [i.id for i in Store(labelled_db).items()], 2)
     assert (report["items_rated"], report["exported"], report["dropped_no_majority"]) == (6, 3, 2)  # item 6 splits 1-1

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 from live_server import live_server
 
-from preftune.labeling import LabelStore, create_app, load_items
+from preftune.label.server import create_app
+from preftune.label.store import LabelStore, load_items
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "browser-test-token"
@@ -249,7 +250,7 @@ def test_dashboard_in_chromium(browser, tmp_path):
 
     from playwright.sync_api import expect
 
-    from preftune.agreement import export_labels
+    from preftune.label.agreement import export_labels
 
     store = LabelStore(tmp_path / "labels.sqlite", annotators_per_item=3, scale=5, rng=random.Random(7))
     store.add_items(

@@ -120,7 +120,7 @@ def test_sft_learns_the_completions(tmp_path, tiny_model_dir, pairs_file):
 
 
 def test_reward_model_learns_a_preference_and_scores_as_a_reward_folder(tmp_path, tiny_model_dir, pairs_file):
-    from preftune.rewards import get_reward
+    from preftune.collect.rewards import get_reward
 
     held_out = synthetic_pairs(40, seed=99)
     test_file = tmp_path / "test.jsonl"

@@ -9,7 +9,7 @@ import pytest
 from preftune.data import load_preference_data
 from preftune.errors import PreftuneError
 from preftune.io import write_jsonl_atomic
-from preftune.pairs import build_pairs
+from preftune.collect.pairs import build_pairs
 
 
 def record(scores, texts=None, index=0, **extra):

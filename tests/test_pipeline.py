@@ -11,7 +11,7 @@ import yaml
 
 from preftune.cli import main
 from preftune.errors import PreftuneError
-from preftune.pipeline import load_pipeline
+from preftune.recipes.pipeline import load_pipeline
 from test_trainer import _propagate_logs, pairs_file, read_metrics  # noqa: F401 (fixtures)
 
 SHARED = """\

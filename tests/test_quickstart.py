@@ -13,10 +13,10 @@ import pytest
 
 from preftune.cli import main
 from preftune.data import load_preference_data, quality_report
-from preftune.evaluation import format_table
-from preftune.generation import load_prompts
-from preftune.quickstart import QuickstartSettings, bundled_data, run_quickstart
-from preftune.rewards import get_reward
+from preftune.eval.evaluation import format_table
+from preftune.collect.generation import load_prompts
+from preftune.recipes.quickstart import QuickstartSettings, bundled_data, run_quickstart
+from preftune.collect.rewards import get_reward
 
 
 def write_jsonl(path, rows):

@@ -17,7 +17,7 @@ import pytest
 
 from preftune.cli import main
 from preftune.errors import PreftuneError
-from preftune.report import SECTIONS, build_report
+from preftune.eval.report import SECTIONS, build_report
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.rewards import get_reward, register_reward, reward_names, score, score_groups, score_records
+from preftune.collect.rewards import get_reward, register_reward, reward_names, score, score_groups, score_records
 
 
 def test_sentiment_is_vaders_compound_score_of_the_completion():

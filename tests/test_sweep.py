@@ -12,8 +12,8 @@ import statistics
 import pytest
 
 from preftune.errors import PreftuneError
-from preftune.evaluation import expected_best_of_n
-from preftune.sweep import parse_grid, read_frontier, run_name, run_sweep
+from preftune.eval.evaluation import expected_best_of_n
+from preftune.eval.sweep import parse_grid, read_frontier, run_name, run_sweep
 
 
 @pytest.fixture(autouse=True)

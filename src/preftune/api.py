@@ -362,7 +362,7 @@ def evaluate(
         report = preftune.evaluate(result, pairs="test.jsonl", prompts=["The movie was"], reward="sentiment")
         report["pairs"]["accuracy"]["mean"], report["samples"]["kl_per_token"]["mean"]
     """
-    from preftune.evaluation import EvalSettings, run_eval
+    from preftune.eval.evaluation import EvalSettings, run_eval
 
     target = str(model.output_dir) if isinstance(model, TrainResult) else str(model)
     settings = EvalSettings(
@@ -435,7 +435,7 @@ def generate(
         samples = preftune.generate("smollm2-135m-instruct", ["Write a movie review:"], num_samples=4)
         samples[0]["completions"]
     """
-    from preftune.generation import SamplingSettings, chat_prompts, iter_sample_records, load_generation_model, load_prompts
+    from preftune.collect.generation import SamplingSettings, chat_prompts, iter_sample_records, load_generation_model, load_prompts
     from preftune.reference import eval_mode
 
     settings = SamplingSettings(num_samples, temperature, top_p, max_new_tokens, seed).check()
@@ -477,8 +477,8 @@ def score(records: Any, reward: Any, *, batch_size: int = 64, progress: bool = T
         scored = preftune.score(samples, "sentiment")
         scored = preftune.score(samples, lambda prompts, completions: [len(c) for c in completions])
     """
-    from preftune.generation import read_samples
-    from preftune.rewards import as_reward, score_records
+    from preftune.collect.generation import read_samples
+    from preftune.collect.rewards import as_reward, score_records
 
     checked = [record for _, record in read_samples(_source(records, "records"))]
     return score_records(as_reward(reward), checked, batch_size=batch_size, progress=progress)
@@ -497,7 +497,7 @@ def build_pairs(
         preftune.train({"lora_r": 8, "max_steps": 8}, model=model, tokenizer=tok, train_dataset=pairs)
     """
     from preftune.data import load_records
-    from preftune.pairs import build_pairs as pair_up
+    from preftune.collect.pairs import build_pairs as pair_up
 
     source = _source(records, "records")
     pairs, stats = pair_up(load_records(source), strategy, min_margin, seed)

@@ -17,7 +17,7 @@ from typing import Sequence
 
 from preftune import __version__
 from preftune.config import STRATEGIES
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, require
 
 log = logging.getLogger("preftune")
 
@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from preftune.api import train
     from preftune.config import load_config
-    from preftune.pipeline import has_stages
+    from preftune.recipes.pipeline import has_stages
 
     if has_stages(args.config):
         args.configs = [args.config]
@@ -60,7 +60,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_pipeline(args: argparse.Namespace) -> int:
-    from preftune.pipeline import load_pipeline, run_pipeline
+    from preftune.recipes.pipeline import load_pipeline, run_pipeline
 
     configs = load_pipeline(args.configs, list(args.set or []))
     for summary in run_pipeline(configs, overwrite=args.overwrite):
@@ -149,7 +149,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 
 
 def cmd_label_serve(args: argparse.Namespace) -> int:
-    from preftune.labeling import new_token, serve
+    require("label", "fastapi", "uvicorn", "pydantic", "markdown_it", what="preftune label serve")
+    from preftune.label.server import new_token, serve
 
     token = new_token() if args.token == "" else args.token
     serve(
@@ -160,7 +161,7 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_label_export(args: argparse.Namespace) -> int:
-    from preftune.agreement import export_labels, format_agreement
+    from preftune.label.agreement import export_labels, format_agreement
 
     report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format)
     print(format_agreement(report))
@@ -483,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from preftune.generation import (
+    from preftune.collect.generation import (
         SamplingSettings,
         choose_engine,
         generate_file,
@@ -529,9 +530,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from preftune.generation import read_samples
+    from preftune.collect.generation import read_samples
     from preftune.io import write_jsonl_atomic
-    from preftune.rewards import get_reward, score_records
+    from preftune.collect.rewards import get_reward, score_records
 
     records = [record for _, record in read_samples(args.samples)]
     reward = get_reward(args.reward)
@@ -556,8 +557,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
 def cmd_quickstart(args: argparse.Namespace) -> int:
     import torch
 
-    from preftune.evaluation import format_table
-    from preftune.quickstart import QuickstartSettings, run_quickstart
+    from preftune.eval.evaluation import format_table
+    from preftune.recipes.quickstart import QuickstartSettings, run_quickstart
 
     settings = QuickstartSettings.for_device(
         torch.cuda.is_available(),
@@ -577,7 +578,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from preftune.api import evaluate
-    from preftune.evaluation import format_eval
+    from preftune.eval.evaluation import format_eval
 
     result = evaluate(
         args.model,
@@ -603,7 +604,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from preftune.sweep import SweepSettings, format_frontier, run_sweep
+    from preftune.eval.sweep import SweepSettings, format_frontier, run_sweep
 
     try:
         best_of = tuple(int(v) for v in args.best_of.split(",") if v.strip())
@@ -630,7 +631,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from preftune.report import build_report
+    from preftune.eval.report import build_report
 
     path = build_report(args.run_dir, args.output, args.max_samples)
     log.info("report -> %s", path)
@@ -638,7 +639,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_iterate(args: argparse.Namespace) -> int:
-    from preftune.iterate import format_iterate, load_iterate_config, run_iterate
+    from preftune.recipes.iterate import format_iterate, load_iterate_config, run_iterate
 
     flags = {
         "rounds": args.rounds,

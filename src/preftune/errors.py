@@ -22,3 +22,21 @@ class Interrupted(PreftuneError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint: exit like an interrupted program."""
 
     exit_code = 130
+
+
+class MissingExtra(PreftuneError):
+    """A command needs an optional part of the install (`pip install 'preftune[EXTRA]'`)."""
+
+
+def require(extra: str, *modules: str, what: str) -> None:
+    """Stop with one line naming the `pip install` to run when `what` needs modules of an extra
+    that this install lacks; the base install is only what training needs."""
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise MissingExtra(
+                f"{what} needs the '{extra}' extra ({name} is not installed): pip install 'preftune[{extra}]'"
+            ) from None

@@ -560,7 +560,7 @@ class RewardObjective(Objective):
     stat_keys = ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
-        from preftune.rewards import reward_input_ids
+        from preftune.collect.rewards import reward_input_ids
 
         limit = self.cfg.max_seq_length
         items, truncated, longest, locations = [], 0, 0, []

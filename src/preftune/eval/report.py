@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import yaml
 
 from preftune import __version__
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, require
 from preftune.io import write_atomic
 
 SECTIONS = ("settings", "training", "evaluation", "frontier", "samples")
@@ -110,6 +110,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 def curves_png(records: Sequence[dict[str, Any]]) -> bytes:
     """Six panels of training curves; eval points (`eval_` keys) drawn over the training lines."""
+    require("eval", "matplotlib", what="the HTML report")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -241,7 +242,7 @@ def find_frontier(run_dir: Path) -> Path | None:
 def _frontier_section(path: Path | None, run_dir: Path) -> str:
     if path is None:
         return _missing("not part of a sweep: `preftune sweep CONFIG --set-grid beta=...` draws the reward-vs-KL frontier")
-    from preftune.sweep import frontier_png, read_frontier
+    from preftune.eval.sweep import frontier_png, read_frontier
 
     rows = read_frontier(path)
     this = next((i for i, r in enumerate(rows) if r.get("run_dir") and Path(r["run_dir"]).resolve() == run_dir.resolve()), None)

@@ -15,6 +15,8 @@ import html
 from functools import lru_cache
 from typing import Any
 
+from preftune.errors import require
+
 __all__ = ["render_markdown", "render_value"]
 
 SAFE_SCHEMES = ("http://", "https://")
@@ -26,6 +28,7 @@ def _safe_link(url: str) -> bool:
 
 @lru_cache(maxsize=1)
 def _renderer() -> Any:
+    require("label", "markdown_it", what="the labeling page")
     from markdown_it import MarkdownIt
 
     md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})

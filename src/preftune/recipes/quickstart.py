@@ -12,7 +12,7 @@ sampled from the embedded SmolLM2-135M-Instruct and ranked by that reward (see
    numbers: a difference between the two is the model's, not the dice's), at the temperature the
    data was sampled at (0.7), and once more at temperature 1 for the KL estimate;
 4. score both with the same reward and write `eval.json` with the measures of
-   `preftune.evaluation`, plus `eval_samples.jsonl` with every completion and score.
+   `preftune.eval.evaluation`, plus `eval_samples.jsonl` with every completion and score.
 
 Sizes are chosen to finish within 10 minutes on two CPU cores, GGUF conversion included; on a
 CUDA GPU the trainer runs in bf16 and the recipe trains and samples more.
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.evaluation import sample_prompts
-from preftune.generation import (
+from preftune.eval.evaluation import sample_prompts
+from preftune.collect.generation import (
     PromptRecord,
     Samples,
     SamplingSettings,
@@ -124,7 +124,7 @@ def _test_subset(settings: QuickstartSettings, output_dir: Path) -> str:
 def _kl(model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: QuickstartSettings) -> list[list[float]]:
     """log p_tuned(y|x) - log p_base(y|x) of fresh samples y of the tuned model at temperature 1
     (an unbiased Monte Carlo estimate of the KL needs draws from the model itself), per prompt."""
-    from preftune.evaluation import completion_logps
+    from preftune.eval.evaluation import completion_logps
 
     samples = _sample(model, tokenizer, prompts, settings, "sample tuned, T=1 (KL)", settings.kl_samples, 1.0)
     prompt_rows, completion_rows = scoring_rows(tokenizer, prompts, samples)
@@ -139,10 +139,10 @@ def _kl(model: Any, tokenizer: Any, prompts: list[PromptRecord], settings: Quick
 def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     """Run the recipe; returns the contents of `eval.json`."""
     from preftune.config import from_dict
-    from preftune.evaluation import before_after
-    from preftune.generation import load_generation_model
+    from preftune.eval.evaluation import before_after
+    from preftune.collect.generation import load_generation_model
     from preftune.models import resolve_model_path
-    from preftune.rewards import get_reward, score_groups
+    from preftune.collect.rewards import get_reward, score_groups
     from preftune.trainer import train
 
     started = time.perf_counter()

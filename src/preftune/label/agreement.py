@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from preftune.data import MAX_MARGIN
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, require
 from preftune.io import write_atomic
-from preftune.labeling import Judgement, LabelStore
+from preftune.label.store import Judgement, LabelStore
 
 if TYPE_CHECKING:
     import numpy as np
@@ -91,6 +91,7 @@ def krippendorff_alpha(counts: Sequence[Sequence[int]]) -> float | None:
     None when it is undefined: fewer than two items with two or more ratings, or every rating in
     one category (no expected disagreement to compare with).
     """
+    require("label", "krippendorff", what="the agreement report")
     import krippendorff
     import numpy as np
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from preftune.config import TrainConfig, load_config, parse_override
-from preftune.errors import PreftuneError
-from preftune.evaluation import (
+from preftune.errors import PreftuneError, require
+from preftune.eval.evaluation import (
     EvalSettings,
     best_of_n_kl,
     bootstrap_ci,
@@ -34,9 +34,9 @@ from preftune.evaluation import (
     run_eval,
     sample_prompts,
 )
-from preftune.generation import Samples, SamplingSettings, load_generation_model
+from preftune.collect.generation import Samples, SamplingSettings, load_generation_model
 from preftune.io import write_atomic, write_jsonl_atomic
-from preftune.rewards import get_reward, score
+from preftune.collect.rewards import get_reward, score
 
 log = logging.getLogger("preftune")
 
@@ -275,6 +275,7 @@ def read_frontier(path: Path) -> list[dict[str, Any]]:
 
 def frontier_png(rows: Sequence[dict[str, Any]]) -> bytes:
     """Reward against KL: the tuned runs, best-of-N from the reference, the reference itself."""
+    require("eval", "matplotlib", what="the frontier plot")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -8,8 +8,8 @@ Models"). Round r (1-based):
 1. sample `num_samples` completions per training prompt from the round's starting policy (the
    initial model in round 1, round r-1's policy after it), sample j of prompt i seeded from
    (seed + r, i, j), so each round draws fresh noise and a rerun draws the same;
-2. score them with the reward (`preftune.rewards`) and pair them, best against worst by default
-   (`preftune.pairs`), which is how Dong et al. 2024 (arXiv:2405.07863, "RLHF Workflow") build
+2. score them with the reward (`preftune.collect.rewards`) and pair them, best against worst by default
+   (`preftune.collect.pairs`), which is how Dong et al. 2024 (arXiv:2405.07863, "RLHF Workflow") build
    on-policy pairs from N samples;
 3. train DPO (`preftune.trainer`) from the starting policy, the reference being the initial model
    (`reference: initial`, the KL-regularised objective of Xiong et al.) or the starting policy
@@ -42,8 +42,8 @@ import yaml
 
 from preftune.config import TrainConfig, _coerce, load_config, read_config_file, suggest, validate
 from preftune.errors import PreftuneError
-from preftune.evaluation import sample_prompts
-from preftune.generation import (
+from preftune.eval.evaluation import sample_prompts
+from preftune.collect.generation import (
     PromptRecord,
     Samples,
     SamplingSettings,
@@ -55,9 +55,9 @@ from preftune.generation import (
     scoring_rows,
 )
 from preftune.io import write_atomic, write_jsonl_atomic
-from preftune.pairs import STRATEGIES, build_pairs
-from preftune.quickstart import bundled_data
-from preftune.rewards import RewardFunction, get_reward, score_groups, score_records
+from preftune.collect.pairs import STRATEGIES, build_pairs
+from preftune.recipes.quickstart import bundled_data
+from preftune.collect.rewards import RewardFunction, get_reward, score_groups, score_records
 
 log = logging.getLogger("preftune")
 
@@ -403,11 +403,11 @@ def _evaluate(
     progress: bool,
 ) -> tuple[dict[str, Any], EvalSamples, list[Samples], list[list[float]]]:
     """Every measure of a policy against the initial model on the held-out prompts, through
-    `preftune.evaluation`: its samples at the sampling temperature with the initial model's seeds
+    `preftune.eval.evaluation`: its samples at the sampling temperature with the initial model's seeds
     (common random numbers: a difference is the model's, not the dice's), scored by the same
     reward; and KL(policy || initial) from fresh samples of the policy at temperature 1, the mean of
     log p_policy(y|x) - log p_initial(y|x)."""
-    from preftune.evaluation import before_after, completion_logps
+    from preftune.eval.evaluation import before_after, completion_logps
 
     model, tokenizer = load_generation_model(policy_name)
     tuned = _sample_and_score(model, tokenizer, prompts, it, seed, reward, progress, "sample policy (eval)")
@@ -540,7 +540,7 @@ def run_round(
 
 def run_iterate(cfg: TrainConfig, it: IterateConfig, overwrite: bool = False) -> dict[str, Any]:
     """Run (or continue) every round; returns the contents of `summary.json`."""
-    from preftune.evaluation import before_after, paired_difference
+    from preftune.eval.evaluation import before_after, paired_difference
     from preftune.models import load_tokenizer, resolve_model_path
 
     started = time.perf_counter()

@@ -366,7 +366,7 @@ def scoring_rows(
     tokenizer: Any, prompts: Sequence[PromptRecord], samples: Sequence[Samples]
 ) -> tuple[list[list[int]], list[list[int]]]:
     """(prompt ids, generated ids) of every sample, prompt by prompt: the rows to score the samples
-    with (`preftune.evaluation.completion_logps`), the very tokens that were sampled, EOS included
+    with (`preftune.eval.evaluation.completion_logps`), the very tokens that were sampled, EOS included
     where a sample stopped."""
     prompt_rows: list[list[int]] = []
     completion_rows: list[list[int]] = []

@@ -41,7 +41,7 @@ from preftune.batching import TokenizedPair, collate_pairs, encode_prompt, token
 from preftune.config import TrainConfig
 from preftune.data import load_preference_data
 from preftune.errors import PreftuneError
-from preftune.generation import (
+from preftune.collect.generation import (
     PromptRecord,
     Samples,
     SamplingSettings,
@@ -53,7 +53,7 @@ from preftune.generation import (
 from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, chunked_token_logps, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
-from preftune.rewards import as_reward, score_groups
+from preftune.collect.rewards import as_reward, score_groups
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:

@@ -27,7 +27,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 import torch
 
 from preftune.data import Text
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, require
 
 
 @runtime_checkable
@@ -60,10 +60,9 @@ class SentimentReward:
     name = "sentiment"
 
     def __init__(self) -> None:
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError:
-            raise PreftuneError("the 'sentiment' reward needs vaderSentiment: pip install vaderSentiment") from None
+        require("sentiment", "vaderSentiment", what="the 'sentiment' reward")
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
         self.analyzer = SentimentIntensityAnalyzer()
 
     def __call__(self, prompts: Sequence[Text], completions: Sequence[str]) -> list[float]:

@@ -1,0 +1,1 @@
+"""Collecting preference data: sample completions, score them with a reward, build pairs."""

@@ -1,0 +1,1 @@
+"""Human labeling: the item store, the web page and its server, and agreement between annotators."""

@@ -1,0 +1,1 @@
+"""End-to-end recipes built on the training core and the apps: quickstart, iterate, pipeline."""
