@@ -164,7 +164,7 @@ def _type_name(tp: Any) -> str:
     )
 
 
-def _coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
+def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
     """Convert a parsed YAML/JSON value to the field's type, or raise a one-line error."""
     origin = get_origin(annotation)
     options = list(get_args(annotation)) if origin in (Union, types.UnionType) else [annotation]
@@ -355,7 +355,7 @@ def from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
             raise PreftuneError(f"{where}: 'stages' makes a pipeline: run it with `preftune train` or `preftune pipeline`")
         if name not in hints:
             raise PreftuneError(f"{where}: unknown key '{key}'{suggest(key, KNOWN_KEYS)}")
-        values[name] = _coerce(name, value, hints[name], where)
+        values[name] = coerce(name, value, hints[name], where)
     return validate(TrainConfig(**values), where)
 
 

@@ -480,7 +480,8 @@ def _messages(name: str, value: list, start: int = 0) -> list[Message]:
     return messages
 
 
-def _field(name: str, value: Any) -> Text:
+def text_field(name: str, value: Any) -> Text:
+    """A prompt or completion field: a string, or a list of chat messages (checked)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
@@ -532,9 +533,9 @@ def _validate(location: str, record: Any) -> PreferenceExample:
         if record.get(name) is None:
             raise PreftuneError(f"field '{name}' is missing")
     raw_prompt = record.get("prompt")
-    prompt = None if raw_prompt is None else _field("prompt", raw_prompt)
-    chosen = _field("chosen", record["chosen"])
-    rejected = _field("rejected", record["rejected"])
+    prompt = None if raw_prompt is None else text_field("prompt", raw_prompt)
+    chosen = text_field("chosen", record["chosen"])
+    rejected = text_field("rejected", record["rejected"])
     extra = {k: v for k, v in record.items() if k not in FIELDS}
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if _is_empty(value):
@@ -698,8 +699,8 @@ class UnpairedExample:
 def _prompt_and_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
     """Validated prompt/completion, normalised as for pairs (a string answer to a conversation is
     one assistant message)."""
-    p = _field("prompt", prompt)
-    c = _field("completion", completion)
+    p = text_field("prompt", prompt)
+    c = text_field("completion", completion)
     if isinstance(p, list):
         c = [{"role": "assistant", "content": c}] if isinstance(c, str) else c
     elif isinstance(c, list):

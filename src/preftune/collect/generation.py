@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from preftune.batching import encode_prompt
-from preftune.data import InMemoryRecords, Text, _field, load_records
+from preftune.data import InMemoryRecords, Text, text_field, load_records
 from preftune.errors import PreftuneError
 from preftune.io import append_jsonl, write_atomic
 
@@ -119,7 +119,7 @@ def load_prompts(path: str | Path | InMemoryRecords) -> list[PromptRecord]:
             if record.get("prompt") is None:
                 raise PreftuneError(f"{location}: field 'prompt' is missing")
             try:
-                prompt = _field("prompt", record["prompt"])
+                prompt = text_field("prompt", record["prompt"])
             except PreftuneError as exc:
                 raise PreftuneError(f"{location}: {exc}") from None
             if (not prompt.strip()) if isinstance(prompt, str) else not prompt:

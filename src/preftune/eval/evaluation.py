@@ -41,6 +41,7 @@ from preftune.batching import TokenizedPair, collate_pairs, encode_prompt, token
 from preftune.config import TrainConfig
 from preftune.data import load_preference_data
 from preftune.errors import PreftuneError
+from preftune.sequences import SequenceRow, TokenizedSequence, collate_sequences
 from preftune.collect.generation import (
     PromptRecord,
     Samples,
@@ -51,7 +52,7 @@ from preftune.collect.generation import (
     load_prompts,
 )
 from preftune.io import write_atomic, write_jsonl_atomic
-from preftune.logprobs import CompletionLogprobs, chunked_token_logps, split_body_and_head
+from preftune.logprobs import CompletionLogprobs, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
 from preftune.collect.rewards import as_reward, score_groups
 
@@ -137,20 +138,21 @@ def paired_difference(tuned: Sequence[Sequence[float]], base: Sequence[Sequence[
     return mean_stderr([t - b for t, b in zip(_prompt_means(tuned), _prompt_means(base), strict=True)])
 
 
-def collate_sequences(
-    prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded rows of prompt + completion: (input_ids, attention_mask, completion_mask)."""
-    rows = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(rows), width), dtype=torch.bool)
-    for i, (p, row) in enumerate(zip(prompt_ids, rows, strict=True)):
-        input_ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        attention_mask[i, : len(row)] = 1
-        completion_mask[i, len(p) : len(row)] = True
-    return input_ids, attention_mask, completion_mask
+def completion_rows(prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]]) -> list[SequenceRow]:
+    """Prompt + completion sequences, the completion tokens scored: the rows training collates."""
+    return [
+        SequenceRow(i, [TokenizedSequence(list(p) + list(c), [False] * len(p) + [True] * len(c))])
+        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids, strict=True))
+    ]
+
+
+def _batches(
+    prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Batches of `completion_rows`, collated as training collates them (`sequences.collate_sequences`)."""
+    rows = completion_rows(prompt_ids, completion_ids)
+    for start in range(0, len(rows), batch_size):
+        yield {k: v.to(device) for k, v in collate_sequences(rows[start : start + batch_size], pad_id).items()}
 
 
 @torch.no_grad()
@@ -162,48 +164,27 @@ def completion_logps(
     batch_size: int = 16,
 ) -> list[float]:
     """Summed log-probability of each completion given its prompt, in the model's current state
-    (call it inside `model.disable_adapter()` for a LoRA model's base). As in training, the output
-    head runs over completion positions only, in chunks (`preftune.logprobs`)."""
+    (call it inside `model.disable_adapter()` for a LoRA model's base): training's own path,
+    `logprobs.CompletionLogprobs`, over training's collation."""
     device = next(model.parameters()).device
+    scorer = CompletionLogprobs(model)
     out: list[float] = []
-    for input_ids, attention_mask, scored, targets, rows in _sequence_batches(prompt_ids, completion_ids, pad_id, batch_size, device):
-        values, head = _scored_outputs(model, input_ids, attention_mask, scored)
-        if head is not None:
-            token_logps = chunked_token_logps(head, values, targets)
-        else:
-            token_logps = torch.log_softmax(values, dim=-1).gather(-1, targets[:, None])[:, 0]
-        sums = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=device).index_add(0, rows, token_logps.float())
-        out.extend(sums.cpu().tolist())
+    for batch in _batches(prompt_ids, completion_ids, pad_id, batch_size, device):
+        out.extend(batch_logps(scorer, batch).sums.cpu().tolist())
     return out
 
 
-def _sequence_batches(
-    prompt_ids: Sequence[list[int]], completion_ids: Sequence[list[int]], pad_id: int, batch_size: int, device: torch.device
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Batches of prompt + completion rows: (input_ids, attention_mask, scored, targets, rows),
-    where `scored` marks the positions that predict a completion token (token t is predicted by the
-    output at t - 1), `targets` are those tokens and `rows` the row each belongs to."""
-    for start in range(0, len(prompt_ids), batch_size):
-        input_ids, attention_mask, completion_mask = (
-            t.to(device)
-            for t in collate_sequences(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size], pad_id)
-        )
-        scored = completion_mask[:, 1:]
-        yield input_ids, attention_mask, scored, input_ids[:, 1:][scored], scored.nonzero(as_tuple=True)[0]
-
-
-def _scored_outputs(
-    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, scored: torch.Tensor
-) -> tuple[torch.Tensor, torch.nn.Module | None]:
+def _scored_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """Hidden states at the positions that predict completion tokens and the output head; or,
-    for a model whose head is not a plain projection, its logits there and None."""
+    for a model whose head is not a plain projection, its logits there and None. (The KL needs
+    whole distributions, which `CompletionLogprobs` does not return.)"""
     parts = split_body_and_head(model)
+    where = (batch["score_row"], batch["score_src"])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if parts is not None:
         body, head = parts
-        hidden = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)[0]
-        return hidden[:, :-1][scored], head
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-    return logits[:, :-1][scored].float(), None
+        return body(**inputs, use_cache=False)[0][where], head
+    return model(**inputs, use_cache=False).logits[where].float(), None
 
 
 def _chunk_logprobs(values: torch.Tensor, head: torch.nn.Module | None) -> torch.Tensor:
@@ -239,10 +220,11 @@ def kl_terms(
     out_p: list[float] = []
     out_q: list[float] = []
     out_kl: list[float] = []
-    for input_ids, attention_mask, scored, targets, rows in _sequence_batches(prompt_ids, completion_ids, pad_id, batch_size, device):
-        p_values, p_head = _scored_outputs(policy, input_ids, attention_mask, scored)
+    for batch in _batches(prompt_ids, completion_ids, pad_id, batch_size, device):
+        targets, rows = batch["input_ids"][batch["score_row"], batch["score_tgt"]], batch["score_out"]
+        p_values, p_head = _scored_outputs(policy, batch)
         with as_reference(policy, reference) as ref:
-            q_values, q_head = _scored_outputs(ref, input_ids, attention_mask, scored)
+            q_values, q_head = _scored_outputs(ref, batch)
         token_p, token_q, token_kl = [], [], []
         for c in range(0, targets.shape[0], chunk_size):
             t = targets[c : c + chunk_size, None]
@@ -254,7 +236,7 @@ def kl_terms(
             token_kl.append((logp.exp() * (logp - logq)).sum(-1))
         for out, parts in ((out_p, token_p), (out_q, token_q), (out_kl, token_kl)):
             values = torch.cat(parts) if parts else torch.zeros(0, device=device)
-            sums = torch.zeros(input_ids.shape[0], dtype=torch.float64, device=device).index_add(0, rows, values.double())
+            sums = torch.zeros(batch["input_ids"].shape[0], dtype=torch.float64, device=device).index_add(0, rows, values.double())
             out.extend(sums.cpu().tolist())
     return out_p, out_q, out_kl
 

@@ -40,7 +40,7 @@ from typing import Any, Sequence, get_type_hints
 
 import yaml
 
-from preftune.config import TrainConfig, _coerce, load_config, read_config_file, suggest, validate
+from preftune.config import TrainConfig, coerce, load_config, read_config_file, suggest, validate
 from preftune.errors import PreftuneError
 from preftune.eval.evaluation import sample_prompts
 from preftune.collect.generation import (
@@ -103,7 +103,7 @@ def iterate_from_dict(data: Any, where: str) -> IterateConfig:
     for key, value in data.items():
         if key not in hints:
             raise PreftuneError(f"{where}: unknown key 'iterate.{key}'{suggest(str(key), ITERATE_KEYS)}")
-        values[key] = _coerce(f"iterate.{key}", value, hints[key], where)
+        values[key] = coerce(f"iterate.{key}", value, hints[key], where)
     return check_iterate(IterateConfig(**values), where)
 
 
