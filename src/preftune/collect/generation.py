@@ -278,17 +278,38 @@ def sample_batch(
 # --------------------------------------------------------------------------------------- samples file
 
 
+def check_samples_record(location: str, record: Any, *, scored: bool = False) -> tuple[list[str], list[float]]:
+    """The one check of the samples shape `{"prompt", "completions": [str, ...], "scores"?}` that
+    generation writes, scoring reads and pairs are built from (`scored`: scores required, one
+    number per completion). Returns the completions and the scores (empty when not `scored`)."""
+    if not isinstance(record, dict):
+        raise PreftuneError(f"{location}: a {'scored ' if scored else ''}samples record must be an object")
+    if not scored and record.get("prompt") is None:
+        raise PreftuneError(f"{location}: field 'prompt' is missing")
+    completions = record.get("completions")
+    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
+        raise PreftuneError(f"{location}: field 'completions' must be a list of strings")
+    if not scored:
+        return completions, []
+    scores = record.get("scores")
+    if scores is None:
+        raise PreftuneError(f"{location}: field 'scores' is missing: score the samples first (preftune score)")
+    if (
+        not isinstance(scores, list)
+        or len(scores) != len(completions)
+        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
+    ):
+        raise PreftuneError(f"{location}: field 'scores' must be a list of {len(completions)} numbers, one per completion")
+    if record.get("prompt") is None:
+        raise PreftuneError(f"{location}: field 'prompt' is missing")
+    return completions, [float(s) for s in scores]
+
+
 def read_samples(path: str | Path) -> list[tuple[str, dict]]:
     """(location, record) of every line of a samples file, checked to hold prompt and completions."""
     records = load_records(path)
     for location, record in records:
-        if not isinstance(record, dict):
-            raise PreftuneError(f"{location}: a samples record must be an object")
-        if record.get("prompt") is None:
-            raise PreftuneError(f"{location}: field 'prompt' is missing")
-        completions = record.get("completions")
-        if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
-            raise PreftuneError(f"{location}: field 'completions' must be a list of strings")
+        check_samples_record(location, record)
     return records
 
 

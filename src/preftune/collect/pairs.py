@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
+from preftune.collect.generation import check_samples_record
 from preftune.errors import PreftuneError
 
 STRATEGIES = ("best-worst", "all-pairs", "random")
@@ -62,25 +63,6 @@ def _candidates(strategy: str, scores: Sequence[float], rng: random.Random) -> I
         yield a, b
 
 
-def _check_record(location: str, record: Any) -> tuple[list[str], list[float]]:
-    if not isinstance(record, dict):
-        raise PreftuneError(f"{location}: a scored samples record must be an object")
-    completions, scores = record.get("completions"), record.get("scores")
-    if not isinstance(completions, list) or not all(isinstance(c, str) for c in completions):
-        raise PreftuneError(f"{location}: field 'completions' must be a list of strings")
-    if scores is None:
-        raise PreftuneError(f"{location}: field 'scores' is missing: score the samples first (preftune score)")
-    if (
-        not isinstance(scores, list)
-        or len(scores) != len(completions)
-        or not all(isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores)
-    ):
-        raise PreftuneError(f"{location}: field 'scores' must be a list of {len(completions)} numbers, one per completion")
-    if record.get("prompt") is None:
-        raise PreftuneError(f"{location}: field 'prompt' is missing")
-    return completions, [float(s) for s in scores]
-
-
 def build_pairs(
     records: Sequence[tuple[str, dict[str, Any]]],
     strategy: str = "best-worst",
@@ -97,7 +79,7 @@ def build_pairs(
     stats = PairStats()
     pairs: list[dict[str, Any]] = []
     for position, (location, record) in enumerate(records):
-        completions, scores = _check_record(location, record)
+        completions, scores = check_samples_record(location, record, scored=True)
         stats.prompts += 1
         if len(completions) < 2:
             stats.too_few += 1
