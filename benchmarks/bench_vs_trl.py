@@ -178,7 +178,7 @@ def worker_preftune(args: argparse.Namespace) -> dict:
         beta=0.1, loss_type="sigmoid", lr_scheduler_type="constant", warmup_ratio=0.0, seed=0,
         cache_dir=str(args.out_dir / "cache"),
     ))
-    t = trainer_module.DPOTrainer(cfg)
+    t = trainer_module.Trainer(cfg)
     started = time.perf_counter()
     t.setup()
     setup_seconds = time.perf_counter() - started  # includes the one reference pass

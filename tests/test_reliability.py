@@ -160,14 +160,14 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, pairs_f
         return losses, c, r
 
     trainer_module_step = {"now": 0}
-    original_forward = trainer_module.DPOTrainer._forward
+    original_forward = trainer_module.Trainer._forward
 
     def forward(self, module, batch, training=True):
         trainer_module_step["now"] = self.state.step + 1 if training else -1
         return original_forward(self, module, batch, training)
 
     monkeypatch.setattr(objectives_module, "preference_loss", flaky)
-    monkeypatch.setattr(trainer_module.DPOTrainer, "_forward", forward)
+    monkeypatch.setattr(trainer_module.Trainer, "_forward", forward)
     cfg = make_config(tmp_path / "a", tiny_model_dir, pairs_file, max_steps=4, save_steps=1)
     train(cfg)
     records = [r for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]

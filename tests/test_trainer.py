@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from preftune.config import TrainConfig, validate
 from preftune.errors import PreftuneError
-from preftune.trainer import DPOTrainer, lr_factor, step_examples, train
+from preftune.trainer import Trainer, lr_factor, step_examples, train
 
 POSITIVE = ["good", "great", "happy", "yes", "wonderful"]
 NEGATIVE = ["bad", "awful", "sad", "no", "terrible"]
@@ -193,7 +193,7 @@ def test_gradient_accumulation_equals_the_big_batch(tmp_path, tiny_model_dir, pa
 
 def test_lora_with_disabled_adapter_reference(tmp_path, tiny_model_dir, pairs_file):
     cfg = make_config(tmp_path, tiny_model_dir, pairs_file, lora_r=4, lora_alpha=8, max_steps=3, reference="adapter")
-    trainer = DPOTrainer(cfg)
+    trainer = Trainer(cfg)
     trainer.setup()
     assert trainer.reference_kind == "adapter"
     trainer.train()
@@ -202,7 +202,7 @@ def test_lora_with_disabled_adapter_reference(tmp_path, tiny_model_dir, pairs_fi
     from preftune.logprobs import CompletionLogprobs, completion_logps
     from transformers import AutoModelForCausalLM
 
-    batch = collate_pairs(trainer.train_pairs[:4], trainer.pad_id)
+    batch = collate_pairs(trainer.train_items[:4], trainer.pad_id)
     base = CompletionLogprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval())
     with torch.no_grad():
         expected = completion_logps(base, batch).sums
@@ -314,7 +314,7 @@ def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pa
     """A full fine-tune under bf16 keeps fp32 weights with bf16 autocast; the copy reference is
     loaded the same way, so both compute the same step-0 log-probs: loss ln 2 exactly."""
     out = tmp_path / "bf16"
-    trainer = DPOTrainer(make_config(out, tiny_model_dir, pairs_file, bf16=True, reference="copy", max_steps=1, eval_split=0))
+    trainer = Trainer(make_config(out, tiny_model_dir, pairs_file, bf16=True, reference="copy", max_steps=1, eval_split=0))
     trainer.setup()
     assert next(trainer.reference.module.parameters()).dtype == next(trainer.inner.parameters()).dtype == torch.float32
     trainer.train()

@@ -48,7 +48,6 @@ class Runtime:
     reference: Any  # None for reference-free strategies
     pad_id: int
     share_prompt: bool
-    state: Any  # the trainer's run state (BCO's running mean lives there)
     world: int = 1
     forwards: int = 0  # forwards every process runs this step (sharded models: the same on all)
 
@@ -93,6 +92,13 @@ class Objective:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.router_aux = False  # a MoE policy adds its router load-balancing loss (`enable_router_aux`)
+
+    # state an objective keeps across steps, saved in the checkpoint (`trainer_state.json`)
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
 
     # data
     def load(self, source: str, split: str) -> list[Any]:
@@ -209,6 +215,18 @@ class DPOObjective(PairwiseObjective):
     needs_reference = True
     stat_keys = PAIR_KEYS
 
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.bco_count = 0  # running mean of rewards for `bco_pair`, as TRL keeps it
+        self.bco_mean = 0.0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bco_count": self.bco_count, "bco_mean": self.bco_mean}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.bco_count = int(state.get("bco_count", 0))
+        self.bco_mean = float(state.get("bco_mean", 0.0))
+
     def wrap(self, model: nn.Module) -> nn.Module:
         return CompletionLogprobs(model, wpo=self.cfg.use_weighting)
 
@@ -222,7 +240,7 @@ class DPOObjective(PairwiseObjective):
             ref_chosen, ref_rejected = rt.reference.logps(batch)
         ref_chosen, ref_rejected = ref_chosen.float().detach(), ref_rejected.float().detach()
         types, weights = cfg.loss_mix()
-        bco_delta = context if context is not None else rt.state.bco_mean
+        bco_delta = context if context is not None else self.bco_mean
         losses, chosen_rewards, rejected_rewards = preference_loss(
             policy_chosen,
             policy_rejected,
@@ -260,7 +278,7 @@ class DPOObjective(PairwiseObjective):
         if "bco_pair" not in self.cfg.loss_mix()[0]:
             return None
         if not training:
-            return rt.state.bco_mean
+            return self.bco_mean
         acc = rt.accelerator
         total = torch.zeros(2, dtype=torch.float64)
         with eval_mode(module):
@@ -275,10 +293,10 @@ class DPOObjective(PairwiseObjective):
         total = acc.reduce(total.to(acc.device), "sum").cpu()
         n = float(total[1])
         if n:
-            count = rt.state.bco_count + n
-            rt.state.bco_mean += (float(total[0]) / n - rt.state.bco_mean) * n / count
-            rt.state.bco_count = int(count)
-        return rt.state.bco_mean
+            count = self.bco_count + n
+            self.bco_mean += (float(total[0]) / n - self.bco_mean) * n / count
+            self.bco_count = int(count)
+        return self.bco_mean
 
 
 class ReferenceFreeObjective(PairwiseObjective):

@@ -34,7 +34,7 @@ from preftune.errors import Interrupted, PreftuneError
 from preftune.io import fsync_tree, replace, replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
-from preftune.objectives import PAIR_KEYS, Runtime, make_objective, padded
+from preftune.objectives import Runtime, make_objective, padded
 from preftune.reference import (
     AdapterReference,
     ModelReference,
@@ -47,7 +47,6 @@ from preftune.reference import (
 
 log = logging.getLogger("preftune")
 
-METRIC_KEYS = PAIR_KEYS  # DPO's metrics; each strategy's are its objective's `stat_keys`
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,8 +122,6 @@ def disable_dropout(model: torch.nn.Module) -> None:
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps completed
-    bco_count: int = 0  # running mean of rewards for `bco_pair`, as TRL keeps it
-    bco_mean: float = 0.0
     nonfinite_skips: int = 0  # optimizer steps skipped for a NaN/Inf loss or gradient, in all
     nonfinite_in_a_row: int = 0
     evaluated: bool = False  # this step's evaluation is already logged (resume must not repeat it)
@@ -210,14 +207,28 @@ class Trainer:
             raise
 
     def _setup(self) -> None:
+        """The recipe, step by step; each step reads the config and sets what the next ones use."""
+        cfg = self.cfg
+        self.objective = make_objective(cfg)
+        if not cfg.dataset and self._train_data is None:
+            raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
+        self._setup_precision()
+        self._claim_output_dir()
+        train_ex, eval_ex = self._setup_data()
+        model, head, aux = self._setup_model(train_ex, eval_ex)
+        pending = self._setup_reference(model, head, train_ex, eval_ex)
+        policy = self._setup_policy(model, head, aux, pending)
+        self._setup_optimizer(policy)
+        self._setup_resume()
+        self._announce()
+        self.tb = self._tensorboard()
+
+    def _setup_precision(self) -> None:
+        """bf16 or fp32, the accelerator (devices, processes) and whether the model is sharded."""
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        self.objective = objective = make_objective(cfg)
-        if not cfg.dataset and self._train_data is None:
-            raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
-
         use_cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true", "yes")
         bf16 = cfg.bf16 if cfg.bf16 is not None else (use_cuda and torch.cuda.is_bf16_supported())
         if bf16 and use_cuda and not torch.cuda.is_bf16_supported():
@@ -257,21 +268,24 @@ class Trainer:
         set_seed(cfg.seed)
         cfg.bf16 = self.bf16  # self.cfg is the trainer's own copy: config.resolved.yaml says what ran
 
+    def _claim_output_dir(self) -> None:
+        """Writable, locked by this run, and not another run's unless resuming."""
         self._check_writable()
         if self.is_main:
             self._lock.acquire()
-        if not cfg.resume_from_checkpoint:
+        if not self.cfg.resume_from_checkpoint:
             self._check_fresh_output_dir()
 
-        # Data
+    def _setup_data(self) -> tuple[list[Any], list[Any]]:
+        """The tokenizer, the train/eval examples (read, split, tokenized into items)."""
+        cfg, objective = self.cfg, self.objective
         self.tokenizer = self._tokenizer if self._tokenizer is not None else models.load_tokenizer(cfg.model_name)
         examples = objective.load(self._train_data if self._train_data is not None else cfg.dataset, cfg.dataset_split)
-        what = "examples" if cfg.strategy in ("sft", "kto") else "pairs"
         if self._eval_data is not None or cfg.eval_dataset:
             eval_source = self._eval_data if self._eval_data is not None else cfg.eval_dataset
             train_ex, eval_ex = examples, objective.load(eval_source, "test")
         else:
-            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, what)
+            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, self._unit())
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
             log.warning(
                 "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
@@ -281,8 +295,12 @@ class Trainer:
             )
         self._tokenize(train_ex, eval_ex)
         self.pad_id = self.tokenizer.pad_token_id
+        return train_ex, eval_ex
 
-        # Model, reference, adapter
+    def _setup_model(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> tuple[torch.nn.Module, bool | None, RouterAux | None]:
+        """The model to train (given, or loaded as the strategy needs), and the fast paths proven
+        on it: (model, fast head or not, MoE router loss)."""
+        cfg, objective, acc = self.cfg, self.objective, self.accelerator
         self.model_dtype = torch.bfloat16 if (self.bf16 and cfg.use_lora) else torch.float32
         if self._model is not None:
             model = self._model.to(acc.device)
@@ -323,11 +341,18 @@ class Trainer:
         # or left for the safe ones, before anything trains; the reference model too, if separate.
         self.share_prompt = cfg.share_prompt
         head = self._prove_paths(model, "policy", train_ex, eval_ex)
-        aux = self._router_aux(model, head)
+        return model, head, self._router_aux(model, head)
+
+    def _setup_reference(
+        self, model: torch.nn.Module, head: bool | None, train_ex: Sequence[Any], eval_ex: Sequence[Any]
+    ) -> tuple[Any, bool | None, Path] | None:
+        """The reference: precomputed log-probs (cached), a frozen copy, the adapter-free policy, or
+        none. Sharded, the precompute waits for the sharded policy: returned as pending."""
+        cfg, acc = self.cfg, self.accelerator
         # The reference is frozen and offline data is fixed, so by default its log-probs are
         # computed once (and cached): no reference forward per step, no second model in memory.
         # Reference-free strategies load none at all.
-        if not objective.needs_reference:
+        if not self.objective.needs_reference:
             self.reference_kind = "none"
         else:
             self.reference_kind = "precomputed" if cfg.reference == "auto" else cfg.reference
@@ -354,6 +379,13 @@ class Trainer:
             if self.sharded:  # sharded like the policy; it trains nothing
                 self._shard(ref_module, ref)
             self.reference = ModelReference(ref_module)
+        return pending
+
+    def _setup_policy(
+        self, model: torch.nn.Module, head: bool | None, aux: RouterAux | None, pending: tuple[Any, bool | None, Path] | None
+    ) -> torch.nn.Module:
+        """The LoRA adapter (if any), the objective's wrapper, sharding, and a pending reference pass."""
+        cfg, objective = self.cfg, self.objective
         if cfg.use_lora and not hasattr(model, "peft_config"):  # a PeftModel given trains its own adapter
             model = models.apply_lora(
                 model,
@@ -377,8 +409,11 @@ class Trainer:
                     self._shard(module, ref_model)
                 self.reference = self._precompute_reference(module, cache)
                 del module, ref_model
+        return policy
 
-        # Optimisation
+    def _setup_optimizer(self, policy: torch.nn.Module) -> None:
+        """AdamW over the trainable parameters, the step count and the learning-rate schedule."""
+        cfg, acc = self.cfg, self.accelerator
         params = [p for p in policy.parameters() if p.requires_grad]
         self.num_trainable = sum(p.numel() for p in params)
         self.num_params = sum(p.numel() for p in policy.parameters())
@@ -418,11 +453,21 @@ class Trainer:
         self.inner = acc.unwrap_model(self.policy)
         if self.reference_kind == "adapter":
             self.reference = AdapterReference(self.inner)
+        self.runtime = Runtime(acc, self.reference, self.pad_id, self.share_prompt, self.world)
+
+    def _setup_resume(self) -> None:
+        """The loop's state: fresh, or restored from a checkpoint (weights, optimizer, schedule,
+        RNG, the objective's own state), with metrics.jsonl cut back to the checkpoint's step."""
         self.state = TrainState()
-        self.runtime = Runtime(acc, self.reference, self.pad_id, self.share_prompt, self.state, self.world)
         self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", self.is_main)
         self._resume()
-        self.runtime.state = self.state
+
+    def _unit(self) -> str:
+        return "examples" if self.cfg.strategy in ("sft", "kto") else "pairs"
+
+    def _announce(self) -> None:
+        """config.resolved.yaml (every setting as used) and one line saying what will run."""
+        cfg, acc = self.cfg, self.accelerator
         if self.is_main:
             resolved = self.output_dir / "config.resolved.yaml"
             write_atomic(resolved, to_yaml(cfg))
@@ -431,7 +476,7 @@ class Trainer:
                 "trainable, reference: %s, device: %s%s",
                 cfg.strategy,
                 len(self.train_items),
-                "rows" if cfg.strategy == "sft" and cfg.packing else what,
+                "rows" if cfg.strategy == "sft" and cfg.packing else self._unit(),
                 len(self.eval_items),
                 self.total_steps,
                 self.total_steps / self.steps_per_epoch,
@@ -442,7 +487,6 @@ class Trainer:
                 acc.device,
                 f" x {self.world} processes" if self.world > 1 else "",
             )
-        self.tb = self._tensorboard()
 
     def _tokenize(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> None:
         objective = self.objective
@@ -530,15 +574,6 @@ class Trainer:
             log.info("MoE router load-balancing loss: coefficient %g (%s), %d experts, top %d; logged as aux_loss",
                      aux.coef, source, aux.num_experts, aux.top_k)
         return aux
-
-    @property
-    def train_pairs(self) -> list[Any]:
-        """The tokenized training items (pairs for the pairwise strategies)."""
-        return self.train_items
-
-    @property
-    def eval_pairs(self) -> list[Any]:
-        return self.eval_items
 
     def _check_writable(self) -> None:
         probe = self.output_dir / f".write-test-{os.getpid()}"  # one per process: ranks share the folder
@@ -887,12 +922,11 @@ class Trainer:
                     "global_batch": self.global_batch,
                     "world_size": self.world,
                     "evaluated": evaluated,
-                    "bco_count": self.state.bco_count,
-                    "bco_mean": self.state.bco_mean,
+                    "objective": self.objective.state_dict(),
                     "nonfinite_skips": self.state.nonfinite_skips,
                     "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
                 }
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
             acc.wait_for_everyone()
             if self.is_main:
                 checkpoint.write_manifest(tmp, self.state.step)
@@ -945,12 +979,12 @@ class Trainer:
             checkpoint.set_rng_state(checkpoint.load_state(rng_file))
         self.state = TrainState(
             step=state["step"],
-            bco_count=state.get("bco_count", 0),
-            bco_mean=state.get("bco_mean", 0.0),
             nonfinite_skips=state.get("nonfinite_skips", 0),
             nonfinite_in_a_row=state.get("nonfinite_in_a_row", 0),
             evaluated=state.get("evaluated", False),
         )
+        # Checkpoints written before objectives owned their state keep it at the top level.
+        self.objective.load_state_dict(state.get("objective", state))
         self.metrics.truncate_after(self.state.step)
         if self.is_main:
             log.info("resumed from %s at step %d", path, self.state.step)
@@ -1017,9 +1051,6 @@ class Trainer:
         return modelcard.render(
             self.cfg, train_metrics=self.last_train, eval_metrics=self.last_eval, origin=origin, datasets=names, merged=merged
         )
-
-
-DPOTrainer = Trainer  # the name before other strategies existed
 
 
 def train(config: TrainConfig) -> dict[str, float]:
