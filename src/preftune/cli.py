@@ -13,14 +13,13 @@ import logging
 import os
 import sys
 import warnings
-from typing import Sequence
+from typing import Any, Sequence
 
 from preftune import __version__
 from preftune.config import STRATEGIES
 from preftune.errors import PreftuneError, require
 
 log = logging.getLogger("preftune")
-
 
 def _setup_logging(debug: bool) -> None:
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
@@ -38,6 +37,9 @@ def _setup_logging(debug: bool) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+# -- training -------------------------------------------------------------------------------------
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -77,6 +79,53 @@ def cmd_estimate(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set or [])
     print(report(cfg.model_name, cfg, args.gpu_memory, args.num_processes))
     return 0
+
+
+def add_train_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """train, pipeline, estimate: the training core's commands."""
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        help="train from a JSON/YAML config",
+        description="Train a model from a JSON or YAML config (see the README for every key).",
+    )
+    p.add_argument("config", help="config file (.yaml, .yml or .json)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override one config key, the value parsed as YAML (repeatable): --set beta=0.2 --set lora_r=0",
+    )
+    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
+    p.set_defaults(func=cmd_train)
+    pl = sub.add_parser(
+        "pipeline",
+        parents=[common],
+        help="run training stages in order (e.g. SFT then DPO)",
+        description="Run stages in order, each starting from the previous stage's result (also its reference): "
+        "one config with 'stages:' or one config per stage. A stage already finished with the same config is "
+        "skipped, an unfinished one resumes.",
+    )
+    pl.add_argument("configs", nargs="+", metavar="CONFIG", help="a config with 'stages:', or one config per stage, in order")
+    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key in every stage (repeatable)")
+    pl.add_argument("--overwrite", action="store_true", help="replace stage folders that hold runs of other configs")
+    pl.set_defaults(func=cmd_pipeline)
+    e = sub.add_parser(
+        "estimate",
+        parents=[common],
+        help="predict peak GPU memory of a config, and the settings that fit a GPU",
+        description="Predict peak memory per device (weights, gradients, optimizer, reference, activations) for "
+        "full fine-tuning, LoRA and QLoRA, without loading weights; --gpu-memory lists the batch sizes that fit.",
+    )
+    e.add_argument("config", help="training config (.yaml, .yml or .json)")
+    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
+    e.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 16GB or 80GiB")
+    e.add_argument("--num-processes", type=int, default=1, metavar="N",
+                   help="processes the model is sharded over with fsdp: full_shard (per-process memory)")
+    e.set_defaults(func=cmd_estimate)
+
+
+# -- data -----------------------------------------------------------------------------------------
 
 
 def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int]]:
@@ -148,247 +197,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_label_serve(args: argparse.Namespace) -> int:
-    require("label", "fastapi", "uvicorn", "pydantic", "markdown_it", what="preftune label serve")
-    from preftune.label.server import new_token, serve
-
-    token = new_token() if args.token == "" else args.token
-    serve(
-        args.input, args.db, args.annotators_per_item, args.host, args.port, token,
-        scale=args.scale, guidelines=args.guidelines, admin_token=args.admin_token or None,  # none given: serve makes one
-    )
-    return 0
-
-
-def cmd_label_export(args: argparse.Namespace) -> int:
-    from preftune.label.agreement import export_labels, format_agreement
-
-    report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format)
-    print(format_agreement(report))
-    log.info("wrote %d pairs to %s and the report to %s", report["exported"], report["output"], report["report"])
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
-
-    parser = argparse.ArgumentParser(
-        prog="preftune",
-        description="Preference fine-tuning (DPO and its family) for causal language models.",
-        parents=[common],
-    )
-    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser(
-        "train",
-        parents=[common],
-        help="train from a JSON/YAML config",
-        description="Train a model from a JSON or YAML config (see the README for every key).",
-    )
-    p.add_argument("config", help="config file (.yaml, .yml or .json)")
-    p.add_argument(
-        "--set",
-        action="append",
-        metavar="KEY=VALUE",
-        help="override one config key, the value parsed as YAML (repeatable): --set beta=0.2 --set lora_r=0",
-    )
-    p.add_argument("--overwrite", action="store_true", help="start over in an output_dir that holds another run")
-    p.set_defaults(func=cmd_train)
-
-    pl = sub.add_parser(
-        "pipeline",
-        parents=[common],
-        help="run training stages in order (e.g. SFT then DPO)",
-        description="Run stages in order, each starting from the previous stage's result (also its reference): "
-        "one config with 'stages:' or one config per stage. A stage already finished with the same config is "
-        "skipped, an unfinished one resumes.",
-    )
-    pl.add_argument("configs", nargs="+", metavar="CONFIG", help="a config with 'stages:', or one config per stage, in order")
-    pl.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one key in every stage (repeatable)")
-    pl.add_argument("--overwrite", action="store_true", help="replace stage folders that hold runs of other configs")
-    pl.set_defaults(func=cmd_pipeline)
-
-    g = sub.add_parser(
-        "generate",
-        parents=[common],
-        help="sample completions for prompts (resumable)",
-        description="Sample N completions per prompt and write one JSONL line per prompt: prompt, completions, "
-        "their token lengths, whether each stopped at EOS, and the sampling settings. Sample j of prompt i is "
-        "seeded from (seed, i, j), so a rerun gives the same file, and a rerun after an interruption skips "
-        "the prompts already written. String prompts go to chat models as a user message.",
-    )
-    g.add_argument("prompts", help="prompts: JSONL/JSON/Parquet/CSV with a 'prompt' field (text or messages), or .txt (one per line)")
-    g.add_argument("-o", "--output", required=True, help="samples file to write or resume (JSONL)")
-    g.add_argument("--model", default="smollm2-135m-instruct", help="model name, folder, .gguf or LoRA adapter folder (default: smollm2-135m-instruct)")
-    g.add_argument("--num-samples", type=int, default=4, help="completions per prompt (default: 4)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
-    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion at most (default: 48)")
-    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
-    g.add_argument(
-        "--chat",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="send string prompts as a user message through the chat template: auto = when the tokenizer has one",
-    )
-    g.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto", help="auto: vLLM when installed and a GPU is present")
-    g.add_argument("--overwrite", action="store_true", help="start the output file afresh instead of resuming it")
-    g.set_defaults(func=cmd_generate)
-
-    sc = sub.add_parser(
-        "score",
-        parents=[common],
-        help="add reward scores to a samples file",
-        description="Score every completion of a samples file with a reward and write the file with 'scores' "
-        "(one per completion) and 'reward' (its name) added.",
-    )
-    sc.add_argument("samples", help="samples file written by 'preftune generate'")
-    sc.add_argument(
-        "--reward",
-        required=True,
-        help="sentiment (VADER), length (words), a local reward-model folder, or module:function / file.py:function",
-    )
-    sc.add_argument("-o", "--output", help="file to write (default: rewrite SAMPLES in place)")
-    sc.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
-    sc.set_defaults(func=cmd_score)
-
-    pa = sub.add_parser(
-        "pairs",
-        parents=[common],
-        help="build preference pairs from scored samples",
-        description="Pair each prompt's completions by score into prompt/chosen/rejected records (scores kept as "
-        "chosen_score and rejected_score). Ties and pairs closer than --min-margin are skipped.",
-    )
-    pa.add_argument("scored", help="samples file with scores ('preftune score')")
-    pa.add_argument("-o", "--output", required=True, help="pairs file to write (JSONL)")
-    pa.add_argument("--strategy", default="best-worst", help="best-worst (default), all-pairs or random")
-    pa.add_argument("--min-margin", type=float, default=0.0, help="smallest score difference kept (default: 0; ties always skipped)")
-    pa.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
-    pa.set_defaults(func=cmd_pairs)
-
-    q = sub.add_parser(
-        "quickstart",
-        parents=[common],
-        help="DPO on the bundled sentiment pairs, then a before/after table",
-        description="Train DPO with LoRA on the bundled movie-review sentiment pairs from the embedded "
-        "SmolLM2-135M-Instruct, sample the base and the tuned model on held-out prompts, and print mean "
-        "reward, win rate, KL and length before and after; writes eval.json beside the training outputs.",
-    )
-    q.add_argument("--output-dir", default="runs/quickstart", help="where to write (default: runs/quickstart)")
-    q.add_argument("--model", help="model to tune (default: smollm2-135m-instruct)")
-    q.add_argument("--max-steps", type=int, help="optimizer steps (default: 24 on CPU, 150 on a GPU)")
-    q.add_argument("--eval-prompts", type=int, help="held-out prompts to sample (default: 64 on CPU, all on a GPU)")
-    q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
-    q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
-    q.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output folder")
-    q.set_defaults(func=cmd_quickstart)
-
-    ev = sub.add_parser(
-        "eval",
-        parents=[common],
-        help="preference accuracy, reward, win rate, KL and length drift of a tuned model",
-        description="Evaluate a tuned model against its reference. With --pairs: preference accuracy and implicit "
-        "reward margins (beta * log-ratio) with bootstrap confidence intervals. With --prompts and --reward: samples "
-        "from the model scored by the reward, win rate against the baseline's samples (the reference's unless "
-        "--baseline), KL(model || reference) estimated from the model's samples at temperature 1 (log-ratio and "
-        "per-token exact), and mean length against the baseline's. Prints a table and writes eval.json "
-        "(and eval_samples.jsonl) into the run folder, or --output.",
-    )
-    ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
-    ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
-    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
-    ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
-    ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
-    ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
-    ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
-    ev.add_argument("--max-prompts", type=int, help="use the first N prompts only")
-    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reward samples (default: 1.0)")
-    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
-    ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
-    ev.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
-    ev.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's, else 0.1)")
-    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
-    ev.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals (default: 0.95)")
-    ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
-    ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
-    ev.set_defaults(func=cmd_eval)
-
-    sw = sub.add_parser(
-        "sweep",
-        parents=[common],
-        help="one run per grid value (e.g. beta), each evaluated, and the reward-vs-KL frontier",
-        description="Train one run per combination of the --set-grid values (in OUTPUT_DIR/KEY=VALUE), evaluate each "
-        "on the same prompts and reward, and write frontier.csv and frontier.png (reward against KL) with the "
-        "reference and best-of-N sampling from it as baselines. Resumable: finished runs and evaluations are kept.",
-    )
-    sw.add_argument("config", help="training config (.yaml, .yml or .json)")
-    sw.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2,...", help="values to sweep (repeatable: every combination)")
-    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key for every run (repeatable)")
-    sw.add_argument("--prompts", required=True, help="held-out prompts to sample")
-    sw.add_argument("--reward", required=True, help="sentiment, length, a reward-model folder, or module:function")
-    sw.add_argument("--pairs", help="held-out preference pairs: adds preference accuracy to each run's evaluation")
-    sw.add_argument("--num-samples", type=int, default=4, help="samples per prompt of each run (default: 4)")
-    sw.add_argument("--best-of", default="1,2,4,8,16", help="N of the best-of-N baseline (default: 1,2,4,8,16)")
-    sw.add_argument("--max-prompts", type=int, help="use the first N prompts only")
-    sw.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
-    sw.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
-    sw.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
-    sw.add_argument("--output-dir", help="sweep folder (default: the config's output_dir)")
-    sw.set_defaults(func=cmd_sweep)
-
-    rp = sub.add_parser(
-        "report",
-        parents=[common],
-        help="one self-contained HTML page about a run: settings, curves, evaluation, frontier, samples",
-        description="Write RUN_DIR/report.html: the run's settings, training curves, the evaluation of 'preftune eval' "
-        "with intervals, the reward-vs-KL frontier when the run is part of a sweep, and samples of the baseline and "
-        "the tuned model side by side. Plots are embedded; the page loads nothing from the network.",
-    )
-    rp.add_argument("run_dir", help="a training run folder (output_dir)")
-    rp.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
-    rp.add_argument("--max-samples", type=int, default=8, help="prompts shown in the samples section (default: 8)")
-    rp.set_defaults(func=cmd_report)
-
-    it = sub.add_parser(
-        "iterate",
-        parents=[common],
-        help="iterative DPO: sample, score, pair and train on the model's own samples, round after round",
-        description="Each round samples the current policy on the prompts, scores the samples with the reward, "
-        "pairs best against worst, trains DPO from the current policy (reference: the initial model or the "
-        "previous round's) and evaluates it against the initial model on held-out prompts. CONFIG is a training "
-        "config with an optional 'iterate:' block (see the README); the flags override that block. Writes "
-        "round-N/ folders and summary.json, and prints the table. A rerun skips finished rounds and continues "
-        "a half-done one; a larger --rounds extends a finished run.",
-    )
-    it.add_argument("config", help="training config (.yaml, .yml or .json) with an optional 'iterate:' block")
-    it.add_argument("--rounds", type=int, help="rounds to run (default: 3)")
-    it.add_argument("--prompts", help="training prompts: JSONL/JSON/Parquet/CSV with 'prompt', or .txt (default: the bundled sentiment prompts)")
-    it.add_argument("--eval-prompts", help="held-out prompts for evaluation (default: the bundled held-out sentiment prompts)")
-    it.add_argument("--reward", help="sentiment (default), length, a reward-model folder, or module:function / file.py:function")
-    it.add_argument("--num-samples", type=int, help="samples per prompt each round (default: 4)")
-    it.add_argument("--min-margin", type=float, help="smallest score difference of a pair (default: 0)")
-    it.add_argument("--reference", choices=("initial", "previous"), help="DPO reference of each round (default: previous)")
-    it.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one training config key (repeatable)")
-    it.add_argument("--overwrite", action="store_true", help="replace an iterate run with other settings in output_dir")
-    it.set_defaults(func=cmd_iterate)
-
-    e = sub.add_parser(
-        "estimate",
-        parents=[common],
-        help="predict peak GPU memory of a config, and the settings that fit a GPU",
-        description="Predict peak memory per device (weights, gradients, optimizer, reference, activations) for "
-        "full fine-tuning, LoRA and QLoRA, without loading weights; --gpu-memory lists the batch sizes that fit.",
-    )
-    e.add_argument("config", help="training config (.yaml, .yml or .json)")
-    e.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key (repeatable)")
-    e.add_argument("--gpu-memory", metavar="SIZE", help="memory of one GPU, e.g. 16GB or 80GiB")
-    e.add_argument("--num-processes", type=int, default=1, metavar="N",
-                   help="processes the model is sharded over with fsdp: full_shard (per-process memory)")
-    e.set_defaults(func=cmd_estimate)
-
+def add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """data check: validation and the quality report of a dataset."""
     data = sub.add_parser("data", parents=[common], help="inspect preference data")
     data_sub = data.add_subparsers(dest="data_command", metavar="COMMAND")
     c = data_sub.add_parser(
@@ -415,72 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_data_check)
     data.set_defaults(func=lambda a: data.print_help() or 2)
 
-    label = sub.add_parser("label", parents=[common], help="label preference pairs by hand in a web page")
-    label_sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
-    s = label_sub.add_parser(
-        "serve",
-        parents=[common],
-        help="serve the labeling page",
-        description="Serve a web page where annotators pick the better of two responses (keys: 1 = A, 2 = B, "
-        "t = tie, s = skip, u = undo, c = comment, g = guidelines; with --scale 5: 1-5 from A much better to "
-        "B much better). Every judgement goes to an SQLite database; stopping and starting again loses "
-        "nothing. The input file is only read. The lead's dashboard is at /admin, behind its own token.",
-    )
-    s.add_argument("--input", required=True, help="pairs (prompt/chosen/rejected) or samples (prompt/completions) file")
-    s.add_argument("--db", required=True, help="SQLite database to keep the judgements in (created if missing)")
-    s.add_argument("--annotators-per-item", type=int, default=3, help="distinct annotators each item goes to (default: 3)")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    s.add_argument(
-        "--token",
-        nargs="?",
-        const="",
-        help="require this access token from annotators (given alone, a random one is made); "
-        "the link to share ends in ?token=...",
-    )
-    s.add_argument(
-        "--scale",
-        type=int,
-        choices=(3, 5),
-        default=3,
-        help="3: A / B / tie (default); 5: A much better, A slightly better, tie, B slightly better, "
-        "B much better (keys 1-5), so export can keep strong pairs and pass the strength on as a margin",
-    )
-    s.add_argument("--guidelines", metavar="FILE.md", help="Markdown guidelines shown before the first item and on key g")
-    s.add_argument(
-        "--admin-token",
-        nargs="?",
-        const="",
-        help="token of the lead's dashboard at /admin (default, or given alone: a random one, printed at start)",
-    )
-    s.set_defaults(func=cmd_label_serve)
-    e = label_sub.add_parser(
-        "export",
-        parents=[common],
-        help="write majority-vote pairs and the agreement report",
-        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) for "
-        "training, with their votes, margin (mean strength) and rationales, and print the agreement report "
-        "(Krippendorff's alpha, each annotator's agreement with the majority, position bias), also written as JSON.",
-    )
-    e.add_argument("--db", required=True, help="labeling database written by 'label serve'")
-    e.add_argument("--out", required=True, help="pairs file (or, with --format datasets, folder) to write")
-    e.add_argument("--min-annotators", type=int, default=3, help="ratings an item needs to be voted on (default: 3)")
-    e.add_argument("--report", help="agreement report to write (default: OUT with the suffix .agreement.json)")
-    e.add_argument(
-        "--min-strength",
-        type=float,
-        help="drop pairs whose mean strength towards chosen (the margin: 2 = much better, 1 = slightly, "
-        "a tie 0, dissent negative) is below this; needs judgements made with --scale 5",
-    )
-    e.add_argument(
-        "--format",
-        choices=("jsonl", "csv", "parquet", "datasets"),
-        default="jsonl",
-        help="jsonl (default), csv (for spreadsheets), parquet, or datasets (a save_to_disk folder)",
-    )
-    e.set_defaults(func=cmd_label_export)
-    label.set_defaults(func=lambda a: label.print_help() or 2)
-    return parser
+
+# -- collect --------------------------------------------------------------------------------------
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -554,26 +300,160 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    import torch
-
-    from preftune.eval.evaluation import format_table
-    from preftune.recipes.quickstart import QuickstartSettings, run_quickstart
-
-    settings = QuickstartSettings.for_device(
-        torch.cuda.is_available(),
-        output_dir=args.output_dir,
-        model_name=args.model,
-        max_steps=args.max_steps,
-        eval_prompts=args.eval_prompts,
-        eval_samples=args.eval_samples,
-        seed=args.seed,
-        overwrite=args.overwrite or None,
+def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """generate, score, pairs: preference data from a model's samples (`preftune.collect`)."""
+    g = sub.add_parser(
+        "generate",
+        parents=[common],
+        help="sample completions for prompts (resumable)",
+        description="Sample N completions per prompt and write one JSONL line per prompt: prompt, completions, "
+        "their token lengths, whether each stopped at EOS, and the sampling settings. Sample j of prompt i is "
+        "seeded from (seed, i, j), so a rerun gives the same file, and a rerun after an interruption skips "
+        "the prompts already written. String prompts go to chat models as a user message.",
     )
-    result = run_quickstart(settings)
-    print(format_table(result, result["reward"]))
-    log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
+    g.add_argument("prompts", help="prompts: JSONL/JSON/Parquet/CSV with a 'prompt' field (text or messages), or .txt (one per line)")
+    g.add_argument("-o", "--output", required=True, help="samples file to write or resume (JSONL)")
+    g.add_argument("--model", default="smollm2-135m-instruct", help="model name, folder, .gguf or LoRA adapter folder (default: smollm2-135m-instruct)")
+    g.add_argument("--num-samples", type=int, default=4, help="completions per prompt (default: 4)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    g.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion at most (default: 48)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    g.add_argument("--batch-size", type=int, default=8, help="prompts per generate call (default: 8)")
+    g.add_argument(
+        "--chat",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="send string prompts as a user message through the chat template: auto = when the tokenizer has one",
+    )
+    g.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto", help="auto: vLLM when installed and a GPU is present")
+    g.add_argument("--overwrite", action="store_true", help="start the output file afresh instead of resuming it")
+    g.set_defaults(func=cmd_generate)
+    sc = sub.add_parser(
+        "score",
+        parents=[common],
+        help="add reward scores to a samples file",
+        description="Score every completion of a samples file with a reward and write the file with 'scores' "
+        "(one per completion) and 'reward' (its name) added.",
+    )
+    sc.add_argument("samples", help="samples file written by 'preftune generate'")
+    sc.add_argument(
+        "--reward",
+        required=True,
+        help="sentiment (VADER), length (words), a local reward-model folder, or module:function / file.py:function",
+    )
+    sc.add_argument("-o", "--output", help="file to write (default: rewrite SAMPLES in place)")
+    sc.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
+    sc.set_defaults(func=cmd_score)
+    pa = sub.add_parser(
+        "pairs",
+        parents=[common],
+        help="build preference pairs from scored samples",
+        description="Pair each prompt's completions by score into prompt/chosen/rejected records (scores kept as "
+        "chosen_score and rejected_score). Ties and pairs closer than --min-margin are skipped.",
+    )
+    pa.add_argument("scored", help="samples file with scores ('preftune score')")
+    pa.add_argument("-o", "--output", required=True, help="pairs file to write (JSONL)")
+    pa.add_argument("--strategy", default="best-worst", help="best-worst (default), all-pairs or random")
+    pa.add_argument("--min-margin", type=float, default=0.0, help="smallest score difference kept (default: 0; ties always skipped)")
+    pa.add_argument("--seed", type=int, default=0, help="seed of the random strategy (default: 0)")
+    pa.set_defaults(func=cmd_pairs)
+
+
+# -- label ----------------------------------------------------------------------------------------
+
+
+def cmd_label_serve(args: argparse.Namespace) -> int:
+    require("label", "fastapi", "uvicorn", "pydantic", "markdown_it", what="preftune label serve")
+    from preftune.label.server import new_token, serve
+
+    token = new_token() if args.token == "" else args.token
+    serve(
+        args.input, args.db, args.annotators_per_item, args.host, args.port, token,
+        scale=args.scale, guidelines=args.guidelines, admin_token=args.admin_token or None,  # none given: serve makes one
+    )
     return 0
+
+
+def cmd_label_export(args: argparse.Namespace) -> int:
+    from preftune.label.agreement import export_labels, format_agreement
+
+    report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format)
+    print(format_agreement(report))
+    log.info("wrote %d pairs to %s and the report to %s", report["exported"], report["output"], report["report"])
+    return 0
+
+
+def add_label_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """label serve, label export: human labeling (`preftune.label`)."""
+    label = sub.add_parser("label", parents=[common], help="label preference pairs by hand in a web page")
+    label_sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
+    s = label_sub.add_parser(
+        "serve",
+        parents=[common],
+        help="serve the labeling page",
+        description="Serve a web page where annotators pick the better of two responses (keys: 1 = A, 2 = B, "
+        "t = tie, s = skip, u = undo, c = comment, g = guidelines; with --scale 5: 1-5 from A much better to "
+        "B much better). Every judgement goes to an SQLite database; stopping and starting again loses "
+        "nothing. The input file is only read. The lead's dashboard is at /admin, behind its own token.",
+    )
+    s.add_argument("--input", required=True, help="pairs (prompt/chosen/rejected) or samples (prompt/completions) file")
+    s.add_argument("--db", required=True, help="SQLite database to keep the judgements in (created if missing)")
+    s.add_argument("--annotators-per-item", type=int, default=3, help="distinct annotators each item goes to (default: 3)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    s.add_argument(
+        "--token",
+        nargs="?",
+        const="",
+        help="require this access token from annotators (given alone, a random one is made); "
+        "the link to share ends in ?token=...",
+    )
+    s.add_argument(
+        "--scale",
+        type=int,
+        choices=(3, 5),
+        default=3,
+        help="3: A / B / tie (default); 5: A much better, A slightly better, tie, B slightly better, "
+        "B much better (keys 1-5), so export can keep strong pairs and pass the strength on as a margin",
+    )
+    s.add_argument("--guidelines", metavar="FILE.md", help="Markdown guidelines shown before the first item and on key g")
+    s.add_argument(
+        "--admin-token",
+        nargs="?",
+        const="",
+        help="token of the lead's dashboard at /admin (default, or given alone: a random one, printed at start)",
+    )
+    s.set_defaults(func=cmd_label_serve)
+    e = label_sub.add_parser(
+        "export",
+        parents=[common],
+        help="write majority-vote pairs and the agreement report",
+        description="Write the pairs whose ratings have a clear majority (ties and split votes dropped) for "
+        "training, with their votes, margin (mean strength) and rationales, and print the agreement report "
+        "(Krippendorff's alpha, each annotator's agreement with the majority, position bias), also written as JSON.",
+    )
+    e.add_argument("--db", required=True, help="labeling database written by 'label serve'")
+    e.add_argument("--out", required=True, help="pairs file (or, with --format datasets, folder) to write")
+    e.add_argument("--min-annotators", type=int, default=3, help="ratings an item needs to be voted on (default: 3)")
+    e.add_argument("--report", help="agreement report to write (default: OUT with the suffix .agreement.json)")
+    e.add_argument(
+        "--min-strength",
+        type=float,
+        help="drop pairs whose mean strength towards chosen (the margin: 2 = much better, 1 = slightly, "
+        "a tie 0, dissent negative) is below this; needs judgements made with --scale 5",
+    )
+    e.add_argument(
+        "--format",
+        choices=("jsonl", "csv", "parquet", "datasets"),
+        default="jsonl",
+        help="jsonl (default), csv (for spreadsheets), parquet, or datasets (a save_to_disk folder)",
+    )
+    e.set_defaults(func=cmd_label_export)
+    label.set_defaults(func=lambda a: label.print_help() or 2)
+
+
+# -- eval -----------------------------------------------------------------------------------------
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -638,6 +518,98 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """eval, sweep, report: measuring trained models (`preftune.eval`)."""
+    ev = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="preference accuracy, reward, win rate, KL and length drift of a tuned model",
+        description="Evaluate a tuned model against its reference. With --pairs: preference accuracy and implicit "
+        "reward margins (beta * log-ratio) with bootstrap confidence intervals. With --prompts and --reward: samples "
+        "from the model scored by the reward, win rate against the baseline's samples (the reference's unless "
+        "--baseline), KL(model || reference) estimated from the model's samples at temperature 1 (log-ratio and "
+        "per-token exact), and mean length against the baseline's. Prints a table and writes eval.json "
+        "(and eval_samples.jsonl) into the run folder, or --output.",
+    )
+    ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
+    ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
+    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
+    ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
+    ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
+    ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
+    ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
+    ev.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reward samples (default: 1.0)")
+    ev.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
+    ev.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
+    ev.add_argument("--seed", type=int, default=0, help="sampling and bootstrap seed (default: 0)")
+    ev.add_argument("--beta", type=float, help="beta of the implicit reward (default: the run's, else 0.1)")
+    ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    ev.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals (default: 0.95)")
+    ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
+    ev.set_defaults(func=cmd_eval)
+    sw = sub.add_parser(
+        "sweep",
+        parents=[common],
+        help="one run per grid value (e.g. beta), each evaluated, and the reward-vs-KL frontier",
+        description="Train one run per combination of the --set-grid values (in OUTPUT_DIR/KEY=VALUE), evaluate each "
+        "on the same prompts and reward, and write frontier.csv and frontier.png (reward against KL) with the "
+        "reference and best-of-N sampling from it as baselines. Resumable: finished runs and evaluations are kept.",
+    )
+    sw.add_argument("config", help="training config (.yaml, .yml or .json)")
+    sw.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2,...", help="values to sweep (repeatable: every combination)")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one config key for every run (repeatable)")
+    sw.add_argument("--prompts", required=True, help="held-out prompts to sample")
+    sw.add_argument("--reward", required=True, help="sentiment, length, a reward-model folder, or module:function")
+    sw.add_argument("--pairs", help="held-out preference pairs: adds preference accuracy to each run's evaluation")
+    sw.add_argument("--num-samples", type=int, default=4, help="samples per prompt of each run (default: 4)")
+    sw.add_argument("--best-of", default="1,2,4,8,16", help="N of the best-of-N baseline (default: 1,2,4,8,16)")
+    sw.add_argument("--max-prompts", type=int, help="use the first N prompts only")
+    sw.add_argument("--max-new-tokens", type=int, default=48, help="tokens per sample at most (default: 48)")
+    sw.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    sw.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
+    sw.add_argument("--output-dir", help="sweep folder (default: the config's output_dir)")
+    sw.set_defaults(func=cmd_sweep)
+    rp = sub.add_parser(
+        "report",
+        parents=[common],
+        help="one self-contained HTML page about a run: settings, curves, evaluation, frontier, samples",
+        description="Write RUN_DIR/report.html: the run's settings, training curves, the evaluation of 'preftune eval' "
+        "with intervals, the reward-vs-KL frontier when the run is part of a sweep, and samples of the baseline and "
+        "the tuned model side by side. Plots are embedded; the page loads nothing from the network.",
+    )
+    rp.add_argument("run_dir", help="a training run folder (output_dir)")
+    rp.add_argument("-o", "--output", help="HTML file to write (default: RUN_DIR/report.html)")
+    rp.add_argument("--max-samples", type=int, default=8, help="prompts shown in the samples section (default: 8)")
+    rp.set_defaults(func=cmd_report)
+
+
+# -- recipes --------------------------------------------------------------------------------------
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    import torch
+
+    from preftune.eval.evaluation import format_table
+    from preftune.recipes.quickstart import QuickstartSettings, run_quickstart
+
+    settings = QuickstartSettings.for_device(
+        torch.cuda.is_available(),
+        output_dir=args.output_dir,
+        model_name=args.model,
+        max_steps=args.max_steps,
+        eval_prompts=args.eval_prompts,
+        eval_samples=args.eval_samples,
+        seed=args.seed,
+        overwrite=args.overwrite or None,
+    )
+    result = run_quickstart(settings)
+    print(format_table(result, result["reward"]))
+    log.info("done in %.0fs: %s", result["total_seconds"], os.path.join(settings.output_dir, "eval.json"))
+    return 0
+
+
 def cmd_iterate(args: argparse.Namespace) -> int:
     from preftune.recipes.iterate import format_iterate, load_iterate_config, run_iterate
 
@@ -655,6 +627,77 @@ def cmd_iterate(args: argparse.Namespace) -> int:
     print(format_iterate(summary))
     log.info("done in %.0fs: %s", summary["seconds"], os.path.join(cfg.output_dir, "summary.json"))
     return 0
+
+
+def add_recipe_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """quickstart, iterate: end-to-end recipes (`preftune.recipes`)."""
+    q = sub.add_parser(
+        "quickstart",
+        parents=[common],
+        help="DPO on the bundled sentiment pairs, then a before/after table",
+        description="Train DPO with LoRA on the bundled movie-review sentiment pairs from the embedded "
+        "SmolLM2-135M-Instruct, sample the base and the tuned model on held-out prompts, and print mean "
+        "reward, win rate, KL and length before and after; writes eval.json beside the training outputs.",
+    )
+    q.add_argument("--output-dir", default="runs/quickstart", help="where to write (default: runs/quickstart)")
+    q.add_argument("--model", help="model to tune (default: smollm2-135m-instruct)")
+    q.add_argument("--max-steps", type=int, help="optimizer steps (default: 24 on CPU, 150 on a GPU)")
+    q.add_argument("--eval-prompts", type=int, help="held-out prompts to sample (default: 64 on CPU, all on a GPU)")
+    q.add_argument("--eval-samples", type=int, help="samples per held-out prompt (default: 2 on CPU, 4 on a GPU)")
+    q.add_argument("--seed", type=int, help="seed of training and sampling (default: 0)")
+    q.add_argument("--overwrite", action="store_true", help="replace a run with other settings in the output folder")
+    q.set_defaults(func=cmd_quickstart)
+    it = sub.add_parser(
+        "iterate",
+        parents=[common],
+        help="iterative DPO: sample, score, pair and train on the model's own samples, round after round",
+        description="Each round samples the current policy on the prompts, scores the samples with the reward, "
+        "pairs best against worst, trains DPO from the current policy (reference: the initial model or the "
+        "previous round's) and evaluates it against the initial model on held-out prompts. CONFIG is a training "
+        "config with an optional 'iterate:' block (see the README); the flags override that block. Writes "
+        "round-N/ folders and summary.json, and prints the table. A rerun skips finished rounds and continues "
+        "a half-done one; a larger --rounds extends a finished run.",
+    )
+    it.add_argument("config", help="training config (.yaml, .yml or .json) with an optional 'iterate:' block")
+    it.add_argument("--rounds", type=int, help="rounds to run (default: 3)")
+    it.add_argument("--prompts", help="training prompts: JSONL/JSON/Parquet/CSV with 'prompt', or .txt (default: the bundled sentiment prompts)")
+    it.add_argument("--eval-prompts", help="held-out prompts for evaluation (default: the bundled held-out sentiment prompts)")
+    it.add_argument("--reward", help="sentiment (default), length, a reward-model folder, or module:function / file.py:function")
+    it.add_argument("--num-samples", type=int, help="samples per prompt each round (default: 4)")
+    it.add_argument("--min-margin", type=float, help="smallest score difference of a pair (default: 0)")
+    it.add_argument("--reference", choices=("initial", "previous"), help="DPO reference of each round (default: previous)")
+    it.add_argument("--set", action="append", metavar="KEY=VALUE", help="override one training config key (repeatable)")
+    it.add_argument("--overwrite", action="store_true", help="replace an iterate run with other settings in output_dir")
+    it.set_defaults(func=cmd_iterate)
+
+
+# -- the parser -------------------------------------------------------------------------------
+
+# Each group adds its commands' arguments beside the functions that run them.
+COMMAND_GROUPS = (
+    add_train_commands,
+    add_data_commands,
+    add_collect_commands,
+    add_label_commands,
+    add_eval_commands,
+    add_recipe_commands,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
+
+    parser = argparse.ArgumentParser(
+        prog="preftune",
+        description="Preference fine-tuning (DPO and its family) for causal language models.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"preftune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add_commands in COMMAND_GROUPS:
+        add_commands(sub, common)
+    return parser
 
 
 def _out_of_memory_message(exc: BaseException) -> str:
