@@ -24,11 +24,12 @@ import numpy as np
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.io import write_atomic
+from preftune.io import fsync_tree, replace, write_atomic
 
 log = logging.getLogger("preftune")
 
 MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.json"
 
 
 def _sha256(path: Path) -> str:
@@ -183,6 +184,44 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
         raise PreftuneError(f"checkpoint {folder} does not match the model (unexpected weights {unexpected[:3]})")
     if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
         model.tie_weights()
+
+
+def save_main_files(
+    folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: dict[str, Any], sharded: bool
+) -> None:
+    """The main process's part of a checkpoint: the weights (or adapter) and optimizer unless
+    sharded (then each process has written its shards), the scheduler and the trainer state."""
+    if not sharded:
+        save_weights(model, folder / "model")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    write_atomic(folder / TRAINER_STATE, json.dumps(state, indent=2))
+
+
+def seal(tmp: Path, final: Path, step: int) -> None:
+    """Finish a checkpoint written in `tmp`: the manifest of checksums, everything synced, then
+    renamed to `final`, so `final` exists only once complete."""
+    write_manifest(tmp, step)
+    fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    replace(tmp, final)
+
+
+def read_trainer_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / TRAINER_STATE).read_text())
+
+
+def load_main_files(folder: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any, sharded: bool, process_index: int) -> None:
+    """Restore what `save_main_files` wrote (sharded weights and optimizer are loaded apart),
+    and this process's RNG states."""
+    if not sharded:
+        load_weights(model, folder / "model")
+        optimizer.load_state_dict(load_state(folder / "optimizer.pt"))
+    scheduler.load_state_dict(load_state(folder / "scheduler.pt"))
+    rng_file = folder / f"rng_state_{process_index}.pt"
+    if rng_file.is_file():
+        set_rng_state(load_state(rng_file))
 
 
 class OutputDirLock:

@@ -16,13 +16,16 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from preftune import sharding
 from preftune.batching import collate_pairs
+from preftune.errors import PreftuneError
 from preftune.io import atomic_path
 from preftune.logprobs import CompletionLogprobs, completion_logps
 
@@ -117,6 +120,11 @@ def cache_key(model_fingerprint: str, pairs: Sequence[Any], settings: dict) -> s
 
 
 @torch.no_grad()
+def cache_path(root: Path, model_fingerprint: str, pairs: Sequence[Any], settings: dict) -> Path:
+    """The cache file of a reference pass under `root`, named by its `cache_key`."""
+    return root / "reference" / f"{cache_key(model_fingerprint, pairs, settings)}.safetensors"
+
+
 def compute_logps(
     module: CompletionLogprobs,
     pairs: Sequence[Any],
@@ -173,3 +181,60 @@ def save_cached(path: Path, chosen: torch.Tensor, rejected: torch.Tensor, metada
     """Atomic: written beside the target, then renamed, so a crash leaves no half file."""
     with atomic_path(path) as tmp:
         save_file({"chosen": chosen.contiguous(), "rejected": rejected.contiguous()}, str(tmp), metadata=metadata)
+
+
+def precompute(
+    module: CompletionLogprobs,
+    pairs: Sequence[Any],
+    path: Path,
+    accelerator: Any,
+    *,
+    batch_size: int,
+    pad_id: int,
+    share_prompt: bool,
+    sharded: bool,
+    progress: bool,
+    model_name: str,
+    main_says: Callable[[bool], bool],
+) -> tuple[PrecomputedReference, float]:
+    """One pass of the reference over `pairs`, cached at `path`, and its wall time (0 on a cache
+    hit). Unsharded, the main process scores them all; sharded, every process scores its share (the
+    forwards are collectives) and the shares are summed into one table. The cache is written once.
+    `main_says` gives the main process's answer to every process."""
+    acc = accelerator
+    is_main = acc.is_main_process
+    # The main process decides, and every process follows: a process that looked for the file
+    # itself could find the one the main process has just written, skip the barrier below
+    # and desynchronise the collectives (a hang).
+    cached = load_cached(path) if is_main else None
+    hit = main_says(cached is not None and cached[0].shape[0] == len(pairs))
+    if hit:
+        if is_main:
+            log.info("reusing precomputed reference log-probs: %s (%d pairs)", path, len(pairs))
+        cached = cached or load_cached(path)
+        if cached is None:
+            raise PreftuneError(f"could not read precomputed reference log-probs from {path}")
+        return PrecomputedReference(*cached), 0.0
+    started = time.perf_counter()
+    world = acc.num_processes
+    share = (acc.process_index, world) if sharded else (0, 1)
+    if sharded or is_main:
+        chosen, rejected = compute_logps(
+            module, pairs, batch_size, pad_id, acc.device, autocast=acc.autocast,
+            progress=progress, share_prompt=share_prompt, share=share,
+        )
+        if sharded:  # each pair was scored by exactly one process
+            sharding.reshard(module)
+            table = acc.reduce(torch.stack([chosen, rejected]).to(acc.device), "sum").cpu()
+            chosen, rejected = table[0], table[1]
+        if is_main:
+            save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": model_name})
+            how = f" ({world} processes, each its share)" if sharded else ""
+            log.info("precomputed reference log-probs for %d pairs in %.1fs%s: %s", len(pairs),
+                     time.perf_counter() - started, how, path)
+    acc.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    cached = load_cached(path)
+    if cached is None:
+        raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
+    return PrecomputedReference(*cached), seconds

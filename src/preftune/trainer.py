@@ -31,7 +31,7 @@ from preftune import checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
-from preftune.io import fsync_tree, replace, replace_dir, write_atomic
+from preftune.io import replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
 from preftune.objectives import Runtime, make_objective, padded
@@ -39,10 +39,8 @@ from preftune.reference import (
     AdapterReference,
     ModelReference,
     PrecomputedReference,
-    cache_key,
-    compute_logps,
-    load_cached,
-    save_cached,
+    cache_path,
+    precompute,
 )
 
 log = logging.getLogger("preftune")
@@ -611,51 +609,19 @@ class Trainer:
         tokenized data and the settings, so a stale file is never read (see reference.py)."""
         cfg = self.cfg
         settings = {"dtype": str(self.model_dtype), "bf16": self.bf16, "4bit": cfg.use_4bit}
-        key = cache_key(models.model_fingerprint(ref_model), self.train_items + self.eval_items, settings)
         root = Path(cfg.cache_dir) if cfg.cache_dir else models.cache_dir()
-        return root / "reference" / f"{key}.safetensors"
+        return cache_path(root, models.model_fingerprint(ref_model), self.train_items + self.eval_items, settings)
 
     def _precompute_reference(self, module: CompletionLogprobs, path: Path) -> PrecomputedReference:
-        """One pass of the reference over train and eval items, cached at `path`. Unsharded, the
-        main process scores them all; sharded, every process scores its share (the forwards are
-        collectives) and the shares are summed into one table. The cache is written once."""
+        """One pass of the reference over train and eval items, cached at `path` (reference.py)."""
         cfg, acc = self.cfg, self.accelerator
-        pairs = self.train_items + self.eval_items
-        # The main process decides, and every process follows: a process that looked for the file
-        # itself could find the one the main process has just written, skip the barrier below
-        # and desynchronise the collectives (a hang).
-        cached = load_cached(path) if self.is_main else None
-        hit = self._main_says(cached is not None and cached[0].shape[0] == len(pairs))
-        if hit:
-            if self.is_main:
-                log.info("reusing precomputed reference log-probs: %s (%d pairs)", path, len(pairs))
-            cached = cached or load_cached(path)
-            if cached is None:
-                raise PreftuneError(f"could not read precomputed reference log-probs from {path}")
-            return PrecomputedReference(*cached)
-        started = time.perf_counter()
-        batch_size = cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size
-        share = (acc.process_index, self.world) if self.sharded else (0, 1)
-        if self.sharded or self.is_main:
-            chosen, rejected = compute_logps(
-                module, pairs, batch_size, self.pad_id, acc.device, autocast=acc.autocast,
-                progress=cfg.progress_bar and self.is_main, share_prompt=self.share_prompt, share=share,
-            )
-            if self.sharded:  # each pair was scored by exactly one process
-                sharding.reshard(module)
-                table = acc.reduce(torch.stack([chosen, rejected]).to(acc.device), "sum").cpu()
-                chosen, rejected = table[0], table[1]
-            if self.is_main:
-                save_cached(path, chosen, rejected, {"pairs": str(len(pairs)), "model": cfg.ref_model_name or cfg.model_name})
-                how = f" ({self.world} processes, each its share)" if self.sharded else ""
-                log.info("precomputed reference log-probs for %d pairs in %.1fs%s: %s", len(pairs),
-                         time.perf_counter() - started, how, path)
-        acc.wait_for_everyone()
-        self.reference_seconds = time.perf_counter() - started
-        cached = load_cached(path)
-        if cached is None:
-            raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
-        return PrecomputedReference(*cached)
+        reference, self.reference_seconds = precompute(
+            module, self.train_items + self.eval_items, path, acc,
+            batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size, pad_id=self.pad_id,
+            share_prompt=self.share_prompt, sharded=self.sharded, progress=cfg.progress_bar and self.is_main,
+            model_name=cfg.ref_model_name or cfg.model_name, main_says=self._main_says,
+        )
+        return reference
 
     # -- one batch ------------------------------------------------------------------------------
     def _forward(
@@ -912,10 +878,6 @@ class Trainer:
             if self.sharded:  # each process writes its shards of weights and optimizer state
                 sharding.save_sharded(self.policy, self.optimizer, tmp / "sharded")
             if self.is_main:
-                if not self.sharded:
-                    checkpoint.save_weights(self.inner.model, tmp / "model")
-                    torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-                torch.save(self.scheduler.state_dict(), tmp / "scheduler.pt")
                 state = {
                     "step": self.state.step,
                     "total_steps": self.total_steps,
@@ -926,14 +888,10 @@ class Trainer:
                     "nonfinite_skips": self.state.nonfinite_skips,
                     "nonfinite_in_a_row": self.state.nonfinite_in_a_row,
                 }
-                write_atomic(tmp / "trainer_state.json", json.dumps(state, indent=2))
+                checkpoint.save_main_files(tmp, self.inner.model, self.optimizer, self.scheduler, state, self.sharded)
             acc.wait_for_everyone()
             if self.is_main:
-                checkpoint.write_manifest(tmp, self.state.step)
-                fsync_tree(tmp)
-                if final.exists():
-                    shutil.rmtree(final)
-                replace(tmp, final)
+                checkpoint.seal(tmp, final, self.state.step)
                 checkpoint.prune(self.output_dir, self.cfg.save_total_limit)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -957,7 +915,7 @@ class Trainer:
                 log.info("resume_from_checkpoint: latest, but %s has no checkpoint yet: starting from step 0", self.output_dir)
             self.metrics.reset()
             return
-        state = json.loads((path / "trainer_state.json").read_text())
+        state = checkpoint.read_trainer_state(path)
         if state.get("global_batch") != self.global_batch:
             raise PreftuneError(
                 f"checkpoint {path} was trained with global batch {state.get('global_batch')}, this run has "
@@ -970,13 +928,7 @@ class Trainer:
             )
         if self.sharded:
             sharding.load_sharded(self.policy, self.optimizer, path / "sharded")
-        else:
-            checkpoint.load_weights(self.inner.model, path / "model")
-            self.optimizer.load_state_dict(checkpoint.load_state(path / "optimizer.pt"))
-        self.scheduler.load_state_dict(checkpoint.load_state(path / "scheduler.pt"))
-        rng_file = path / f"rng_state_{self.accelerator.process_index}.pt"
-        if rng_file.is_file():
-            checkpoint.set_rng_state(checkpoint.load_state(rng_file))
+        checkpoint.load_main_files(path, self.inner.model, self.optimizer, self.scheduler, self.sharded, self.accelerator.process_index)
         self.state = TrainState(
             step=state["step"],
             nonfinite_skips=state.get("nonfinite_skips", 0),
