@@ -11,14 +11,13 @@ from preftune.data import (
     PreferenceExample,
     check_data,
     check_records,
-    format_report,
     load_preference_data,
     load_records,
-    quality_report,
     split_implicit_prompt,
     validate_record,
 )
 from preftune.errors import PreftuneError
+from preftune.quality import format_report, quality_report
 
 PAIR = {"prompt": "Say hi.", "chosen": "Hi!", "rejected": "No."}
 USER = {"role": "user", "content": "Say hi."}

@@ -12,7 +12,8 @@ import statistics
 import pytest
 
 from preftune.cli import main
-from preftune.data import load_preference_data, quality_report
+from preftune.data import load_preference_data
+from preftune.quality import quality_report
 from preftune.eval.evaluation import format_table
 from preftune.collect.generation import load_prompts
 from preftune.recipes.quickstart import QuickstartSettings, bundled_data, run_quickstart

@@ -144,15 +144,8 @@ def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from preftune.data import (
-        check_data,
-        check_sft_data,
-        check_unpaired_data,
-        examples_report,
-        format_examples_report,
-        format_report,
-        quality_report,
-    )
+    from preftune.data import check_data, check_sft_data, check_unpaired_data
+    from preftune.quality import examples_report, format_examples_report, format_report, quality_report
 
     model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
     if args.config:

@@ -29,7 +29,8 @@ from torch import nn
 
 from preftune.batching import TokenizedPair, collate_pairs, tokenize_dataset, tokenize_unpaired
 from preftune.config import TrainConfig
-from preftune.data import kto_balance_advice, load_preference_data, load_sft_data, load_unpaired_data, margin_weight
+from preftune.data import load_preference_data, load_sft_data, load_unpaired_data, margin_weight
+from preftune.quality import kto_balance_advice
 from preftune.logprobs import CompletionLogprobs, Scored, completion_logps
 from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
 from preftune.reference import eval_mode
