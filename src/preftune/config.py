@@ -13,9 +13,9 @@ import difflib
 import json
 import math
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union, get_args, get_origin, get_type_hints
+from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -409,6 +409,12 @@ def load_config(
     if data is None:
         data = read_config_file(path) if path is not None else {}
     where = str(path) if path is not None else "config"
+    return from_dict(apply_overrides(data, overrides), where)
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """A copy of `data` with `--set KEY=VALUE` overrides applied (values parsed as YAML)."""
+    data = dict(data)
     for item in overrides:
         key, value = parse_override(item)
         name = ALIASES.get(key, key)
@@ -419,7 +425,7 @@ def load_config(
             if target == name:
                 data.pop(alias, None)
         data[name] = value
-    return from_dict(data, where)
+    return data
 
 
 def to_yaml(cfg: TrainConfig) -> str:

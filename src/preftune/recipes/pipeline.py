@@ -27,27 +27,13 @@ from typing import Any, Sequence
 
 import yaml
 
-from preftune.config import ALIASES, KNOWN_KEYS, TrainConfig, from_dict, parse_override, read_config_file, suggest
+from preftune.config import ALIASES, TrainConfig, apply_overrides, from_dict, read_config_file
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
 
 # Keys that do not change what a finished stage computed.
 _IGNORED = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir"}
-
-
-def _apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    data = dict(data)
-    for item in overrides:
-        key, value = parse_override(item)
-        name = ALIASES.get(key, key)
-        if name not in KNOWN_KEYS:
-            raise PreftuneError(f"--set: unknown key '{key}'{suggest(key, KNOWN_KEYS)}")
-        for alias, target in ALIASES.items():
-            if target == name:
-                data.pop(alias, None)
-        data[name] = value
-    return data
 
 
 def has_stages(path: str | Path) -> bool:
@@ -78,7 +64,7 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
                 raise PreftuneError(f"{where}: stages[{i - 1}] must be a mapping of keys to values, got {type(stage).__name__}")
             if "stages" in stage:
                 raise PreftuneError(f"{where}: stages[{i - 1}]: a stage cannot hold 'stages'")
-            merged = _apply_overrides({**data, **stage}, overrides)
+            merged = apply_overrides({**data, **stage}, overrides)
             if "output_dir" not in stage:
                 merged["output_dir"] = str(root / f"{i}-{merged.get('strategy', 'dpo')}")
             given = i > 1 and any(ALIASES.get(k, k) == "model_name" for k in stage)
@@ -88,7 +74,7 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
             data = read_config_file(path)
             if "stages" in data:
                 raise PreftuneError(f"{path}: a stage config cannot hold 'stages' when several configs are given")
-            raw.append((str(path), _apply_overrides(data, overrides), False))
+            raw.append((str(path), apply_overrides(data, overrides), False))
 
     configs: list[TrainConfig] = []
     for i, (where, data, given) in enumerate(raw):
