@@ -351,16 +351,26 @@ def tolerance(model: nn.Module) -> float:
 @torch.no_grad()
 def own_forward_sums(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The yardstick: each row of a one-sequence-a-row batch through the model's own forward alone
-    (no padding, no mask, full logits), its scored tokens' log-probs summed per output."""
+    (no padding, no mask, the model's own head and logits), its scored tokens' log-probs summed per
+    output. The head runs over the scored tail only (`logits_to_keep`, where the model takes it):
+    a long prompt's full-vocabulary logits would cost more memory than a training step."""
     sums = torch.zeros(batch["output_slot"].shape[0], dtype=torch.float64)
     device = batch["input_ids"].device
     for r in range(batch["input_ids"].shape[0]):
         length = int(batch["attention_mask"][r].sum())
         ids = batch["input_ids"][r : r + 1, :length]
-        logits = model(input_ids=ids, use_cache=False).logits[0].float()
         sel = (batch["score_row"] == r).nonzero(as_tuple=True)[0]
+        if not len(sel):
+            continue
+        src = batch["score_src"][sel]
+        first = int(src.min())
+        try:
+            logits = model(input_ids=ids, use_cache=False, logits_to_keep=length - first).logits[0]
+        except TypeError:  # a model without `logits_to_keep`
+            logits = model(input_ids=ids, use_cache=False).logits[0]
+        offset = length - logits.shape[0]  # the positions kept start here (0: all of them)
         targets = batch["input_ids"][r, batch["score_tgt"][sel]]
-        logps = logits[batch["score_src"][sel]].log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
+        logps = logits[src - offset].float().log_softmax(-1).gather(1, targets[:, None]).squeeze(1)
         sums.index_add_(0, batch["score_out"][sel].cpu(), logps.double().cpu())
     return sums.to(device)
 
