@@ -350,3 +350,22 @@ def test_resume_never_unpickles_arbitrary_objects(tmp_path, tiny_model_dir, pair
     with pytest.raises(PreftuneError, match=r"^checkpoint file .*optimizer\.pt holds more than tensors and plain values, so it is not loaded \(unpickling it could run code\)"):
         train(resume)
     assert not marker.exists()
+
+
+def test_the_reference_pass_keeps_no_graph(tiny_model_dir, tiny_tokenizer):
+    """The precomputed pass runs without autograd (a graph over the whole pass would hold every
+    activation), even on a model whose parameters train."""
+    from preftune.batching import truncate_pair
+    from preftune.logprobs import CompletionLogprobs
+    from preftune.reference import compute_logps
+
+    from conftest import build_tiny_model
+
+    model = build_tiny_model(len(tiny_tokenizer), seed=4)
+    assert all(p.requires_grad for p in model.parameters())
+    pairs = [truncate_pair(i, [5, 6, 7], [8, 9], [10], 64, 32) for i in range(3)]
+    seen = []
+    module = CompletionLogprobs(model)
+    module.register_forward_hook(lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.sums.requires_grad)))
+    chosen, rejected = compute_logps(module, pairs, batch_size=2, pad_id=0, device=torch.device("cpu"))
+    assert seen == [(False, False), (False, False)] and not chosen.requires_grad and chosen.shape == (3,)

@@ -119,12 +119,12 @@ def cache_key(model_fingerprint: str, pairs: Sequence[Any], settings: dict) -> s
     return hashlib.sha256(payload.encode()).hexdigest()[:32]
 
 
-@torch.no_grad()
 def cache_path(root: Path, model_fingerprint: str, pairs: Sequence[Any], settings: dict) -> Path:
     """The cache file of a reference pass under `root`, named by its `cache_key`."""
     return root / "reference" / f"{cache_key(model_fingerprint, pairs, settings)}.safetensors"
 
 
+@torch.no_grad()
 def compute_logps(
     module: CompletionLogprobs,
     pairs: Sequence[Any],
