@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
+import stat
 
 import pytest
 import torch
@@ -369,3 +371,56 @@ def test_the_reference_pass_keeps_no_graph(tiny_model_dir, tiny_tokenizer):
     module.register_forward_hook(lambda mod, args, out: seen.append((torch.is_grad_enabled(), out.sums.requires_grad)))
     chosen, rejected = compute_logps(module, pairs, batch_size=2, pad_id=0, device=torch.device("cpu"))
     assert seen == [(False, False), (False, False)] and not chosen.requires_grad and chosen.shape == (3,)
+
+
+def test_a_runs_files_get_the_modes_open_and_mkdir_give(tmp_path, tiny_model_dir, pairs_file):
+    """Atomic writes go through mkstemp (0600); a run's files must still be readable by the group
+    and others as any file `open()` writes, under the user's umask."""
+    old = os.umask(0o022)
+    try:
+        train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=2, save_steps=1))
+    finally:
+        os.umask(old)
+    run = tmp_path / "run"
+    modes = {str(p.relative_to(run)): stat.S_IMODE(p.stat().st_mode) for p in sorted(run.rglob("*"))}
+    print("\n".join(f"{oct(mode)} {name}" for name, mode in modes.items()))
+    for name in ("metrics.jsonl", "config.resolved.yaml", "checkpoints/step-1/model/model.safetensors",
+                 "checkpoints/step-1/optimizer.pt", "checkpoints/step-1/trainer_state.json",
+                 "final/model.safetensors", "final/config.json"):
+        assert modes[name] == 0o644, (name, oct(modes[name]))
+    for name in ("checkpoints", "checkpoints/step-1", "final"):
+        assert modes[name] == 0o755, (name, oct(modes[name]))
+    assert {oct(m) for n, m in modes.items() if (run / n).is_file()} == {"0o644"}
+    assert {oct(m) for n, m in modes.items() if (run / n).is_dir()} == {"0o755"}
+
+
+def test_atomic_writes_follow_the_umask(tmp_path):
+    from preftune.io import append_jsonl, make_temp_dir, write_atomic
+
+    old = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "sub" / "a.json", "{}")
+        append_jsonl(tmp_path / "b.jsonl", [{"x": 1}])
+        folder = make_temp_dir(tmp_path, ".convert-")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "sub" / "a.json").stat().st_mode) == 0o640
+    assert stat.S_IMODE((tmp_path / "sub").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "b.jsonl").stat().st_mode) == 0o640
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert [p.name for p in tmp_path.joinpath("sub").iterdir()] == ["a.json"]  # no temp file left
+
+
+def test_a_precomputed_reference_file_gets_an_ordinary_mode(tmp_path):
+    """safetensors writes its files 0600 whatever the umask; atomic_path gives them open()'s mode."""
+    from safetensors.torch import save_file
+
+    from preftune.io import atomic_path
+
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "ref.safetensors") as tmp:
+            save_file({"chosen": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "ref.safetensors").stat().st_mode) == 0o644

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -33,8 +34,11 @@ def fsync_dir(folder: str | Path) -> None:
 
 
 def fsync_tree(folder: str | Path) -> None:
-    """Sync every file under `folder` and the folders themselves, before the folder is renamed."""
+    """Sync every file under `folder` and the folders themselves, before the folder is renamed.
+    Their modes become those of `open()` and `mkdir` first: some writers (safetensors, mkstemp)
+    make files 0600, which would keep a shared run folder from its group."""
     folder = Path(folder)
+    ordinary_modes(folder)
     for path in sorted(folder.rglob("*")):
         if path.is_file():
             with open(path, "rb") as handle:
@@ -50,6 +54,58 @@ def replace(src: str | Path, dst: str | Path) -> None:
     fsync_dir(Path(dst).parent)
 
 
+def umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (`os.umask` can only
+    be read by setting it, which races with threads creating files meanwhile)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode an ordinary `open(path, "w")` gives a new file: 0666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def folder_mode() -> int:
+    """The mode `mkdir` gives a new folder: 0777 less the umask."""
+    return 0o777 & ~umask()
+
+
+def make_temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A fresh, uniquely named folder in `parent` with an ordinary folder's mode (mkdtemp makes
+    it 0700, which would stay on the folder it is renamed into)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, folder_mode())
+    return tmp
+
+
+def ordinary_modes(folder: str | Path) -> None:
+    """Give a freshly written folder, and everything in it, the modes `open()` and `mkdir` would
+    under the umask. Executable files and links are left as they are."""
+    folder = Path(folder)
+    files, folders = file_mode(), folder_mode()
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if path.is_dir():
+            wanted = folders
+        elif path.is_file() and not mode & 0o111:
+            wanted = files
+        else:
+            continue
+        if mode != wanted:
+            os.chmod(path, wanted)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` for a writer that wants a file name (safetensors, torch):
@@ -61,6 +117,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        # mkstemp makes the file 0600 (so do some writers that replace it, safetensors among them),
+        # and the rename keeps that: give it the mode open() would.
+        os.chmod(tmp, file_mode())
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         replace(tmp, path)
@@ -91,7 +150,7 @@ def append_jsonl(path: str | Path, records: Iterable[Any], *, sync: bool = True)
     """Append whole lines in one write: an interruption leaves at most one torn line at the end,
     which a reader drops. `sync` makes them durable before returning (resumable outputs)."""
     payload = jsonl_lines(records).encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)  # less the umask, as open() does
     try:
         os.write(fd, payload)
         if sync:

@@ -21,14 +21,13 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from preftune.errors import PreftuneError
-from preftune.io import fsync_tree, replace
+from preftune.io import fsync_tree, make_temp_dir, replace
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -226,7 +225,7 @@ def convert_gguf(path: str | os.PathLike[str]) -> Path:
             for stale in models.glob(f".{final.name}.tmp-*"):
                 shutil.rmtree(stale, ignore_errors=True)
         log.info("converting %s to safetensors once (about 30 s for 135M parameters); cached at %s", path.name, final)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=models))
+        tmp = make_temp_dir(models, f".{final.name}.tmp-")
         try:
             _convert_gguf_into(path, tmp)
             (tmp / _SOURCE_FILE).write_text(
