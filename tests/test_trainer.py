@@ -424,3 +424,17 @@ def test_a_precomputed_reference_file_gets_an_ordinary_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "ref.safetensors").stat().st_mode) == 0o644
+
+
+def test_each_evaluation_prints_one_line(tmp_path, tiny_model_dir, pairs_file, caplog):
+    caplog.set_level(logging.INFO, logger="preftune")
+    train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=4, eval_steps=2))
+    lines = [r.getMessage() for r in caplog.records if " eval: " in r.getMessage()]
+    evals = [r for r in read_metrics(tmp_path / "run") if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert lines == [
+        f"step {r['step']} eval: loss {r['eval_loss']:.4f}, acc {r['eval_rewards/accuracies']:.2f}, "
+        f"margin {r['eval_rewards/margins']:.3f} (8 pairs)"
+        for r in evals
+    ]
+    print("\n".join(lines))

@@ -770,7 +770,9 @@ class Trainer:
             bar.set_postfix(**objective.progress(means))
             bar.update(1)
             if self.eval_items and cfg.eval_steps and s % cfg.eval_steps == 0 and s != self.total_steps:
-                self._log({"step": s, "epoch": record["epoch"], **self.evaluate()})
+                eval_record = self.evaluate()
+                self._log({"step": s, "epoch": record["epoch"], **eval_record})
+                self._say_eval(s, eval_record, bar)
                 self.state.evaluated = True
             stop = self._stop_requested()
             if (s % cfg.save_steps == 0 or stop) and s != self.total_steps and finite:
@@ -788,6 +790,7 @@ class Trainer:
         if self.eval_items and not self.state.evaluated:
             eval_record = self.evaluate()
             self._log({"step": self.state.step, "epoch": last.get("epoch", 0.0), **eval_record})
+            self._say_eval(self.state.step, eval_record, bar)
             last.update(eval_record)
             self.state.evaluated = True
         self.save_checkpoint(evaluated=True)
@@ -795,6 +798,18 @@ class Trainer:
         if self.tb is not None:
             self.tb.close()
         return last
+
+    def _say_eval(self, step: int, eval_record: dict[str, float], bar: Any) -> None:
+        """One console line per evaluation, with the figures the progress bar shows for training
+        steps: an evaluation otherwise leaves no trace on screen until the run ends."""
+        if not self.is_main:
+            return
+        shown = self.objective.progress({k.removeprefix("eval_"): v for k, v in eval_record.items()})
+        figures = ", ".join(f"{name} {value}" for name, value in shown.items())
+        # Drawn around the bar, so the line does not land in the middle of it.
+        with bar.external_write_mode():
+            unit = "rows" if self.cfg.strategy == "sft" and self.cfg.packing else self._unit()
+            log.info("step %d eval: %s (%d %s)", step, figures, len(self.eval_items), unit)
 
     def _main_says(self, answer: bool) -> bool:
         """The main process's `answer`, on every process."""
