@@ -84,3 +84,24 @@ def test_sweep_resumes_finished_and_interrupted_runs(tiny_sweep, tmp_path, caplo
     assert [r["label"] for r in again] == [r["label"] for r in rows]
     assert again[3] == {**rows[3], "run_dir": str(sweep / "beta=0.1")}
     settings.output_dir = None
+
+
+def test_the_sweep_command_says_where_it_wrote_the_frontier(tiny_sweep, tmp_path, capsys):
+    from preftune.cli import main
+
+    root, settings, rows = tiny_sweep
+    sweep = tmp_path / "sweep"
+    shutil.copytree(root / "sweep", sweep)  # finished: the command only rereads and rewrites the frontier
+    code = main([
+        "sweep", str(root / "config.yaml"), "--set-grid", "beta=0.1,0.5", "--prompts", str(root / "prompts.jsonl"),
+        "--reward", "length", "--pairs", str(root / "test.jsonl"), "--num-samples", "2", "--best-of", "1,2,4",
+        "--max-new-tokens", "6", "--output-dir", str(sweep),
+    ])
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert err.splitlines()[-2:] == [
+        f"[preftune] frontier -> {sweep / 'frontier.csv'}",
+        f"[preftune] plot -> {sweep / 'frontier.png'}",
+    ]
+    assert "beta=0.5" in out  # the table itself goes to stdout
+    print(err.splitlines()[-2:])

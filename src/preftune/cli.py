@@ -477,7 +477,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from preftune.eval.sweep import SweepSettings, format_frontier, run_sweep
+    from preftune.eval.sweep import SweepSettings, format_frontier, frontier_files, run_sweep, sweep_folder
 
     try:
         best_of = tuple(int(v) for v in args.best_of.split(",") if v.strip())
@@ -500,6 +500,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     )
     rows = run_sweep(settings)
     print(format_frontier(rows))
+    table, plot = frontier_files(sweep_folder(settings))
+    log.info("frontier -> %s", table)
+    log.info("plot -> %s", plot)
     return 0
 
 

@@ -205,7 +205,7 @@ def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
     if settings.num_samples < 1 or any(n < 1 for n in settings.best_of):
         raise PreftuneError("--num-samples and every --best-of value must be >= 1")
     base = load_config(settings.config, settings.overrides)
-    sweep_dir = Path(settings.output_dir or base.output_dir)
+    sweep_dir = sweep_folder(settings, base)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     # Every run is checked before the first one trains: a bad value fails now, not an hour in.
     configs = []
@@ -255,14 +255,27 @@ def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
     return rows
 
 
+def sweep_folder(settings: SweepSettings, base: TrainConfig | None = None) -> Path:
+    """The sweep's folder: --output-dir, else the config's output_dir."""
+    if settings.output_dir:
+        return Path(settings.output_dir)
+    return Path((base or load_config(settings.config, settings.overrides)).output_dir)
+
+
+def frontier_files(sweep_dir: Path) -> tuple[Path, Path]:
+    """Where a sweep writes its frontier: the table and the plot."""
+    return sweep_dir / "frontier.csv", sweep_dir / "frontier.png"
+
+
 def write_frontier(rows: Sequence[dict[str, Any]], sweep_dir: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=FRONTIER_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    write_atomic(sweep_dir / "frontier.csv", buffer.getvalue())
-    write_atomic(sweep_dir / "frontier.png", frontier_png(rows))
+    table, plot = frontier_files(sweep_dir)
+    write_atomic(table, buffer.getvalue())
+    write_atomic(plot, frontier_png(rows))
 
 
 def read_frontier(path: Path) -> list[dict[str, Any]]:
