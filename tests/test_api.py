@@ -429,3 +429,15 @@ def test_the_card_lists_the_hub_datasets_it_knows(tmp_path, pairs_file):
         "datasets": ["owner/prefs"],
     }
     assert "Evaluation" not in card and "| `loss` | 0.5 |" in card and "AutoModelForCausalLM.from_pretrained" in card
+
+
+def test_generate_at_several_temperatures_equals_the_command(tmp_path, tiny_model_dir):
+    prompts = ["the movie was", "I think"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    out = tmp_path / "samples.jsonl"
+    argv = ["generate", str(tmp_path / "prompts.txt"), "-o", str(out), "--model", str(tiny_model_dir),
+            "--num-samples", "2", "--max-new-tokens", "5", "--temperature", "1.0", "0.5"]
+    assert main(argv) == 0
+    samples = preftune.generate(str(tiny_model_dir), prompts, num_samples=2, max_new_tokens=5, temperature=[1.0, 0.5], progress=False)
+    assert samples == [json.loads(line) for line in out.read_text().splitlines()]
+    assert [s["temperatures"] for s in samples] == [[1.0, 1.0, 0.5, 0.5]] * 2

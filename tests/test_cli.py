@@ -201,3 +201,49 @@ def test_a_missing_extra_stops_with_the_pip_install_to_run(capsys, monkeypatch, 
     assert code != 0 and "Traceback" not in err
     (line,) = error_lines(err)
     assert line.endswith(f"needs the '{extra}' extra ({module} is not installed): pip install 'preftune[{extra}]'")
+
+
+def test_generate_at_two_temperatures_from_the_command_line(tmp_path, capsys, tiny_model_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "The sky is"}\n{"prompt": "I loved this"}\n')
+    out = tmp_path / "s.jsonl"
+    code, _, err = run(capsys, "generate", str(prompts), "-o", str(out), "--model", str(tiny_model_dir),
+                       "--num-samples", "2", "--max-new-tokens", "4", "--temperature", "0.7", "1.0")
+    assert code == 0, err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["temperatures"] for r in records] == [[0.7, 0.7, 1.0, 1.0]] * 2
+    assert records[0]["sampling"]["temperature"] == [0.7, 1.0]
+    assert err.splitlines()[-1].startswith("[preftune] 8 samples for 2 prompts (0 already there) in ")
+    # Without --temperature, or with one value, the records are as they always were.
+    code, _, err = run(capsys, "generate", str(prompts), "-o", str(tmp_path / "one.jsonl"), "--model", str(tiny_model_dir),
+                       "--num-samples", "2", "--max-new-tokens", "4")
+    first = json.loads((tmp_path / "one.jsonl").read_text().splitlines()[0])
+    assert code == 0 and "temperatures" not in first and first["sampling"]["temperature"] == 0.7
+    assert first["completions"] == records[0]["completions"][:2]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "p.jsonl", "-o", "s.jsonl", "--top-p", "0.9", "--top-p", "0.95"],
+         "preftune: error: --top-p given twice (0.9 and 0.95): it takes one value"),
+        (["generate", "p.jsonl", "--output", "a.jsonl", "-o", "b.jsonl"],
+         "preftune: error: -o given twice (a.jsonl and b.jsonl): it takes one value"),
+        (["eval", "run", "--prompts", "p.jsonl", "--reward", "length", "--temperature", "0.5", "--temperature", "1"],
+         "preftune: error: --temperature given twice (0.5 and 1.0): it takes one value"),
+        (["train", "c.yaml", "--set", "beta=0.1", "--set", "beta=0.2", "--debug", "--debug"], None),
+    ],
+)
+def test_a_single_value_flag_given_twice_is_refused(capsys, argv, message):
+    if message is None:  # repeatable flags (--set) and switches stay as they were: only the parse is checked
+        from preftune.cli import build_parser
+
+        args = build_parser().parse_args(argv)
+        assert args.set == ["beta=0.1", "beta=0.2"]
+        # generate's --temperature takes several values, given at once or one flag each
+        again = build_parser().parse_args(["generate", "p", "-o", "s", "--temperature", "0.7", "--temperature", "1.0"])
+        assert again.temperature == [0.7, 1.0]
+        return
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [message]

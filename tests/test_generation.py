@@ -8,12 +8,14 @@ from collections import Counter
 import pytest
 import torch
 
+from preftune.batching import encode_prompt
 from preftune.errors import PreftuneError
 from preftune.collect.generation import (
     PromptRecord,
     SamplingSettings,
     _GumbelMax,
     as_chat,
+    chat_prompts,
     generate_file,
     load_generation_model,
     load_prompts,
@@ -227,3 +229,33 @@ def test_lora_adapter_folder_loads_on_its_base(tiny_model_dir, tmp_path):
             plain = model(ids).logits
     torch.testing.assert_close(got, expected)
     assert not torch.allclose(got, plain)
+
+
+def test_several_temperatures_sample_at_each_and_say_which(tiny, tmp_path):
+    model, tokenizer = tiny
+    single, both = tmp_path / "single.jsonl", tmp_path / "both.jsonl"
+    generate_file(model, tokenizer, prompts(), single, SETTINGS, model_name="tiny", batch_size=2, progress=False)
+    summary = generate_file(
+        model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", batch_size=2, progress=False, temperatures=[1.0, 0.5]
+    )
+    assert summary["samples"] == 5 * 3 * 2
+    one, two = lines(single), lines(both)
+    assert "temperatures" not in one[0]  # a single temperature writes the records it always did
+    for a, b in zip(one, two):
+        assert b["temperatures"] == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+        assert b["sampling"] == {**a["sampling"], "temperature": [1.0, 0.5]}
+        assert len(b["completions"]) == len(b["lengths"]) == len(b["stopped"]) == 6
+        # The first temperature's samples are those of a run at that temperature alone.
+        assert b["completions"][:3] == a["completions"] and b["lengths"][:3] == a["lengths"]
+    # The second temperature's samples are seeded as samples 3, 4, 5 of each prompt.
+    chats = chat_prompts(prompts(), tokenizer)
+    ids = [encode_prompt(tokenizer, p.prompt) for p in chats]
+    cooler = sample_batch(model, tokenizer, ids, list(range(5)), SamplingSettings(3, 0.5, 1.0, 6, 7), first_sample=3)
+    assert [r["completions"][3:] for r in two] == [s.completions for s in cooler]
+    # A resume with one temperature fewer is refused, naming both settings.
+    with pytest.raises(PreftuneError, match=r"both.jsonl:1: written with temperature=\[1.0, 0.5\], this run asks temperature=1.0"):
+        generate_file(model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", progress=False)
+    with pytest.raises(PreftuneError, match="--temperature: each value once, got 1 1"):
+        generate_file(model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", progress=False, temperatures=[1.0, 1.0])
+    with pytest.raises(PreftuneError, match="--temperature must be >= 0"):
+        generate_file(model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", progress=False, temperatures=[1.0, -1])

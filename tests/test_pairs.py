@@ -121,3 +121,15 @@ def test_bad_input(entry, kwargs, message):
     with pytest.raises(PreftuneError) as err:
         build_pairs([entry], **kwargs)
     assert str(err.value).startswith(message)
+
+
+def test_samples_at_several_temperatures_give_each_sides_temperature():
+    pairs, _ = build_pairs([record([0.1, 0.9, -0.5, 0.3], temperatures=[0.7, 0.7, 1.0, 1.0])], "best-worst")
+    assert chosen_rejected(pairs) == [("c1", "c2")]
+    assert (pairs[0]["chosen_temperature"], pairs[0]["rejected_temperature"]) == (0.7, 1.0)
+    assert "temperatures" not in pairs[0]
+    (plain,), _ = build_pairs([record([0.1, 0.9])], "best-worst")
+    assert "chosen_temperature" not in plain
+    with pytest.raises(PreftuneError) as err:
+        build_pairs([record([0.1, 0.9], temperatures=[0.7])])
+    assert str(err.value) == "s.jsonl:1: field 'temperatures' must be a list of 2 numbers, one per completion"

@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from preftune.config import ALIASES, REFERENCE_FREE, TrainConfig, load_config, read_config_file
 from preftune.errors import PreftuneError
@@ -414,7 +414,7 @@ def generate(
     *,
     tokenizer: Any = None,
     num_samples: int = 4,
-    temperature: float = 0.7,
+    temperature: float | Sequence[float] = 0.7,
     top_p: float = 1.0,
     max_new_tokens: int = 48,
     seed: int = 0,
@@ -428,7 +428,8 @@ def generate(
     `tokenizer`; `prompts` are strings, records with a `prompt` field (text or messages), a
     Dataset or a DataFrame. Sample j of prompt i is seeded from (seed, i, j): the same call gives
     the same samples. `chat=None` sends string prompts as a user message when the tokenizer has a
-    chat template.
+    chat template. Several temperatures (`temperature=[0.7, 1.0]`) give `num_samples` at each, and
+    each record a `temperatures` list, one per completion.
 
     Example::
 
@@ -438,7 +439,10 @@ def generate(
     from preftune.collect.generation import SamplingSettings, chat_prompts, iter_sample_records, load_generation_model, load_prompts
     from preftune.reference import eval_mode
 
-    settings = SamplingSettings(num_samples, temperature, top_p, max_new_tokens, seed).check()
+    temperatures = [temperature] if isinstance(temperature, (int, float)) else list(temperature)
+    if not temperatures:
+        raise PreftuneError("temperature: give at least one value")
+    settings = SamplingSettings(num_samples, temperatures[0], top_p, max_new_tokens, seed).check()
     records = load_prompts(_prompt_source(prompts))
     if isinstance(model, (str, os.PathLike)):
         name = str(model)
@@ -456,7 +460,8 @@ def generate(
     records = chat_prompts(records, tokenizer, chat)
     with eval_mode(model):
         batches = iter_sample_records(
-            model, tokenizer, records, settings, model_name=name, batch_size=batch_size, progress=progress
+            model, tokenizer, records, settings, model_name=name, batch_size=batch_size, progress=progress,
+            temperatures=temperatures,
         )
         return [record for batch in batches for record in batch]
 

@@ -229,10 +229,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         generate_file,
         load_generation_model,
         load_prompts,
-        vllm_sampler,
+        temperature_list,
+        vllm_samplers,
     )
 
-    settings = SamplingSettings(args.num_samples, args.temperature, args.top_p, args.max_new_tokens, args.seed).check()
+    temperatures = args.temperature or [0.7]
+    settings = SamplingSettings(args.num_samples, temperatures[0], args.top_p, args.max_new_tokens, args.seed).check()
+    temperature_list(settings, temperatures)
     prompts = load_prompts(args.prompts)
     engine = choose_engine(args.engine, args.model)
     chat = {"auto": None, "on": True, "off": False}[args.chat]
@@ -240,7 +243,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from preftune.models import load_tokenizer
 
         model, tokenizer = None, load_tokenizer(args.model)
-        sampler = vllm_sampler(args.model, tokenizer, settings)
+        sampler = vllm_samplers(args.model, tokenizer, settings, temperatures)
     else:
         model, tokenizer = load_generation_model(args.model)
         sampler = None
@@ -255,6 +258,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         chat=chat,
         overwrite=args.overwrite,
         sampler=sampler,
+        temperatures=temperatures,
     )
     log.info(
         "%d samples for %d prompts (%d already there) in %.1fs, %.2f samples/s -> %s",
@@ -308,7 +312,15 @@ def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     g.add_argument("-o", "--output", required=True, help="samples file to write or resume (JSONL)")
     g.add_argument("--model", default="smollm2-135m-instruct", help="model name, folder, .gguf or LoRA adapter folder (default: smollm2-135m-instruct)")
     g.add_argument("--num-samples", type=int, default=4, help="completions per prompt (default: 4)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature; 0 is greedy (default: 0.7)")
+    g.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        action="extend",
+        metavar="T",
+        help="sampling temperature; 0 is greedy (default: 0.7). Several (--temperature 0.7 1.0) sample NUM_SAMPLES "
+        "at each; each record then lists the temperature of each completion",
+    )
     g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0, off)")
     g.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion at most (default: 48)")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
@@ -680,11 +692,34 @@ COMMAND_GROUPS = (
 )
 
 
+class _StoreOnce(argparse._StoreAction):
+    """An option that takes one value. Given twice, argparse keeps the last value without a word,
+    so `--top-p 0.9 ... --top-p 0.95` would run with a setting the user may not have meant."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option_string: str | None = None) -> None:
+        if option_string is not None:
+            given = namespace.__dict__.setdefault("_given_once", {})
+            shown = " ".join(map(str, values)) if isinstance(values, list) else str(values)
+            if self.dest in given:
+                raise PreftuneError(f"{option_string} given twice ({given[self.dest]} and {shown}): it takes one value")
+            given[self.dest] = shown
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every plain `store` option of the command line (its subcommands' too) takes one value."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks and debug logs")
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="preftune",
         description="Preference fine-tuning (DPO and its family) for causal language models.",
         parents=[common],
@@ -706,7 +741,12 @@ def _out_of_memory_message(exc: BaseException) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except PreftuneError as exc:  # a repeated single-value option
+        print(f"preftune: error: {exc}", file=sys.stderr)
+        return 2
+    vars(args).pop("_given_once", None)
     debug = bool(getattr(args, "debug", False))
     _setup_logging(debug)
     if not getattr(args, "func", None):

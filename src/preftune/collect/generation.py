@@ -18,7 +18,11 @@ The samples file is JSONL, one line per prompt:
 `{"index", "prompt", "completions", "lengths", "stopped", "sampling", ...the prompt record's other fields}`.
 `lengths` counts generated tokens (EOS excluded); `stopped` says whether the sample ended with EOS
 rather than at `max_new_tokens`; `sampling` holds the settings, so a resume with different ones is
-refused instead of mixing two distributions in one file.
+refused instead of mixing two distributions in one file. Sampled at several temperatures, a record
+holds `num_samples` completions per temperature, in the order given, `sampling.temperature` is the
+list, and `temperatures` says the temperature of each completion. Sample j at the k-th temperature
+is seeded as sample k * num_samples + j, so the first temperature's samples are those a run at that
+temperature alone gives.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -89,6 +93,31 @@ class Samples:
 
 # (prompt ids of a batch, their prompt indices) -> the samples of each prompt
 Sampler = Callable[[list[list[int]], list[int]], list[Samples]]
+
+
+def temperature_list(settings: SamplingSettings, temperatures: Sequence[float] | None) -> list[float]:
+    """The temperatures to sample at: `temperatures` when given, else the settings' one."""
+    temps = [float(t) for t in temperatures] if temperatures else [settings.temperature]
+    for t in temps:
+        replace(settings, temperature=t).check()
+    if len(set(temps)) != len(temps):
+        raise PreftuneError(f"--temperature: each value once, got {' '.join(f'{t:g}' for t in temps)}")
+    return temps
+
+
+def sampling_record(model_name: str, settings: SamplingSettings, temps: Sequence[float]) -> dict[str, Any]:
+    """The `sampling` field of a samples record: the settings, the temperature a list when several."""
+    return {"model": model_name, **asdict(settings), "temperature": temps[0] if len(temps) == 1 else list(temps)}
+
+
+def _joined(parts: Sequence[Samples]) -> Samples:
+    """One prompt's samples at several temperatures, as one list in temperature order."""
+    return Samples(
+        [c for p in parts for c in p.completions],
+        [n for p in parts for n in p.lengths],
+        [s for p in parts for s in p.stopped],
+        [t for p in parts for t in p.token_ids],
+    )
 
 
 # --------------------------------------------------------------------------------------- prompts
@@ -213,12 +242,15 @@ def sample_batch(
     prompt_ids: Sequence[list[int]],
     indices: Sequence[int],
     settings: SamplingSettings,
+    *,
+    first_sample: int = 0,
 ) -> list[Samples]:
     """`settings.num_samples` completions for each prompt (given as ids), in one `generate` call.
 
     Rows are left-padded so every prompt ends where generation starts; each prompt's forward pass
     is run once for all its samples (`_shared_prefill`). Sample `j` of prompt
-    `indices[k]` uses the generator seeded `sample_seed(settings.seed, indices[k], j)`.
+    `indices[k]` uses the generator seeded `sample_seed(settings.seed, indices[k], first_sample + j)`
+    (`first_sample`: where this call's samples sit among the prompt's, at several temperatures).
     """
     from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -240,7 +272,7 @@ def sample_batch(
             processors.append(TemperatureLogitsWarper(settings.temperature))
         if settings.top_p < 1.0:
             processors.append(TopPLogitsWarper(settings.top_p))
-        seeds = [sample_seed(settings.seed, i, j) for i in indices for j in range(n)]
+        seeds = [sample_seed(settings.seed, i, first_sample + j) for i in indices for j in range(n)]
         processors.append(_GumbelMax(seeds, device))
     eos = _eos_ids(model, tokenizer)
     # A fresh config: the model's own defaults (top_k=50, repetition penalties, ...) would change
@@ -359,28 +391,44 @@ def iter_samples(
     batch_size: int = 8,
     progress: bool = True,
     desc: str = "generate",
-    sampler: Sampler | None = None,
+    sampler: Sampler | Sequence[Sampler] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> Iterator[tuple[list[PromptRecord], list[Samples]]]:
     """Sample `prompts` (already in the form the model sees) batch by batch, in order, with a
-    progress bar in samples/s; yields each batch with its samples. `sampler` replaces the
-    transformers sampler (the vLLM engine passes its own)."""
+    progress bar in samples/s; yields each batch with its samples. `temperatures` samples each
+    prompt at each of them in turn (`settings.num_samples` each; see the module's docstring).
+    `sampler` replaces the transformers sampler (the vLLM engine passes its own): one per
+    temperature."""
     from tqdm.auto import tqdm
 
     settings.check()
     if batch_size < 1:
         raise PreftuneError(f"--batch-size must be >= 1, got {batch_size}")
+    temps = temperature_list(settings, temperatures)
+    n = settings.num_samples
     if sampler is None:
-        def sampler(ids: list[list[int]], indices: list[int]) -> list[Samples]:
-            return sample_batch(model, tokenizer, ids, indices, settings)
+        samplers: list[Sampler] = [_transformers_sampler(model, tokenizer, replace(settings, temperature=t), k * n) for k, t in enumerate(temps)]
+    else:
+        samplers = [sampler] if callable(sampler) else list(sampler)
+    if len(samplers) != len(temps):
+        raise PreftuneError(f"{len(temps)} temperatures need {len(temps)} samplers, got {len(samplers)}")
 
-    with tqdm(
-        total=len(prompts) * settings.num_samples, desc=desc, unit="sample", disable=not progress, dynamic_ncols=True
-    ) as bar:
+    with tqdm(total=len(prompts) * n * len(temps), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
-            results = sampler([encode_prompt(tokenizer, p.prompt) for p in batch], [p.index for p in batch])
-            bar.update(len(batch) * settings.num_samples)
-            yield batch, results
+            ids = [encode_prompt(tokenizer, p.prompt) for p in batch]
+            parts = []
+            for sample in samplers:
+                parts.append(sample(ids, [p.index for p in batch]))
+                bar.update(len(batch) * n)
+            yield batch, [_joined(per_prompt) for per_prompt in zip(*parts, strict=True)]
+
+
+def _transformers_sampler(model: Any, tokenizer: Any, settings: SamplingSettings, first_sample: int) -> Sampler:
+    def sample(ids: list[list[int]], indices: list[int]) -> list[Samples]:
+        return sample_batch(model, tokenizer, ids, indices, settings, first_sample=first_sample)
+
+    return sample
 
 
 def scoring_rows(
@@ -407,12 +455,18 @@ def iter_sample_records(
     model_name: str,
     batch_size: int = 8,
     progress: bool = True,
-    sampler: Sampler | None = None,
+    sampler: Sampler | Sequence[Sampler] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """The samples records of `prompts` (already in the form the model sees), batch by batch: what
-    a samples file holds, one record per prompt."""
-    sampling = {"model": model_name, **asdict(settings)}
-    for batch, results in iter_samples(model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress, sampler=sampler):
+    a samples file holds, one record per prompt. At several temperatures each record also says
+    the temperature of each completion (`temperatures`)."""
+    temps = temperature_list(settings, temperatures)
+    sampling = sampling_record(model_name, settings, temps)
+    per_sample = {"temperatures": [t for t in temps for _ in range(settings.num_samples)]} if len(temps) > 1 else {}
+    for batch, results in iter_samples(
+        model, tokenizer, prompts, settings, batch_size=batch_size, progress=progress, sampler=sampler, temperatures=temps
+    ):
         yield [
             {
                 **p.extra,
@@ -421,6 +475,7 @@ def iter_sample_records(
                 "completions": s.completions,
                 "lengths": s.lengths,
                 "stopped": s.stopped,
+                **per_sample,
                 "sampling": sampling,
             }
             for p, s in zip(batch, results, strict=True)
@@ -439,17 +494,20 @@ def generate_file(
     chat: bool | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    sampler: Sampler | None = None,
+    sampler: Sampler | Sequence[Sampler] | None = None,
+    temperatures: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Sample every prompt not yet in `output` and append its record; returns counts and timing.
 
     Records are appended batch by batch in prompt order, so an interrupted run keeps every batch
-    it finished and a rerun continues after it.
+    it finished and a rerun continues after it. `temperatures`: sample at each (see the module's
+    docstring), instead of at `settings.temperature` only.
     """
     settings.check()
+    temps = temperature_list(settings, temperatures)
     output = Path(output)
     prompts = chat_prompts(prompts, tokenizer, chat)
-    sampling = {"model": model_name, **asdict(settings)}
+    sampling = sampling_record(model_name, settings, temps)
     output.parent.mkdir(parents=True, exist_ok=True)
     if overwrite and output.exists():
         output.unlink()
@@ -459,11 +517,12 @@ def generate_file(
         log.info("%s: %d of %d prompts already sampled; sampling the other %d", output, len(done), len(prompts), len(todo))
     started = time.perf_counter()
     for records in iter_sample_records(
-        model, tokenizer, todo, settings, model_name=model_name, batch_size=batch_size, progress=progress, sampler=sampler
+        model, tokenizer, todo, settings, model_name=model_name, batch_size=batch_size, progress=progress,
+        sampler=sampler, temperatures=temps,
     ):
         append_jsonl(output, records)
     seconds = time.perf_counter() - started
-    made = len(todo) * settings.num_samples
+    made = len(todo) * settings.num_samples * len(temps)
     return {
         "prompts": len(prompts),
         "skipped": len(done),
@@ -523,16 +582,30 @@ def choose_engine(engine: str, model_name: str) -> str:
     return "transformers"
 
 
-def vllm_sampler(model_name: str, tokenizer: Any, settings: SamplingSettings) -> Sampler:
+def vllm_samplers(model_name: str, tokenizer: Any, settings: SamplingSettings, temperatures: Sequence[float] | None = None) -> list[Sampler]:
+    """`vllm_sampler` at each temperature, on one loaded engine."""
+    from vllm import LLM
+
+    from preftune.models import resolve_model_path
+
+    temps = temperature_list(settings, temperatures)
+    llm = LLM(model=str(resolve_model_path(model_name)), dtype="bfloat16", seed=settings.seed)
+    n = settings.num_samples
+    return [vllm_sampler(model_name, tokenizer, replace(settings, temperature=t), first_sample=k * n, llm=llm) for k, t in enumerate(temps)]
+
+
+def vllm_sampler(model_name: str, tokenizer: Any, settings: SamplingSettings, *, first_sample: int = 0, llm: Any = None) -> Sampler:
     """The same contract as `sample_batch` on vLLM: prompts go in as the same token ids, each
-    prompt's request is seeded from `(seed, index)`; vLLM's own sampler draws the tokens, so its
-    samples differ from the transformers engine's but follow the same settings."""
+    prompt's request is seeded from `(seed, index, first_sample)`; vLLM's own sampler draws the
+    tokens, so its samples differ from the transformers engine's but follow the same settings.
+    `llm`: an engine already loaded (one per model, whatever the temperatures)."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from preftune.models import resolve_model_path
 
-    llm = LLM(model=str(resolve_model_path(model_name)), dtype="bfloat16", seed=settings.seed)
+    if llm is None:
+        llm = LLM(model=str(resolve_model_path(model_name)), dtype="bfloat16", seed=settings.seed)
     eos = [tokenizer.eos_token_id]
 
     def sample(prompt_ids: list[list[int]], indices: list[int]) -> list[Samples]:
@@ -542,7 +615,7 @@ def vllm_sampler(model_name: str, tokenizer: Any, settings: SamplingSettings) ->
                 temperature=settings.temperature,
                 top_p=settings.top_p,
                 max_tokens=settings.max_new_tokens,
-                seed=sample_seed(settings.seed, i, 0),
+                seed=sample_seed(settings.seed, i, first_sample),
                 stop_token_ids=eos,
             )
             for i in indices

@@ -13,7 +13,8 @@ Rules for all: a pair whose scores are equal is a tie and is skipped (it says no
 is better), as is a pair of identical texts; a pair whose score difference is below `min_margin` is
 skipped (small differences are mostly reward noise); a prompt's pair is written once even when a
 completion was sampled twice (a repeat would weigh it double). The output keeps the scores as
-`chosen_score` / `rejected_score` and the sample record's other fields, minus the per-sample lists.
+`chosen_score` / `rejected_score` and the sample record's other fields, minus the per-sample lists;
+samples drawn at several temperatures also give `chosen_temperature` / `rejected_temperature`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from preftune.errors import PreftuneError
 STRATEGIES = ("best-worst", "all-pairs", "random")
 
 # Per-sample lists of a samples record: they describe all completions, not the two of a pair.
-_PER_SAMPLE_FIELDS = ("completions", "scores", "lengths", "stopped")
+_PER_SAMPLE_FIELDS = ("completions", "scores", "lengths", "stopped", "temperatures")
 
 
 @dataclass
@@ -87,6 +88,9 @@ def build_pairs(
         index = record.get("index", position)
         rng = random.Random(f"{seed}:{index}")
         kept = {k: v for k, v in record.items() if k not in _PER_SAMPLE_FIELDS and k != "prompt"}
+        temperatures = record.get("temperatures")
+        if temperatures is not None and (not isinstance(temperatures, list) or len(temperatures) != len(completions)):
+            raise PreftuneError(f"{location}: field 'temperatures' must be a list of {len(completions)} numbers, one per completion")
         written: set[tuple[str, str]] = set()
         for a, b in _candidates(strategy, scores, rng):
             if scores[a] == scores[b] or completions[a] == completions[b]:
@@ -107,6 +111,7 @@ def build_pairs(
                     "rejected": completions[rejected],
                     "chosen_score": scores[chosen],
                     "rejected_score": scores[rejected],
+                    **({"chosen_temperature": temperatures[chosen], "rejected_temperature": temperatures[rejected]} if temperatures else {}),
                     **kept,
                 }
             )
