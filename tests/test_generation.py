@@ -259,3 +259,65 @@ def test_several_temperatures_sample_at_each_and_say_which(tiny, tmp_path):
         generate_file(model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", progress=False, temperatures=[1.0, 1.0])
     with pytest.raises(PreftuneError, match="--temperature must be >= 0"):
         generate_file(model, tokenizer, prompts(), both, SETTINGS, model_name="tiny", progress=False, temperatures=[1.0, -1])
+
+
+def test_the_progress_bar_moves_with_every_batch(tiny, tmp_path, monkeypatch):
+    """The bar counts samples (its rate is samples/s) and moves after each generate call, not
+    once at the end."""
+    import tqdm.auto
+
+    model, tokenizer = tiny
+    bars = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.updates = []
+            bars.append(self)
+
+        def update(self, n=1):
+            self.updates.append(n)
+            return super().update(n)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    seen = []
+
+    def watching(ids, indices):
+        seen.append(bars[0].n)  # where the bar stood when this call began
+        return sample_batch(model, tokenizer, ids, indices, SETTINGS)
+
+    generate_file(model, tokenizer, prompts(), tmp_path / "s.jsonl", SETTINGS, model_name="tiny", batch_size=2, progress=True, sampler=watching)
+    (bar,) = bars
+    assert bar.unit == "sample" and bar.total == 15
+    assert seen == [0, 6, 12] and bar.updates == [6, 6, 3] and bar.n == 15
+    # The transformers sampler reports samples as they end; the bar still reaches the total.
+    generate_file(model, tokenizer, prompts(), tmp_path / "t.jsonl", SETTINGS, model_name="tiny", batch_size=2, progress=True)
+    assert bars[1].n == 15 and sum(bars[1].updates) == 15 and len(bars[1].updates) >= 3
+
+
+def test_samples_are_reported_as_they_end_within_a_generate_call(tiny_model_dir, tiny_tokenizer):
+    """Greedy rows of the tiny model, with a token they draw made the EOS: each sample is reported
+    at the step it draws it, the ones that run to max_new_tokens when the call returns."""
+    import copy
+
+    model, tokenizer = load_generation_model(str(tiny_model_dir))
+    chats = chat_prompts(prompts(), tokenizer)
+    ids = [encode_prompt(tokenizer, p.prompt) for p in chats]
+    greedy = SamplingSettings(num_samples=1, temperature=0, max_new_tokens=6)
+    free = sample_batch(model, tokenizer, ids, list(range(5)), greedy)
+    assert not any(s.stopped[0] for s in free)
+    rows = [s.token_ids[0] for s in free]
+    eos = next(t for t in rows[0][1:] if t not in rows[0][:1])  # a token row 0 first draws at step >= 2
+    ends = [row.index(eos) + 1 if eos in row else None for row in rows]  # the step each row draws it
+    expected = [sum(1 for e in ends if e == step) for step in sorted({e for e in ends if e})]
+    expected += [ends.count(None)] if None in ends else []
+
+    tok = copy.deepcopy(tokenizer)
+    tok.eos_token = tok.convert_ids_to_tokens(eos)
+    model.generation_config.eos_token_id = eos
+    reports = []
+    samples = sample_batch(model, tok, ids, list(range(5)), greedy, on_samples=reports.append)
+    print("steps at which each row draws the EOS:", ends, "reports:", reports)
+    assert reports == expected and sum(reports) == 5, (ends, reports)
+    assert [s.stopped[0] for s in samples] == [e is not None for e in ends]
+    assert [s.lengths[0] for s in samples] == [e - 1 if e else 6 for e in ends]

@@ -201,6 +201,26 @@ class _GumbelMax:
         return scores.float() + gumbel
 
 
+class _FinishedSamples:
+    """A stopping criterion that stops nothing: it reports samples as they end (their EOS drawn),
+    so a progress bar moves during a long `generate` call instead of only after it."""
+
+    def __init__(self, eos: Sequence[int], report: Callable[[int], None]) -> None:
+        self.eos = torch.tensor(list(eos), dtype=torch.long)
+        self.report = report
+        self.done: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        ended = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        if self.done is None:
+            self.done = torch.zeros_like(ended)
+        new = int((ended & ~self.done).sum())
+        self.done |= ended  # a finished row is padded (often with EOS itself): counted once
+        if new:
+            self.report(new)
+        return torch.zeros_like(ended)
+
+
 def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -244,6 +264,7 @@ def sample_batch(
     settings: SamplingSettings,
     *,
     first_sample: int = 0,
+    on_samples: Callable[[int], None] | None = None,
 ) -> list[Samples]:
     """`settings.num_samples` completions for each prompt (given as ids), in one `generate` call.
 
@@ -251,8 +272,10 @@ def sample_batch(
     is run once for all its samples (`_shared_prefill`). Sample `j` of prompt
     `indices[k]` uses the generator seeded `sample_seed(settings.seed, indices[k], first_sample + j)`
     (`first_sample`: where this call's samples sit among the prompt's, at several temperatures).
+    `on_samples(k)` is told of samples as they finish, all `len(prompt_ids) * num_samples` of them
+    by the time this returns.
     """
-    from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
 
     n = settings.num_samples
     device = next(model.parameters()).device
@@ -285,13 +308,24 @@ def sample_batch(
         pad_token_id=pad,
         use_cache=True,
     )
+    reported = 0
+
+    def report(k: int) -> None:
+        nonlocal reported
+        reported += k
+        if on_samples is not None:
+            on_samples(k)
+
     output = model.generate(
         input_ids=input_ids.repeat_interleave(n, dim=0),
         attention_mask=attention_mask.repeat_interleave(n, dim=0),
         past_key_values=cache,
         generation_config=config,
         logits_processor=processors,
+        stopping_criteria=StoppingCriteriaList([_FinishedSamples(eos, report)]),
     )
+    if len(prompt_ids) * n > reported:  # the samples that ran to max_new_tokens
+        report(len(prompt_ids) * n - reported)
     generated = output[:, width:].tolist()
     results: list[Samples] = []
     for k in range(len(prompt_ids)):
@@ -406,27 +440,40 @@ def iter_samples(
         raise PreftuneError(f"--batch-size must be >= 1, got {batch_size}")
     temps = temperature_list(settings, temperatures)
     n = settings.num_samples
-    if sampler is None:
-        samplers: list[Sampler] = [_transformers_sampler(model, tokenizer, replace(settings, temperature=t), k * n) for k, t in enumerate(temps)]
-    else:
-        samplers = [sampler] if callable(sampler) else list(sampler)
-    if len(samplers) != len(temps):
-        raise PreftuneError(f"{len(temps)} temperatures need {len(temps)} samplers, got {len(samplers)}")
-
     with tqdm(total=len(prompts) * n * len(temps), desc=desc, unit="sample", disable=not progress, dynamic_ncols=True) as bar:
+        counted = 0  # samples of the current call the bar has shown
+
+        def advance(k: int) -> None:
+            nonlocal counted
+            counted += k
+            bar.update(k)
+
+        if sampler is None:
+            samplers: list[Sampler] = [
+                _transformers_sampler(model, tokenizer, replace(settings, temperature=t), k * n, advance)
+                for k, t in enumerate(temps)
+            ]
+        else:
+            samplers = [sampler] if callable(sampler) else list(sampler)
+        if len(samplers) != len(temps):
+            raise PreftuneError(f"{len(temps)} temperatures need {len(temps)} samplers, got {len(samplers)}")
         for start in range(0, len(prompts), batch_size):
             batch = list(prompts[start : start + batch_size])
             ids = [encode_prompt(tokenizer, p.prompt) for p in batch]
             parts = []
             for sample in samplers:
+                counted = 0
                 parts.append(sample(ids, [p.index for p in batch]))
-                bar.update(len(batch) * n)
+                # A sampler that does not report (vLLM's, a caller's) moves the bar once per call.
+                bar.update(len(batch) * n - counted)
             yield batch, [_joined(per_prompt) for per_prompt in zip(*parts, strict=True)]
 
 
-def _transformers_sampler(model: Any, tokenizer: Any, settings: SamplingSettings, first_sample: int) -> Sampler:
+def _transformers_sampler(
+    model: Any, tokenizer: Any, settings: SamplingSettings, first_sample: int, on_samples: Callable[[int], None]
+) -> Sampler:
     def sample(ids: list[list[int]], indices: list[int]) -> list[Samples]:
-        return sample_batch(model, tokenizer, ids, indices, settings, first_sample=first_sample)
+        return sample_batch(model, tokenizer, ids, indices, settings, first_sample=first_sample, on_samples=on_samples)
 
     return sample
 
