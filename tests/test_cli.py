@@ -247,3 +247,25 @@ def test_a_single_value_flag_given_twice_is_refused(capsys, argv, message):
     code, out, err = run(capsys, *argv)
     assert code == 2 and out == ""
     assert err.splitlines() == [message]
+
+
+def test_set_into_an_existing_run_names_what_differs(tmp_path, capsys, tiny_model_dir, pairs):
+    cfg = tmp_path / "c.yaml"
+    out = tmp_path / "out"
+    cfg.write_text(
+        f"dataset: {pairs}\nmodel_name: {tiny_model_dir}\noutput_dir: {out}\nmax_steps: 1\n"
+        "lora_r: 0\neval_split: 0\nprogress_bar: false\n"
+    )
+    code, _, err = run(capsys, "train", str(cfg))
+    assert code == 0, err
+    code, _, err = run(capsys, "train", str(cfg), "--set", "beta=0.25", "--set", "lora_r=4")
+    assert code == 2
+    assert err.splitlines() == [
+        f"[preftune] output_dir {out} holds a run with another config (2 keys differ):",
+        "[preftune]   beta: 0.1 in that run, 0.25 in this one",
+        "[preftune]   lora_r: 0 in that run, 4 in this one",
+        "[preftune] to keep that run, choose a new output_dir; to replace it, set overwrite_output_dir: true (--overwrite on the command line)",
+        f"preftune: error: output_dir {out} already holds a run with a different config; resume it with "
+        "resume_from_checkpoint: latest, pass --overwrite to replace it, or choose another output_dir",
+    ]
+    print("\n".join(err.splitlines()))

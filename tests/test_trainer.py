@@ -438,3 +438,29 @@ def test_each_evaluation_prints_one_line(tmp_path, tiny_model_dir, pairs_file, c
         for r in evals
     ]
     print("\n".join(lines))
+
+
+def test_a_refused_output_dir_names_each_differing_key(tmp_path, tiny_model_dir, pairs_file, caplog):
+    from preftune.trainer import config_differences
+
+    train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1))
+    caplog.clear()
+    with pytest.raises(PreftuneError) as err:
+        train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, beta=0.3, learning_rate=1e-3))
+    run = tmp_path / "run"
+    assert str(err.value) == (
+        f"output_dir {run} already holds a run with a different config; resume it with resume_from_checkpoint: "
+        "latest, pass --overwrite to replace it, or choose another output_dir"
+    )
+    told = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert told == [
+        f"output_dir {run} holds a run with another config (2 keys differ):",
+        "  beta: 0.1 in that run, 0.3 in this one",
+        "  learning_rate: 0.005 in that run, 0.001 in this one",
+        "to keep that run, choose a new output_dir; to replace it, set overwrite_output_dir: true (--overwrite on the command line)",
+    ]
+    assert config_differences(run, {"beta": 0.1}, {"beta": 0.1, "loss_type": "ipo"})[:2] == [
+        f"output_dir {run} holds a run with another config (1 key differs):",
+        '  loss_type: (not set) in that run, "ipo" in this one',
+    ]
+    assert config_differences(run, None, {})[0] == f"output_dir {run} holds a run whose config.resolved.yaml cannot be read"

@@ -970,6 +970,9 @@ class Trainer:
             old = None
         new = {k: v for k, v in self.cfg.to_dict().items() if k not in ignored}
         if old != new:
+            if self.is_main:
+                for line in config_differences(self.output_dir, old, new):
+                    log.error("%s", line)
             raise PreftuneError(
                 f"output_dir {self.output_dir} already holds a run with a different config; resume it with "
                 "resume_from_checkpoint: latest, pass --overwrite to replace it, or choose another output_dir"
@@ -1018,6 +1021,32 @@ class Trainer:
         return modelcard.render(
             self.cfg, train_metrics=self.last_train, eval_metrics=self.last_eval, origin=origin, datasets=names, merged=merged
         )
+
+
+def config_differences(output_dir: Path, old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """What a refused run into `output_dir` is told before the error: each key whose value differs
+    from the earlier run's, both values, and the two ways out (a refusal that names nothing sends
+    the user diffing YAML files by hand)."""
+    if old is None:
+        lines = [f"output_dir {output_dir} holds a run whose config.resolved.yaml cannot be read"]
+    else:
+        keys = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+        lines = [f"output_dir {output_dir} holds a run with another config ({len(keys)} {'key differs' if len(keys) == 1 else 'keys differ'}):"]
+        for key in keys:
+            lines.append(f"  {key}: {_shown(old.get(key, _ABSENT))} in that run, {_shown(new.get(key, _ABSENT))} in this one")
+    lines.append(
+        "to keep that run, choose a new output_dir; to replace it, set overwrite_output_dir: true "
+        "(--overwrite on the command line)"
+    )
+    return lines
+
+
+_ABSENT = object()
+
+
+def _shown(value: Any) -> str:
+    """A config value as it would be written in YAML or after --set (JSON is YAML)."""
+    return "(not set)" if value is _ABSENT else json.dumps(value, default=str)
 
 
 def train(config: TrainConfig) -> dict[str, float]:
