@@ -464,3 +464,40 @@ def test_a_refused_output_dir_names_each_differing_key(tmp_path, tiny_model_dir,
         '  loss_type: (not set) in that run, "ipo" in this one',
     ]
     assert config_differences(run, None, {})[0] == f"output_dir {run} holds a run whose config.resolved.yaml cannot be read"
+
+
+def test_num_threads_is_applied_shown_and_resolved(tmp_path, tiny_model_dir, pairs_file, caplog):
+    import yaml
+
+    caplog.set_level(logging.INFO, logger="preftune")
+    before = torch.get_num_threads()
+    try:
+        train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, num_threads=1))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    start = next(r.getMessage() for r in caplog.records if "training on" in r.getMessage())
+    assert start.endswith("device: cpu, 1 CPU thread"), start
+    assert yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())["num_threads"] == 1
+    # The same config with another thread count reruns into the same folder: threads change no result.
+    train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1))
+    assert yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())["num_threads"] == before
+    with pytest.raises(PreftuneError) as err:
+        train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, num_threads=0))
+    assert str(err.value) == "config: 'num_threads' must be a whole number >= 1 (null: torch's default), got 0"
+
+
+def test_num_threads_null_follows_omp_num_threads(tmp_path, tiny_model_dir, pairs_file):
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    settings = quick_settings(tmp_path, model_name=str(tiny_model_dir), dataset=str(pairs_file), max_steps=1)
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "preftune", "train", str(config)], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())["num_threads"] == 1
+    assert ", 1 CPU thread\n" in done.stderr

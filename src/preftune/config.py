@@ -102,6 +102,7 @@ class TrainConfig:
     merge_lora: bool = False  # also write `final_merged/` with the adapter merged into full weights
     use_4bit: bool = False
     bf16: bool | None = None  # null: on where the device supports it (CUDA), off on CPU
+    num_threads: int | None = None  # CPU threads of torch's ops; null: torch's default (OMP_NUM_THREADS, else the cores)
     gradient_checkpointing: bool = False
     attn_implementation: str | None = None
     use_liger_kernel: bool | None = None  # null: Liger's kernels when installed and on CUDA

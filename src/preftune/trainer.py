@@ -210,6 +210,7 @@ class Trainer:
         self.objective = make_objective(cfg)
         if not cfg.dataset and self._train_data is None:
             raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
+        self._setup_threads()
         self._setup_precision()
         self._claim_output_dir()
         train_ex, eval_ex = self._setup_data()
@@ -220,6 +221,19 @@ class Trainer:
         self._setup_resume()
         self._announce()
         self.tb = self._tensorboard()
+
+    def _setup_threads(self) -> None:
+        """torch's CPU threads: `num_threads`, else torch's own choice (which follows
+        OMP_NUM_THREADS). More threads than free cores (a machine shared with other work, several
+        processes on one host) makes every op wait for its slowest thread."""
+        cfg = self.cfg
+        if cfg.num_threads is not None:
+            if isinstance(cfg.num_threads, bool) or not isinstance(cfg.num_threads, int) or cfg.num_threads < 1:
+                raise PreftuneError(
+                    f"config: 'num_threads' must be a whole number >= 1 (null: torch's default), got {cfg.num_threads!r}"
+                )
+            torch.set_num_threads(cfg.num_threads)
+        cfg.num_threads = torch.get_num_threads()  # config.resolved.yaml says what ran
 
     def _setup_precision(self) -> None:
         """bf16 or fp32, the accelerator (devices, processes) and whether the model is sharded."""
@@ -471,7 +485,7 @@ class Trainer:
             write_atomic(resolved, to_yaml(cfg))
             log.info(
                 "%s: training on %d %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
-                "trainable, reference: %s, device: %s%s",
+                "trainable, reference: %s, device: %s%s, %d CPU thread%s",
                 cfg.strategy,
                 len(self.train_items),
                 "rows" if cfg.strategy == "sft" and cfg.packing else self._unit(),
@@ -484,6 +498,8 @@ class Trainer:
                 self.reference_kind,
                 acc.device,
                 f" x {self.world} processes" if self.world > 1 else "",
+                cfg.num_threads,
+                "" if cfg.num_threads == 1 else "s",
             )
 
     def _tokenize(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> None:
@@ -963,7 +979,7 @@ class Trainer:
             return
         import yaml
 
-        ignored = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir"}
+        ignored = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir", "num_threads"}
         try:
             old = {k: v for k, v in (yaml.safe_load(previous.read_text()) or {}).items() if k not in ignored}
         except yaml.YAMLError:

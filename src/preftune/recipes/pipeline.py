@@ -33,7 +33,7 @@ from preftune.errors import PreftuneError
 log = logging.getLogger("preftune")
 
 # Keys that do not change what a finished stage computed.
-_IGNORED = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir"}
+_IGNORED = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir", "num_threads"}
 
 
 def has_stages(path: str | Path) -> bool:
