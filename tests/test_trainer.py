@@ -312,9 +312,10 @@ def test_functional_dropout_rates_are_disabled(tiny_tokenizer):
     assert torch.allclose(got, expected, atol=1e-6)
 
 
-def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pairs_file):
+def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     """A full fine-tune under bf16 keeps fp32 weights with bf16 autocast; the copy reference is
     loaded the same way, so both compute the same step-0 log-probs: loss ln 2 exactly."""
+    monkeypatch.setattr("preftune.trainer.native_cpu_bf16", lambda: True)  # bf16 runs on any CPU
     out = tmp_path / "bf16"
     trainer = Trainer(make_config(out, tiny_model_dir, pairs_file, bf16=True, reference="copy", max_steps=1, eval_split=0))
     trainer.setup()
@@ -501,3 +502,42 @@ def test_num_threads_null_follows_omp_num_threads(tmp_path, tiny_model_dir, pair
     assert done.returncode == 0, done.stderr
     assert yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())["num_threads"] == 1
     assert ", 1 CPU thread\n" in done.stderr
+
+
+@pytest.mark.parametrize(
+    "cpuinfo, native",
+    [
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16\n", True),
+        ("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n", True),
+        ("processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n", False),
+        ("processor\t: 0\nFeatures\t: fp asimd bf16\n", True),
+        ("processor\t: 0\nFeatures\t: fp asimd\n", False),
+        ("processor\t: 0\n", None),
+        (None, None),
+    ],
+)
+def test_native_cpu_bf16_reads_the_cpu_flags(tmp_path, cpuinfo, native):
+    from preftune.trainer import native_cpu_bf16
+
+    path = tmp_path / "cpuinfo"
+    if cpuinfo is not None:
+        path.write_text(cpuinfo)
+    assert native_cpu_bf16(path) is native
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, tiny_model_dir, pairs_file, monkeypatch, caplog, native):
+    import yaml
+
+    monkeypatch.setattr("preftune.trainer.native_cpu_bf16", lambda: native)
+    caplog.set_level(logging.INFO, logger="preftune")
+    trainer = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, bf16=True, max_steps=1, eval_split=0))
+    trainer.setup()
+    trainer.train()
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("bf16")]
+    resolved = yaml.safe_load((tmp_path / "run" / "config.resolved.yaml").read_text())
+    if native:
+        assert trainer.bf16 is True and resolved["bf16"] is True and said == []
+    else:
+        assert trainer.bf16 is False and resolved["bf16"] is False
+        assert said == ["bf16: true, but this CPU has no native bfloat16 (no AVX512-BF16 or AMX): training in fp32, about 10x faster here"]
