@@ -57,3 +57,18 @@ def test_every_command_is_in_the_readme():
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     missing = [name for name in sub.choices if f"preftune {name}" not in text]
     assert not missing, f"commands the README never shows: {missing}"
+
+
+def test_the_readme_shows_how_to_load_the_embedded_model_from_python(tiny_model_dir):
+    """The snippet runs as written, with the alias swapped for a local folder (the real GGUF is
+    converted only in PREFTUNE_SLOW_TESTS runs)."""
+    import os
+
+    section = readme().split("### The embedded model from Python", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert 'resolve_model_path("smollm2-135m-instruct")' in code
+    assert "Q4_1 GGUF" in section and "not identical with them" in section
+    name = "smollm2-135m-instruct" if os.environ.get("PREFTUNE_SLOW_TESTS") else str(tiny_model_dir)
+    scope: dict = {}
+    exec(code.replace('"smollm2-135m-instruct"', repr(name)), scope)
+    assert scope["model"].config.vocab_size == len(scope["tokenizer"])

@@ -887,3 +887,61 @@ def test_serve_never_modifies_the_input_and_refuses_a_taken_port(tmp_path, capsy
     assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
     assert good.read_bytes() == before
     assert [i.second for i in LabelStore(tmp_path / "l.sqlite").items()] == ["<b>b</b>"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The documented HTTP API
+# ---------------------------------------------------------------------------------------------
+
+
+def test_the_http_api_text_names_every_route_and_is_in_the_readme_and_the_help(tmp_path, capsys):
+    from preftune.label.http_api import HTTP_API
+
+    app = create_app(make_store(tmp_path), TOKEN, admin_token="lead")
+    for route in app.routes:
+        methods = getattr(route, "methods", set()) or set()
+        if "POST" in methods:
+            assert f"POST {route.path} " in HTTP_API, route.path
+        elif route.path.startswith("/static/"):
+            assert all(f"/static/{name}" in HTTP_API for name in ("app.js", "admin.js", "style.css"))
+        elif "GET" in methods:
+            assert f"{route.path} (" in HTTP_API, route.path
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"```text\n{HTTP_API}```" in readme
+    with pytest.raises(SystemExit) as done:
+        main(["label", "serve", "--help"])
+    assert done.value.code == 0
+    assert HTTP_API in capsys.readouterr().out
+
+
+def test_the_http_api_answers_as_documented(tmp_path):
+    store = make_store(tmp_path, n=2, k=1, scale=5)
+    progress_keys = {"done", "skipped", "remaining", "items", "complete", "annotators_per_item"}
+    with TestClient(create_app(store, TOKEN, admin_token="lead")) as api:
+        assert api.post("/api/session", json={}).status_code == 401
+        assert api.post("/api/session", json={}, headers=AUTH).json() == {"scale": 5, "guidelines": None}
+        shown = api.post("/api/next", json={"annotator": "  ana  "}, headers=AUTH).json()
+        assert set(shown) == {"item", "progress"} and set(shown["progress"]) == progress_keys
+        assert set(shown["item"]) == {"id", "prompt", "a", "b", "html"} and set(shown["item"]["html"]) == {"prompt", "a", "b"}
+        item = shown["item"]["id"]
+        again = api.post("/api/next", json={"annotator": "ana"}, headers=AUTH).json()["item"]
+        assert (again["id"], again["a"]) == (item, shown["item"]["a"])  # held, the same way round
+        no_strength = api.post("/api/judgements", json={"annotator": "ana", "item_id": item, "choice": "A"}, headers=AUTH)
+        assert no_strength.status_code == 422
+        assert no_strength.json() == {"detail": "with --scale 5 a pick of A needs a strength: 1 (slightly) or 2 (much), got None"}
+        body = {"annotator": "ana", "item_id": item, "choice": "A", "strength": 2, "comment": "clearer"}
+        stored = api.post("/api/judgements", json=body, headers=AUTH).json()
+        assert set(stored) == {"stored", "progress"} and stored["progress"]["done"] == 1
+        assert api.post("/api/judgements", json=body, headers=AUTH).json()["stored"] == stored["stored"]  # sent twice
+        other = api.post("/api/judgements", json={**body, "choice": "B"}, headers=AUTH)
+        assert other.status_code == 409
+        assert api.post("/api/next", json={"annotator": "ana", "extra": 1}, headers=AUTH).status_code == 422
+        undone = api.post("/api/undo", json={"annotator": "ana"}, headers=AUTH).json()
+        assert undone["undone"] == {"item_id": item, "choice": "A", "returned": True} and "detail" not in undone
+        assert set(api.post("/api/progress", json={"annotator": "ana"}, headers=AUTH).json()) == {"progress"}
+        assert api.post("/api/admin/summary", json={}, headers=AUTH).status_code == 401  # the annotators' token
+        summary = api.post("/api/admin/summary", json={}, headers={"X-Admin-Token": "lead"}).json()
+        assert set(summary) == {"report", "overview"}
+        download = api.post("/api/admin/download", json={"format": "csv"}, headers={"X-Admin-Token": "lead"})
+        assert download.headers["content-disposition"] == 'attachment; filename="labelled.csv"'
+        assert api.post("/api/judgements", json={**body, "item_id": "nope"}, headers=AUTH).status_code == 404

@@ -391,6 +391,8 @@ def cmd_label_export(args: argparse.Namespace) -> int:
 
 def add_label_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """label serve, label export: human labeling (`preftune.label`)."""
+    from preftune.label.http_api import HTTP_API
+
     label = sub.add_parser("label", parents=[common], help="label preference pairs by hand in a web page")
     label_sub = label.add_subparsers(dest="label_command", metavar="COMMAND")
     s = label_sub.add_parser(
@@ -401,6 +403,8 @@ def add_label_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         "t = tie, s = skip, u = undo, c = comment, g = guidelines; with --scale 5: 1-5 from A much better to "
         "B much better). Every judgement goes to an SQLite database; stopping and starting again loses "
         "nothing. The input file is only read. The lead's dashboard is at /admin, behind its own token.",
+        epilog=HTTP_API,
+        formatter_class=_KeepLaidOutText,
     )
     s.add_argument("--input", required=True, help="pairs (prompt/chosen/rejected) or samples (prompt/completions) file")
     s.add_argument("--db", required=True, help="SQLite database to keep the judgements in (created if missing)")
@@ -704,6 +708,16 @@ class _StoreOnce(argparse._StoreAction):
                 raise PreftuneError(f"{option_string} given twice ({given[self.dest]} and {shown}): it takes one value")
             given[self.dest] = shown
         super().__call__(parser, namespace, values, option_string)
+
+
+class _KeepLaidOutText(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions as usual, but keeps text laid out in lines (an epilog
+    with indented sections) as it is written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
 
 
 class _Parser(argparse.ArgumentParser):

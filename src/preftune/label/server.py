@@ -107,7 +107,8 @@ def create_app(
     """The FastAPI app: the page at `/`, the lead's dashboard at `/admin`, their files under
     `/static/`, and a small JSON API.
 
-    API (all POST, JSON bodies, `X-Label-Token` header when a token is set): `api/session` gives
+    API (described for users in `preftune.label.http_api.HTTP_API`, which `label serve --help`
+    prints; all POST, JSON bodies, `X-Label-Token` header when a token is set): `api/session` gives
     `{scale, guidelines}` (the guidelines as HTML, or null); `api/next` `{annotator}` gives
     `{item: {id, prompt, a, b, html} | null, progress}`; `api/judgements` `{annotator, item_id,
     choice, strength?, comment?}` with choice A (left), B (right), tie or skip and, with scale 5,
