@@ -269,3 +269,45 @@ def test_set_into_an_existing_run_names_what_differs(tmp_path, capsys, tiny_mode
         "resume_from_checkpoint: latest, pass --overwrite to replace it, or choose another output_dir",
     ]
     print("\n".join(err.splitlines()))
+
+
+def test_config_problems_are_reported_together_before_data_is_read(tmp_path, capsys):
+    (tmp_path / "empty-model").mkdir()
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"prompt": "a"}\n')  # invalid: never reported, the data is not read
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"dataset: {data}\nmodel_name: {tmp_path / 'empty-model'}\noutput_dir: {tmp_path / 'out'}\n"
+        f"provider: unsloth\nuse_4bit: true\nresume_from_checkpoint: {tmp_path / 'nowhere'}\n"
+    )
+    code, out, err = run(capsys, "train", str(cfg))
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert error_lines(err) == [
+        f"preftune: error: could not load model '{tmp_path / 'empty-model'}': no config.json in {tmp_path / 'empty-model'}",
+        "preftune: error: provider: unsloth needs the unsloth package (pip install unsloth) and a CUDA GPU; "
+        "use provider: transformers (the default) on this machine",
+        "preftune: error: use_4bit needs a CUDA GPU and the bitsandbytes package; set use_4bit: false to train in full "
+        "precision on this machine",
+        f"preftune: error: resume_from_checkpoint: {tmp_path / 'nowhere'} does not exist",
+    ]
+    print("\n".join(error_lines(err)))
+
+
+def test_another_runs_folder_and_a_missing_model_are_both_reported(tmp_path, capsys, tiny_model_dir, pairs):
+    import preftune
+
+    out = tmp_path / "out"
+    settings = {"dataset": str(pairs), "model_name": str(tiny_model_dir), "output_dir": str(out), "max_steps": 1,
+                "lora_r": 0, "eval_split": 0, "progress_bar": False}
+    preftune.train(settings)
+    with pytest.raises(preftune.PreftuneError) as err:
+        preftune.train({**settings, "beta": 0.2, "ref_model_name": "no-such-model", "use_liger_kernel": True})
+    assert err.value.problems == [  # the policy's, the reference's (its liger problem is the same), the folder's
+        "use_liger_kernel: true needs the liger-kernel package (pip install liger-kernel) and a CUDA device; "
+        "set use_liger_kernel: null or false here",
+        "model not found: 'no-such-model' (not a local folder, a .gguf file, a cached hub model, or a known alias: "
+        "smollm2-135m-instruct)",
+        f"output_dir {out} already holds a run with a different config; resume it with resume_from_checkpoint: latest, "
+        "pass --overwrite to replace it, or choose another output_dir",
+    ]
+    assert str(err.value) == "\n".join(err.value.problems)

@@ -771,7 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PreftuneError as exc:
         if debug:
             raise
-        print(f"preftune: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # several problems found at once: one line each
+            print(f"preftune: error: {line}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("preftune: interrupted", file=sys.stderr)

@@ -18,6 +18,16 @@ class PreftuneError(Exception):
     """
 
 
+class Problems(PreftuneError):
+    """Several independent problems found at once (a run's settings checked before it starts):
+    one line each in the message, `problems` as a list. Fixing a config then takes one rerun,
+    not one per mistake. The CLI prints each line as its own error line."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
 class Interrupted(PreftuneError):
     """Training stopped on SIGINT/SIGTERM after saving a checkpoint: exit like an interrupted program."""
 

@@ -364,6 +364,81 @@ def _apply_liger(model: PreTrainedModel) -> None:
     )
 
 
+def loading_problems(
+    name: str,
+    *,
+    causal: bool = True,
+    use_4bit: bool = False,
+    provider: str = "transformers",
+    use_liger_kernel: bool | None = False,
+    device: torch.device | None = None,
+) -> list[str]:
+    """What would stop `load_model` (or, `causal=False`, `load_reward_model`) with these options,
+    found without loading weights or converting a GGUF file: the name points nowhere, the folder
+    has no readable config (or not a causal LM's), the alias's package is missing, or an option
+    needs a package or device this machine lacks. One line each; empty when none shows."""
+    problems: list[str] = []
+    for check in (
+        lambda: _check_name(name, causal),
+        lambda: _check_unsloth() if provider == "unsloth" else None,
+        lambda: _check_4bit_on(device) if use_4bit else None,
+        lambda: use_liger(use_liger_kernel, device) if provider == "transformers" and use_liger_kernel else None,
+    ):
+        try:
+            check()
+        except PreftuneError as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _check_name(name: str, causal: bool) -> None:
+    """`resolve_model_path`'s answer without its GGUF conversion, and the folder's config read."""
+    raw = str(name).strip() if name is not None else ""
+    if not raw:
+        raise PreftuneError("model_name is empty: give a local folder, a .gguf file, a cached hub id or an alias")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        ggufs = sorted(p for p in path.glob("*.gguf") if p.is_file())
+        if not (path / "config.json").is_file() and len(ggufs) > 1:
+            listed = ", ".join(p.name for p in ggufs[:5])
+            raise PreftuneError(f"model '{raw}' holds several .gguf files ({listed}); name the one to use")
+        if (path / "config.json").is_file() or not ggufs:
+            _check_config(path.absolute(), raw, causal)
+        return
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise _not_found(raw)
+        return
+    if raw.lower() in EMBEDDED_MODELS:
+        embedded_gguf_path(raw.lower())
+        return
+    snapshot = _cached_hub_snapshot(raw)
+    if snapshot is None:
+        raise _not_found(raw)
+    if (snapshot / "config.json").is_file():
+        _check_config(snapshot, raw, causal)
+
+
+def _check_config(folder: Path, name: str, causal: bool) -> None:
+    if causal:
+        _check_causal_lm(folder, name)
+        return
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise PreftuneError(f"could not load model '{name}': no config.json in {folder}")
+    try:
+        AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise PreftuneError(f"could not load model '{name}': {_short_reason(exc)}") from exc
+
+
+def _check_4bit_on(device: torch.device | None) -> None:
+    _check_4bit()
+    if device is not None and device.type != "cuda":
+        raise PreftuneError(f"use_4bit needs a CUDA GPU, but device is '{device}'; set use_4bit: false on this device")
+
+
 def _check_causal_lm(folder: Path, name: str) -> None:
     """Fail early, in one line, on a folder that is not a causal LM (before transformers' longer errors)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig

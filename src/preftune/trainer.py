@@ -30,7 +30,7 @@ import torch
 from preftune import checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
-from preftune.errors import Interrupted, PreftuneError
+from preftune.errors import Interrupted, PreftuneError, Problems
 from preftune.io import replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
@@ -229,6 +229,7 @@ class Trainer:
             raise PreftuneError("config: 'dataset' is required (a JSONL/JSON/Parquet/CSV file or a datasets folder)")
         self._setup_threads()
         self._setup_precision()
+        self._preflight()
         self._claim_output_dir()
         train_ex, eval_ex = self._setup_data()
         model, head, aux = self._setup_model(train_ex, eval_ex)
@@ -300,6 +301,47 @@ class Trainer:
             log.warning("bf16 on CPU is much slower than fp32 on most CPUs; set bf16: false for speed")
         set_seed(cfg.seed)
         cfg.bf16 = self.bf16  # self.cfg is the trainer's own copy: config.resolved.yaml says what ran
+
+    def _preflight(self) -> None:
+        """Every problem that shows before data is read or a model loaded, reported together, one
+        line each: the model names (folder, config, alias package), the packages and devices the
+        loading options need, and the output folder (writable, the checkpoint to resume, another
+        run's files). A config with three mistakes then costs one rerun, not three."""
+        cfg, device = self.cfg, self.accelerator.device
+        reward = self.objective.model_kind == "reward"
+        options: dict[str, Any] = dict(
+            use_4bit=cfg.use_4bit, provider=cfg.provider, use_liger_kernel=cfg.use_liger_kernel, device=device
+        )
+        problems: list[str] = []
+        if self._model is None:
+            problems += models.loading_problems(cfg.model_name, causal=not reward, **({} if reward else options))
+        if cfg.ref_model_name and cfg.ref_model_name != cfg.model_name and self._ref_model is None and self.objective.needs_reference:
+            problems += [p for p in models.loading_problems(cfg.ref_model_name, **options) if p not in problems]
+        if cfg.attn_implementation == "flex_attention" and device.type == "cpu":
+            problems.append(
+                "attn_implementation: flex_attention trains only on a GPU (PyTorch runs its backward on CUDA only); "
+                "use sdpa on this machine"
+            )
+        for check in (self._check_writable, self._check_resume_path, self._check_fresh_run):
+            try:
+                check()
+            except PreftuneError as exc:
+                problems.append(str(exc))
+                if check is self._check_writable:
+                    break  # the folder's state cannot be read further
+        if len(problems) == 1:
+            raise PreftuneError(problems[0])
+        if problems:
+            raise Problems(problems)
+
+    def _check_resume_path(self) -> None:
+        spec = self.cfg.resume_from_checkpoint
+        if spec and spec != "latest" and not Path(spec).is_dir():
+            raise PreftuneError(f"resume_from_checkpoint: {spec} does not exist")
+
+    def _check_fresh_run(self) -> None:
+        if not self.cfg.resume_from_checkpoint:
+            self._check_fresh_output_dir()
 
     def _claim_output_dir(self) -> None:
         """Writable, locked by this run, and not another run's unless resuming."""
