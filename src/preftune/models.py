@@ -260,9 +260,95 @@ def _convert_gguf_into(path: Path, dest: Path) -> None:
 
     The copy is saved in fp32: dequantised GGUF weights are exact in fp32 (not in bf16), so the
     converted model's logits equal the GGUF-loaded model's, and training may cast down later.
-    `save_pretrained` refuses a model that carries a GGUF quantization config, so the weights move
-    into a fresh model built from the cleaned config.
+    Tensor by tensor (`_stream_gguf_weights`), so the first run holds one dequantised tensor at a
+    time, not the GGUF-loaded model and its copy (~1.55 GB peak for 135M parameters); files whose
+    tensors transformers assembles across several GGUF tensors (MoE experts) take the whole-model
+    path.
     """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    with torch.device("meta"):  # names, shapes and the files' metadata; no memory for weights
+        skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if _stream_gguf_weights(path, skeleton, dest / "model.safetensors"):
+        skeleton.config.architectures = [type(skeleton).__name__]
+        skeleton.config.save_pretrained(dest)
+        if skeleton.can_generate():
+            skeleton.generation_config.save_pretrained(dest)
+        AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name).save_pretrained(dest)
+        return
+    del skeleton
+    _convert_gguf_whole(path, dest)
+
+
+class _NotStreamable(Exception):
+    """A GGUF tensor that transformers maps only together with others (MoE experts)."""
+
+
+def _stream_gguf_weights(path: Path, skeleton: PreTrainedModel, target: Path) -> bool:
+    """Write `target` (safetensors) from the GGUF file one tensor at a time: dequantised and
+    processed exactly as transformers' GGUF loader does (`load_gguf_checkpoint`: its name map and
+    its per-architecture processor, e.g. Llama's q/k row order), then appended. The header is
+    known first, from the skeleton's shapes. False when a tensor cannot be streamed alone (the
+    partial file is removed); a weight the file lacks is an error, as a strict load would be."""
+    import numpy as np
+    from gguf import GGUFReader, dequantize
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        load_gguf_checkpoint,
+        read_field,
+    )
+
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)  # metadata only
+    reader = GGUFReader(str(path))
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    mapping = get_gguf_hf_weights_map(skeleton, processor)
+    shapes = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    tensors = [t for t in reader.tensors if t.name in mapping]
+    if len({mapping[t.name] for t in tensors}) != len(tensors):
+        return False
+    # Names the model holds twice (a tied output head) are written once, as save_pretrained does.
+    aliases = {n for n, _ in skeleton.named_parameters(remove_duplicate=False)} - {n for n, _ in skeleton.named_parameters()}
+    missing = sorted(set(shapes) - {mapping[t.name] for t in tensors} - aliases)
+    if missing:
+        raise PreftuneError(f"the GGUF file has no weights for {', '.join(missing[:3])}")
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        size = 4 * math.prod(shapes[mapping[t.name]])
+        header[mapping[t.name]] = {"dtype": "F32", "shape": list(shapes[mapping[t.name]]), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    try:
+        with open(target, "wb") as out:
+            out.write(len(encoded).to_bytes(8, "little"))
+            out.write(encoded)
+            for t in tensors:
+                result = processor.process(
+                    weights=dequantize(t.data, t.tensor_type), name=t.name, tensor_key_mapping=mapping, parsed_parameters=parsed
+                )
+                weights = np.ascontiguousarray(result.weights, dtype=np.float32)
+                if result.name != t.name or weights.shape != shapes[mapping[t.name]]:
+                    raise _NotStreamable(t.name)
+                out.write(memoryview(weights).cast("B"))
+                del weights, result
+    except _NotStreamable:
+        target.unlink()
+        return False
+    return True
+
+
+def _convert_gguf_whole(path: Path, dest: Path) -> None:
+    """The whole-model conversion: transformers loads the GGUF file, the weights move into a fresh
+    model built from the cleaned config (`save_pretrained` refuses one that carries a GGUF
+    quantization config), which is saved."""
     from transformers import AutoModelForCausalLM
 
     gguf_model, tokenizer = _load_gguf(path)
