@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from preftune.batching import completion_text, effective_prompt_length, encode_completion, encode_prompt, segments
+from preftune import chat
+from preftune.batching import at_record, completion_text, effective_prompt_length, encode_completion, encode_prompt, segments
 from preftune.data import SFTExample
 from preftune.errors import PreftuneError
 
@@ -77,11 +78,13 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: Any = None) -> str:
+    return chat.render(tokenizer, messages, generation_prompt=generation_prompt, tools=tools)
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict], location: str = "") -> tuple[list[int], list[bool]]:
+def encode_conversation(
+    tokenizer: Any, messages: list[dict], location: str = "", tools: Any = None
+) -> tuple[list[int], list[bool]]:
     """Ids and assistant mask of a conversation, up to its last assistant message.
 
     The context before the first assistant message is `encode_prompt` (the template with the
@@ -96,9 +99,9 @@ def encode_conversation(tokenizer: Any, messages: list[dict], location: str = ""
     for i, message in enumerate(messages[: last + 1]):
         if message["role"] != "assistant":
             continue
-        context = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        context = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i else ""
         if not ids:
-            part = encode_prompt(tokenizer, messages[:i]) if i else []
+            part = encode_prompt(tokenizer, messages[:i], tools) if i else []
         else:
             if not context.startswith(rendered):
                 raise PreftuneError(
@@ -108,10 +111,10 @@ def encode_conversation(tokenizer: Any, messages: list[dict], location: str = ""
             part = _ids(tokenizer, context[len(rendered) :])
         ids += part
         mask += [False] * len(part)
-        completion = encode_completion(tokenizer, messages[:i], [message])
+        completion = encode_completion(tokenizer, messages[:i], [message], tools)
         ids += completion
         mask += [True] * len(completion)
-        rendered = context + completion_text(tokenizer, messages[:i], [message])
+        rendered = context + completion_text(tokenizer, messages[:i], [message], tools)
     return ids, mask
 
 
@@ -125,14 +128,14 @@ def tokenize_example(
     """An example's ids, loss mask and truncation: a prompt is cut from the left to the prompt limit
     (as for pairs), then the sequence from the right to `max_seq_length`."""
     if example.kind == "completion":
-        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "")
-        completion = encode_completion(tokenizer, example.prompt or "", example.completion)
+        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "", example.tools)
+        completion = encode_completion(tokenizer, example.prompt or "", example.completion, example.tools)
         limit = effective_prompt_length(max_seq_length, max_prompt_length)
         truncated = len(prompt) > limit
         prompt = prompt[-limit:]
         ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
     elif example.kind == "messages":
-        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location)
+        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location, example.tools)
         truncated = False
     else:
         truncated = False
@@ -182,7 +185,8 @@ def tokenize_sft(
     stats = SequenceStats(examples=len(examples))
     sequences = []
     for example in examples:
-        seq = tokenize_example(tokenizer, example, max_seq_length, max_prompt_length, completion_only_loss)
+        with at_record(example.location):
+            seq = tokenize_example(tokenizer, example, max_seq_length, max_prompt_length, completion_only_loss)
         sequences.append(seq)
         stats.truncated += seq.truncated
         stats.no_loss_tokens += seq.loss_tokens == 0
