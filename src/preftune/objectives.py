@@ -103,7 +103,7 @@ class Objective:
 
     # data
     def load(self, source: str, split: str) -> list[Any]:
-        return load_preference_data(source, split)
+        return load_preference_data(source, split, self.cfg.record_layout())
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         """(items, a one-line summary, locations of the first truncated examples)."""
@@ -375,7 +375,7 @@ class KTOObjective(Objective):
     )
 
     def load(self, source: str, split: str) -> list[Any]:
-        examples = load_unpaired_data(source, split)
+        examples = load_unpaired_data(source, split, self.cfg.record_layout())
         desirable = sum(e.label for e in examples)
         undesirable = len(examples) - desirable
         if desirable and undesirable:
@@ -479,7 +479,7 @@ class SFTObjective(Objective):
         self.packing = cfg.packing  # turned off for models whose rows cannot hold several sequences
 
     def load(self, source: str, split: str) -> list[Any]:
-        return load_sft_data(source, split)
+        return load_sft_data(source, split, self.cfg.record_layout())
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         cfg = self.cfg

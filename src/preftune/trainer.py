@@ -27,7 +27,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from preftune import checkpoint, modelcard, models
+from preftune import chat, checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError
@@ -278,10 +278,11 @@ class Trainer:
         """The tokenizer, the train/eval examples (read, split, tokenized into items)."""
         cfg, objective = self.cfg, self.objective
         self.tokenizer = self._tokenizer if self._tokenizer is not None else models.load_tokenizer(cfg.model_name)
+        chat.configure(self.tokenizer, cfg.chat_template_kwargs, cfg.fold_system_message)
         examples = objective.load(self._train_data if self._train_data is not None else cfg.dataset, cfg.dataset_split)
         if self._eval_data is not None or cfg.eval_dataset:
             eval_source = self._eval_data if self._eval_data is not None else cfg.eval_dataset
-            train_ex, eval_ex = examples, objective.load(eval_source, "test")
+            train_ex, eval_ex = examples, objective.load(eval_source, cfg.eval_dataset_split)
         else:
             train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, self._unit())
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
