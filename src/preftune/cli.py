@@ -128,26 +128,70 @@ def add_train_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int]]:
-    from preftune.batching import encode_completion, encode_prompt
-    from preftune.models import load_tokenizer
+def _report_lengths(examples: list, tokenizer: Any) -> list[tuple[int, int, int]]:
+    from preftune.batching import at_record, encode_completion, encode_prompt
 
-    tokenizer = load_tokenizer(model_name)
-    return [
-        (
-            len(encode_prompt(tokenizer, e.prompt)),
-            len(encode_completion(tokenizer, e.prompt, e.chosen)),
-            len(encode_completion(tokenizer, e.prompt, e.rejected)),
-        )
-        for e in examples
-    ]
+    lengths = []
+    for e in examples:
+        with at_record(e.location):
+            lengths.append(
+                (
+                    len(encode_prompt(tokenizer, e.prompt, e.tools)),
+                    len(encode_completion(tokenizer, e.prompt, e.chosen, e.tools)),
+                    len(encode_completion(tokenizer, e.prompt, e.rejected, e.tools)),
+                )
+            )
+    return lengths
+
+
+def _visible(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids as text with every special token written out and newlines shown as \\n, on one line."""
+    return tokenizer.decode(ids, skip_special_tokens=False).replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _rendered_example(tokenizer: Any, example: Any) -> dict[str, Any]:
+    """One pair in the model's exact tokens: the context generation sees, then each completion."""
+    from preftune.batching import at_record, encode_completion, encode_prompt
+
+    with at_record(example.location):
+        context = encode_prompt(tokenizer, example.prompt, example.tools)
+        chosen = encode_completion(tokenizer, example.prompt, example.chosen, example.tools)
+        rejected = encode_completion(tokenizer, example.prompt, example.rejected, example.tools)
+    return {
+        "location": example.location,
+        "context": _visible(tokenizer, context),
+        "chosen": _visible(tokenizer, chosen),
+        "rejected": _visible(tokenizer, rejected),
+        "tokens": [len(context), len(chosen), len(rejected)],
+    }
+
+
+def _parse_columns(text: str | None) -> dict[str, str] | None:
+    """`--columns prompt=question,system=system` as {preftune field: file field}."""
+    if not text:
+        return None
+    columns: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise PreftuneError(f"--columns: expected FIELD=COLUMN pairs separated by commas, got {item.strip()!r}")
+        target, source = item.split("=", 1)
+        columns[target.strip()] = source.strip()
+    return columns
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from preftune.data import check_data, check_sft_data, check_unpaired_data
+    from collections import Counter
+
+    from preftune import chat
+    from preftune.data import LAYOUTS, RecordLayout, check_data, check_sft_data, check_unpaired_data
     from preftune.quality import examples_report, format_examples_report, format_report, quality_report
 
     model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
+    columns, system_prompt, template_kwargs, fold = _parse_columns(args.columns), args.system_prompt, None, False
+    if args.chat_template_kwargs:
+        template_kwargs = _json_mapping("--chat-template-kwargs", args.chat_template_kwargs)
     if args.config:
         from preftune.config import load_config
 
@@ -155,26 +199,44 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         model_name = model_name or cfg.model_name
         max_seq = max_seq or cfg.max_seq_length
         max_prompt = max_prompt or cfg.max_prompt_length
+        columns = columns if columns is not None else cfg.columns
+        system_prompt = system_prompt if system_prompt is not None else cfg.system_prompt
+        template_kwargs = template_kwargs if template_kwargs is not None else cfg.chat_template_kwargs
+        fold = cfg.fold_system_message
+    layout = RecordLayout.make(columns, system_prompt, "--columns")
     if max_seq:
         from preftune.batching import effective_prompt_length
 
         max_prompt = effective_prompt_length(max_seq, max_prompt)
     strategy = args.strategy or (cfg.strategy if args.config else "dpo")
+    skipped: Counter = Counter()
     if strategy in ("sft", "kto"):
         # Supervised and unpaired files: their own validation and report (lengths in words).
         if strategy == "sft":
-            examples, errors = check_sft_data(args.path, args.split)
+            examples, errors = check_sft_data(args.path, args.split, layout)
             report = examples_report(examples)
         else:
-            examples, errors = check_unpaired_data(args.path, args.split)
+            examples, errors = check_unpaired_data(args.path, args.split, layout, skipped)
             weights = (cfg.desirable_weight, cfg.undesirable_weight) if args.config else (1.0, 1.0)
             report = examples_report(examples, *weights)
         text = format_examples_report
     else:
-        examples, errors = check_data(args.path, args.split)
-        lengths = _report_lengths(examples, model_name) if (model_name and examples) else None
+        examples, errors = check_data(args.path, args.split, layout, skipped)
+        tokenizer = None
+        if model_name and examples:
+            from preftune.models import load_tokenizer
+
+            tokenizer = chat.configure(load_tokenizer(model_name), template_kwargs, fold)
+        lengths = _report_lengths(examples, tokenizer) if tokenizer is not None else None
         report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
+        counts = Counter(e.layout for e in examples)
+        report["layouts"] = {LAYOUTS[k]: n for k, n in counts.most_common()}
+        report["prompt_differs"] = sum(bool(e.extra.get("prompt_differs")) for e in examples)
+        if tokenizer is not None:
+            report["example"] = _rendered_example(tokenizer, examples[0])
         text = format_report
+    report["mapping"] = layout.describe() + (f"; system_prompt: {json.dumps(system_prompt)}" if system_prompt else "")
+    report["skipped"] = dict(skipped)
     report["invalid_records"] = len(errors)
     report["errors"] = errors[:100]
     if args.format == "json":
@@ -188,6 +250,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             print(f"preftune: error: ... and {len(errors) - 20} more invalid records", file=sys.stderr)
         return 1
     return 0
+
+
+def _json_mapping(flag: str, text: str) -> dict[str, Any]:
+    """A flag's JSON object (`--chat-template-kwargs '{"enable_thinking": false}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PreftuneError(f"{flag}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise PreftuneError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -207,6 +280,11 @@ def add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--split", default="train", help="split of a datasets folder or hub dataset (default: train)")
     c.add_argument("--model", help="count lengths in this model's tokens (default: whitespace words)")
     c.add_argument("--config", help="take model_name, max_seq_length, max_prompt_length, strategy and KTO's weights from a training config")
+    c.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="map the file's field names to preftune's, e.g. prompt=question,system=system (config: columns)")
+    c.add_argument("--system-prompt", metavar="TEXT", help="a system message for every record without one")
+    c.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='extra chat-template variables for the rendered example, e.g. \'{"enable_thinking": false}\'')
     c.add_argument("--max-seq-length", type=int, help="report pairs that this limit would truncate")
     c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
     c.add_argument(

@@ -69,6 +69,8 @@ MAPPABLE_FIELDS = (
 # How `data check` names the layouts a pair can be read from.
 LAYOUTS = {
     "standard": "prompt/chosen/rejected as text",
+    "standard-system": "prompt/chosen/rejected as text with a system message (a system column or system_prompt): "
+    "read as a conversation",
     "conversational": "prompt/chosen/rejected as messages",
     "implicit": "chosen/rejected as text sharing an implicit prompt",
     "implicit-conversational": "chosen/rejected as conversations sharing their leading turns (the prompt)",
@@ -715,32 +717,34 @@ def _tools(value: Any) -> Any:
 
 
 def _system_text(record: dict, layout: RecordLayout) -> str | None:
-    """The record's own `system` field (an empty one means none), else the config's `system_prompt`."""
+    """The record's own `system` field, else the config's `system_prompt`. An empty `system` field
+    gives no system message ("" rather than None: the record is still a conversation, as in Orca,
+    where some rows have an empty system column)."""
     value = record.get("system")
     if value is not None:
         if not isinstance(value, str):
             raise PreftuneError(f"field 'system' must be a string, got {_type_name(value)}")
-        if value.strip():
-            return value
-        return None
+        return value
     return layout.system_prompt
 
 
 def with_system(prompt: Text, completions: Sequence[Text], system: str | None, own: bool) -> tuple[Text, list[Text]]:
     """A system message turns a string prompt into `[system, user]` and string completions into
     assistant replies; a conversation gets it in front unless it already opens with one (then a
-    record's own `system` field is an error: two system messages)."""
+    record's own `system` field is an error: two system messages). An empty system text (an empty
+    `system` column) makes the record a conversation without a system message."""
     if system is None:
         return prompt, list(completions)
+    head = [{"role": "system", "content": system}] if system.strip() else []
     if isinstance(prompt, list):
         if prompt and prompt[0]["role"] == "system":
-            if own:
+            if own and head:
                 raise PreftuneError("field 'system' is given and the prompt already opens with a system message")
             return prompt, list(completions)
-        return [{"role": "system", "content": system}] + prompt, [_as_messages(c) for c in completions]
-    messages = [{"role": "system", "content": system}]
-    if prompt.strip():
-        messages.append({"role": "user", "content": prompt})
+        return head + prompt, [_as_messages(c) for c in completions]
+    messages = head + ([{"role": "user", "content": prompt}] if prompt.strip() else [])
+    if not messages:
+        raise PreftuneError("field 'prompt' is empty and field 'system' is empty: the conversation has no turn before the answer")
     return messages, [_as_messages(c) for c in completions]
 
 
@@ -873,6 +877,8 @@ def _finish(
     location: str, prompt: Text, chosen: Text, rejected: Text, extra: dict[str, Any], kind: str, system: str | None, own: bool
 ) -> PreferenceExample:
     prompt, (chosen, rejected) = with_system(prompt, (chosen, rejected), system, own)
+    if kind == "standard" and isinstance(prompt, list):
+        kind = "standard-system"
     return PreferenceExample(prompt, chosen, rejected, location, extra, kind)
 
 

@@ -196,7 +196,38 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
 
-    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))
+    return "\n".join(_layout_lines(report) + lines + _length_table(report, width) + _warning_lines(report) + _example_lines(report))
+
+
+def _layout_lines(report: dict[str, Any]) -> list[str]:
+    """How the records were read: the layouts recognised, the mapping used, what was dropped."""
+    lines = []
+    for name, n in report.get("layouts", {}).items():
+        lines.append(f"layout: {name} ({n} record{'s' if n != 1 else ''})")
+    if "mapping" in report:
+        lines.append(f"mapping: {report['mapping']}")
+    for reason, n in report.get("skipped", {}).items():
+        what = "ties (pairwise records that prefer neither response)" if reason == "tie" else reason
+        lines.append(f"dropped: {n} {what}")
+    if report.get("prompt_differs"):
+        lines.append(
+            f"note: in {report['prompt_differs']} record(s) the string 'prompt' differs from the conversation's "
+            "last user turn; the conversation is what is trained on"
+        )
+    return lines + [""] if lines else []
+
+
+def _example_lines(report: dict[str, Any]) -> list[str]:
+    example = report.get("example")
+    if not example:
+        return []
+    p, c, r = example["tokens"]
+    return [
+        "",
+        f"example ({example['location']}) in the model's tokens, context | completion:",
+        f"  chosen   ({p} + {c} tokens): {example['context']} | {example['chosen']}",
+        f"  rejected ({p} + {r} tokens): {example['context']} | {example['rejected']}",
+    ]
 
 
 def _length_table(report: dict[str, Any], width: int) -> list[str]:
@@ -308,4 +339,35 @@ def format_examples_report(report: dict[str, Any]) -> str:
         rows.append(("weighted balance", f"{_number(report['weighted_balance'])} (KTO advises 1 to 1.33)"))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
-    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))
+    return "\n".join(_layout_lines(report) + lines + _length_table(report, width) + _warning_lines(report) + _example_lines(report))
+
+
+def _layout_lines(report: dict[str, Any]) -> list[str]:
+    """How the records were read: the layouts recognised, the mapping used, what was dropped."""
+    lines = []
+    for name, n in report.get("layouts", {}).items():
+        lines.append(f"layout: {name} ({n} record{'s' if n != 1 else ''})")
+    if "mapping" in report:
+        lines.append(f"mapping: {report['mapping']}")
+    for reason, n in report.get("skipped", {}).items():
+        what = "ties (pairwise records that prefer neither response)" if reason == "tie" else reason
+        lines.append(f"dropped: {n} {what}")
+    if report.get("prompt_differs"):
+        lines.append(
+            f"note: in {report['prompt_differs']} record(s) the string 'prompt' differs from the conversation's "
+            "last user turn; the conversation is what is trained on"
+        )
+    return lines + [""] if lines else []
+
+
+def _example_lines(report: dict[str, Any]) -> list[str]:
+    example = report.get("example")
+    if not example:
+        return []
+    p, c, r = example["tokens"]
+    return [
+        "",
+        f"example ({example['location']}) in the model's tokens, context | completion:",
+        f"  chosen   ({p} + {c} tokens): {example['context']} | {example['chosen']}",
+        f"  rejected ({p} + {r} tokens): {example['context']} | {example['rejected']}",
+    ]
