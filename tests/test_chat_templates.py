@@ -141,3 +141,74 @@ def test_sft_conversations_end_each_turn_at_its_turn_end():
     # the whole sequence is the template's rendering without what follows the last turn end
     full = tok.apply_chat_template(messages, tokenize=False)
     assert tok.decode(ids) == full[: full.rindex("<end_of_turn>") + len("<end_of_turn>")]
+
+
+def _family_model_dir(tmp_path, family: str):
+    from conftest import build_tiny_model
+
+    tok = family_tokenizer(family)
+    folder = tmp_path / family.split(".jinja")[0]
+    build_tiny_model(len(tok)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, tok
+
+
+def _plain_logps(model, tok, context_text: str, completion_text: str) -> float:
+    import torch
+
+    context = _ids(tok, context_text)
+    ids = torch.tensor([context + _ids(tok, completion_text)])
+    with torch.no_grad():
+        logits = model(ids).logits.log_softmax(-1)[0]
+    return sum(logits[t - 1, ids[0, t]].item() for t in range(len(context), ids.shape[1]))
+
+
+@pytest.mark.parametrize(
+    ("family", "kwargs", "completion"),
+    [
+        ("gemma-3-it.jinja", None, "{}<end_of_turn>"),
+        ("qwen3.jinja", None, "<think>\n\n</think>\n\n{}<|im_end|>"),
+        ("qwen3.jinja", {"enable_thinking": False}, "{}<|im_end|>"),
+        ("phi-3-mini-instruct.jinja", None, "{}<|end|>"),
+    ],
+    ids=["gemma3", "qwen3", "qwen3-no-thinking", "phi3"],
+)
+def test_a_training_step_scores_the_inference_tokens(tmp_path, family, kwargs, completion):
+    """One DPO step on the family's template: logps/* equal the model's own forward on the
+    template's rendering (with the same template arguments) and the hand-written completion."""
+    import json
+
+    import preftune
+    from transformers import AutoModelForCausalLM
+
+    folder, tok = _family_model_dir(tmp_path, family)
+    rows = [
+        {"prompt": [SYSTEM, USER], "chosen": ANSWER, "rejected": "Lyon, I think."},
+        {"prompt": PROMPTS["multi"], "chosen": "Paris is the capital of France.", "rejected": "No."},
+    ]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {"model_name": str(folder), "dataset": str(data), "output_dir": str(tmp_path / "run"), "lora_r": 0,
+              "max_steps": 1, "per_device_train_batch_size": 2, "eval_split": 0, "logging_steps": 1,
+              "progress_bar": False, "max_seq_length": 512, "cache_dir": str(tmp_path / "cache")}
+    if kwargs:
+        config["chat_template_kwargs"] = kwargs
+    first = preftune.train(config).history()[0]
+
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    for key, side in (("logps/chosen", "chosen"), ("logps/rejected", "rejected")):
+        expected = [
+            _plain_logps(model, tok, tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False, **(kwargs or {})),
+                         completion.format(r[side]))
+            for r in rows
+        ]
+        assert first[key] == pytest.approx(sum(expected) / 2, rel=1e-4)
+
+    if kwargs:
+        from preftune.collect.generation import load_generation_model
+        from preftune.eval.evaluation import resolve_target
+
+        target = resolve_target(str(tmp_path / "run"))
+        assert target.chat_template_kwargs == kwargs
+        _, loaded = load_generation_model(target.model, template_kwargs=target.chat_template_kwargs)
+        assert loaded.decode(encode_prompt(loaded, [USER])).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")

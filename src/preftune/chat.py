@@ -44,7 +44,7 @@ class ChatOptions:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     fold_system: bool = False
     turn_end: str | None = None
-    turn_end_known: bool = False
+    turn_end_of: str | None = None  # the template `turn_end` was found for (a changed template is probed again)
 
 
 def configure(tokenizer: Any, template_kwargs: dict[str, Any] | None = None, fold_system: bool = False) -> Any:
@@ -165,7 +165,8 @@ def turn_end(tokenizer: Any) -> str | None:
     first after the answer (the longest where several start at the same place).
     """
     opts = options(tokenizer)
-    if opts.turn_end_known:
+    template = str(getattr(tokenizer, "chat_template", None))
+    if opts.turn_end_of == template:
         return opts.turn_end
     result = None
     if has_template(tokenizer):
@@ -184,7 +185,7 @@ def turn_end(tokenizer: Any) -> str | None:
                 at = tail.find(candidate)
                 if at >= 0 and (best is None or (at, -len(candidate)) < best):
                     best, result = (at, -len(candidate)), candidate
-    opts.turn_end, opts.turn_end_known = result, True
+    opts.turn_end, opts.turn_end_of = result, template
     return result
 
 

@@ -322,6 +322,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_generation_model(args.model)
         sampler = None
+    if args.chat_template_kwargs:
+        from preftune import chat as chat_rendering
+
+        chat_rendering.configure(tokenizer, _json_mapping("--chat-template-kwargs", args.chat_template_kwargs))
     summary = generate_file(
         model,
         tokenizer,
@@ -397,6 +401,7 @@ def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default="auto",
         help="send string prompts as a user message through the chat template: auto = when the tokenizer has one",
     )
+    g.add_argument("--chat-template-kwargs", metavar="JSON", help='extra chat-template variables, e.g. \'{"enable_thinking": false}\'')
     g.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto", help="auto: vLLM when installed and a GPU is present")
     g.add_argument("--overwrite", action="store_true", help="start the output file afresh instead of resuming it")
     g.set_defaults(func=cmd_generate)
@@ -549,6 +554,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         bootstrap=args.bootstrap,
         output=args.output,
+        chat_template_kwargs=_json_mapping("--chat-template-kwargs", args.chat_template_kwargs) if args.chat_template_kwargs else None,
+        columns=_parse_columns(args.columns),
     )
     print(format_eval(result))
     return 0
@@ -606,6 +613,10 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
     ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
     ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
+    ev.add_argument("--columns", metavar="FIELD=COLUMN,...", help="map the pairs file's field names to preftune's "
+                    "(default: a run folder's own columns)")
+    ev.add_argument("--chat-template-kwargs", metavar="JSON", help="extra chat-template variables "
+                    "(default: a run folder's own chat_template_kwargs)")
     ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
     ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
     ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
