@@ -311,3 +311,34 @@ def test_data_check_reports_the_layout_mapping_and_a_rendered_example(tmp_path, 
     counts = (len(tok(context, add_special_tokens=False)["input_ids"]), len(tok(answer, add_special_tokens=False)["input_ids"]))
     visible = context.replace("\n", "\\n")
     assert f"  chosen   ({counts[0]} + {counts[1]} tokens): {visible} | {answer}" in out.splitlines()
+
+
+def test_ultrafeedback_named_splits_from_the_local_hub_cache(tmp_path, monkeypatch):
+    """`dataset: HuggingFaceH4/ultrafeedback_binarized` with `dataset_split: train_prefs`, as the
+    local HF cache holds it after one download: list-of-struct columns, named splits."""
+    import datasets
+    from datasets.arrow_writer import ArrowWriter
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)
+    message = [{"role": datasets.Value("string"), "content": datasets.Value("string")}]
+    features = datasets.Features({
+        "prompt": datasets.Value("string"), "prompt_id": datasets.Value("string"), "chosen": message,
+        "rejected": message, "messages": message, "score_chosen": datasets.Value("float64"),
+        "score_rejected": datasets.Value("float64"),
+    })
+    folder = tmp_path / "HuggingFaceH4___ultrafeedback_binarized" / "default" / "0.0.0" / "0123abcd"
+    folder.mkdir(parents=True)
+    info = datasets.DatasetInfo(config_name="default", dataset_name="ultrafeedback_binarized", features=features)
+    info.splits = datasets.SplitDict()
+    for split, rows in (("train_prefs", ULTRAFEEDBACK), ("test_prefs", ULTRAFEEDBACK[1:])):
+        with ArrowWriter(path=str(folder / f"ultrafeedback_binarized-{split}.arrow"), features=features) as writer:
+            for row in rows:
+                writer.write(row)
+            writer.finalize()
+        info.splits.add(datasets.SplitInfo(split, num_examples=len(rows)))
+    info.write_to_directory(str(folder))
+
+    train = load_preference_data("HuggingFaceH4/ultrafeedback_binarized", "train_prefs")
+    test = load_preference_data("HuggingFaceH4/ultrafeedback_binarized", "test_prefs")
+    assert [(e.prompt, e.chosen, e.rejected) for e in train] == [([user(q)], [bot(a)], [bot(b)]) for q, a, b in [(Q1, A1, B1), (Q2, A2, B2)]]
+    assert [(e.location, e.prompt) for e in test] == [("HuggingFaceH4/ultrafeedback_binarized[test_prefs]: row 1", [user(Q2)])]

@@ -139,6 +139,50 @@ def encode_completion(tokenizer: Any, prompt: str | list[dict], completion: str 
     return ids
 
 
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any], tools: Sequence[Any], locations: Sequence[str]) -> list[list[int]]:
+    """`encode_prompt` for many prompts: conversations rendered one by one, then every text
+    tokenized in one batched call (a fast tokenizer encodes a list on all its threads). Equal, id for
+    id, to calling `encode_prompt` on each."""
+    texts: list[str] = []
+    chat_rows: list[int] = []
+    plain_rows: list[int] = []
+    for i, (prompt, t, location) in enumerate(zip(prompts, tools, locations)):
+        if isinstance(prompt, list):
+            with at_record(location):
+                texts.append(chat.render(tokenizer, prompt, generation_prompt=True, tools=t))
+            chat_rows.append(i)
+        else:
+            texts.append(prompt)
+            plain_rows.append(i)
+    out: list[list[int]] = [[] for _ in texts]
+    for rows, special in ((plain_rows, True), (chat_rows, False)):
+        if rows:
+            encoded = tokenizer([texts[i] for i in rows], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(rows, encoded):
+                out[i] = [int(x) for x in ids]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [ids if ids else [start] for ids in out]
+
+
+def encode_completions(
+    tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any], tools: Sequence[Any], locations: Sequence[str]
+) -> list[list[int]]:
+    """`encode_completion` for many completions, the texts tokenized in one batched call."""
+    texts = []
+    for prompt, completion, t, location in zip(prompts, completions, tools, locations):
+        with at_record(location):
+            texts.append(completion_text(tokenizer, prompt, completion, t))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = []
+    for ids, completion in zip(encoded, completions):
+        ids = [int(x) for x in ids]
+        end = completion_end_id(tokenizer, completion)
+        if not ids or ids[-1] != end:
+            ids.append(end)
+        out.append(ids)
+    return out
+
+
 @contextmanager
 def at_record(location: str) -> Iterator[None]:
     """Name the record in a rendering or tokenization error (`pairs.jsonl:3: the chat template ...`)."""

@@ -60,6 +60,7 @@ class TrainConfig:
     system_prompt: str | None = None  # a system message for every record without one
     chat_template_kwargs: dict | None = None  # extra chat-template variables, e.g. {enable_thinking: false}
     fold_system_message: bool = False  # put the system message into the first user turn (templates that refuse one)
+    dataset_num_proc: int | None = None  # processes for tokenizing data; null: the cores this process may use
 
     # Optimisation
     num_train_epochs: float = 1.0
@@ -320,6 +321,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
             RecordLayout.make(cfg.columns, cfg.system_prompt)
         except PreftuneError as exc:
             raise PreftuneError(f"{where}: {exc}") from None
+    _check(cfg.dataset_num_proc is None or cfg.dataset_num_proc >= 1, where, "'dataset_num_proc' must be >= 1 or null")
     if cfg.chat_template_kwargs is not None:
         _check(all(isinstance(k, str) for k in cfg.chat_template_kwargs), where, "'chat_template_kwargs' keys must be strings")
     if isinstance(cfg.lora_target_modules, list):

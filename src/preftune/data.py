@@ -231,14 +231,29 @@ def dataset_names(source: str | Path | InMemoryRecords | None) -> list[str]:
 
 
 def _read_entries(source: str | Path | InMemoryRecords, split: str) -> list[_Entry]:
+    return list(iter_entries(source, split))
+
+
+def iter_entries(source: str | Path | InMemoryRecords, split: str = "train") -> Iterator[_Entry]:
+    """(location, raw record or `_Unreadable`) in source order, streamed: JSONL and CSV a line at a
+    time, Parquet a row group at a time, saved and cached datasets from their memory-mapped tables,
+    so a source larger than memory can be read. A JSON document is parsed whole (its format has no
+    smaller unit). Whole-source problems raise `PreftuneError`, also an empty source."""
+    count = 0
+    for entry in _iter_source(source, split):
+        count += 1
+        yield entry
+    if count == 0:
+        raise PreftuneError(f"no records in {source}: the dataset is empty")
+
+
+def _iter_source(source: str | Path | InMemoryRecords, split: str) -> Iterator[_Entry]:
     if isinstance(source, InMemoryRecords):
-        entries = source.entries()
-        if not entries:
-            raise PreftuneError(f"no records in {source}: the dataset is empty")
-        return entries
+        yield from source.entries()
+        return
     path = Path(source)
     if path.is_dir():
-        entries = _read_saved_dataset(path, split)
+        yield from _read_saved_dataset(path, split)
     elif path.exists():
         kind = FILE_TYPES.get(path.suffix.lower())
         if kind is None:
@@ -249,22 +264,19 @@ def _read_entries(source: str | Path | InMemoryRecords, split: str) -> list[_Ent
             )
         try:
             if kind == "jsonl":
-                entries = list(_read_jsonl(path))
+                yield from _read_jsonl(path)
             elif kind == "json":
-                entries = _read_json(path, split)
+                yield from _read_json(path, split)
             elif kind == "csv":
-                entries = list(_read_csv(path))
+                yield from _read_csv(path)
             else:
-                entries = _read_parquet(path)
+                yield from _read_parquet(path)
         except OSError as exc:
             raise PreftuneError(f"cannot read data file {source}: {exc.strerror or exc}") from None
     elif _looks_like_path(str(source)):
         raise PreftuneError(f"data file not found: {source}")
     else:
-        entries = _read_hub_dataset(str(source), split)
-    if not entries:
-        raise PreftuneError(f"no records in {source}: the dataset is empty")
-    return entries
+        yield from _read_hub_dataset(str(source), split)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -370,18 +382,32 @@ def _read_csv(path: Path) -> Iterator[_Entry]:
             yield where, dict(zip(header, row))
 
 
-def _read_parquet(path: Path) -> list[_Entry]:
+def _read_parquet(path: Path) -> Iterator[_Entry]:
     import pyarrow
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        handle = pq.ParquetFile(path)
+        number = 0
+        for batch in handle.iter_batches(batch_size=1000):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path.name}: row {number}", row
     except (pyarrow.ArrowException, ValueError) as exc:
         raise PreftuneError(f"{path.name}: not a readable Parquet file ({_first_line(exc)})") from None
-    return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[_Entry]:
+def _dataset_rows(dataset: Any, label: str) -> Iterator[_Entry]:
+    """The rows of a memory-mapped `datasets.Dataset`, a thousand at a time."""
+    number = 0
+    for batch in dataset.iter(batch_size=1000):
+        names = list(batch)
+        for values in zip(*(batch[n] for n in names)):
+            number += 1
+            yield f"{label}: row {number}", dict(zip(names, values))
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[_Entry]:
     from datasets import DatasetDict, load_from_disk
 
     is_saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
@@ -399,7 +425,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[_Entry]:
             )
         dataset = dataset[split]
         label = f"{path.name}[{split}]"
-    return [(f"{label}: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+    yield from _dataset_rows(dataset, label)
 
 
 @contextmanager
@@ -427,7 +453,7 @@ def _hub_offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _read_hub_dataset(name: str, split: str) -> list[_Entry]:
+def _read_hub_dataset(name: str, split: str) -> Iterator[_Entry]:
     from datasets import load_dataset
 
     try:
@@ -442,7 +468,7 @@ def _read_hub_dataset(name: str, split: str) -> list[_Entry]:
             f"dataset '{name}' is not available offline: no such file, and it is not in the local "
             "Hugging Face cache (download it once with network access, or pass a data file)"
         ) from None
-    return [(f"{name}[{split}]: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+    yield from _dataset_rows(dataset, f"{name}[{split}]")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -1140,9 +1166,7 @@ def _raise_first(checked: tuple[list[Any], list[str]]) -> list[Any]:
     """The examples, or a `PreftuneError` with the first problem and how many more."""
     examples, errors = checked
     if errors:
-        more = len(errors) - 1
-        suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
-        raise PreftuneError(errors[0] + suffix)
+        raise first_error(errors)
     return examples
 
 
@@ -1175,3 +1199,23 @@ def load_unpaired_data(
     examples = _raise_first(check_unpaired_data(source, split, layout, skipped))
     _log_skipped(source, skipped)
     return examples
+
+
+def converter(kind: str, layout: RecordLayout | None = None) -> Any:
+    """`convert(location, record) -> list of examples` for a data family: `pairs` (preference
+    pairs), `unpaired` (KTO) or `sft`, with the same validation and messages as the loaders."""
+    layout = layout or RecordLayout()
+    if kind == "pairs":
+        return lambda location, record: [validate_record(location, record, layout)]
+    if kind == "unpaired":
+        return lambda location, record: _unpaired_records(location, record, layout)
+    if kind == "sft":
+        return lambda location, record: [_sft_record(location, record, layout)]
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def first_error(errors: list[str]) -> PreftuneError:
+    """The first problem and how many more, as the loaders raise it."""
+    more = len(errors) - 1
+    suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
+    return PreftuneError(errors[0] + suffix)

@@ -118,31 +118,39 @@ def encode_conversation(
     return ids, mask
 
 
-def tokenize_example(
-    tokenizer: Any,
-    example: SFTExample,
+def encode_example(tokenizer: Any, example: SFTExample) -> tuple[list[int], list[bool], int]:
+    """(ids, loss mask, prompt length) of an example before truncation. The prompt length counts the
+    tokens a prompt/completion example may lose from the left; other shapes have none (0)."""
+    if example.kind == "completion":
+        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "", example.tools)
+        completion = encode_completion(tokenizer, example.prompt or "", example.completion, example.tools)
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion), len(prompt)
+    if example.kind == "messages":
+        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location, example.tools)
+        return ids, mask, 0
+    ids = [int(i) for i in tokenizer(example.text)["input_ids"]]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [True] * len(ids), 0
+
+
+def truncate_example(
+    ids: Sequence[int],
+    mask: Sequence[bool],
+    prompt_length: int,
     max_seq_length: int,
     max_prompt_length: int | None,
     completion_only_loss: bool = True,
 ) -> TokenizedSequence:
-    """An example's ids, loss mask and truncation: a prompt is cut from the left to the prompt limit
-    (as for pairs), then the sequence from the right to `max_seq_length`."""
-    if example.kind == "completion":
-        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "", example.tools)
-        completion = encode_completion(tokenizer, example.prompt or "", example.completion, example.tools)
+    """A prompt cut from the left to the prompt limit (as for pairs), then the sequence from the
+    right to `max_seq_length`; without `completion_only_loss` every token is trained on."""
+    ids, mask = list(ids), list(mask)
+    truncated = False
+    if prompt_length:
         limit = effective_prompt_length(max_seq_length, max_prompt_length)
-        truncated = len(prompt) > limit
-        prompt = prompt[-limit:]
-        ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
-    elif example.kind == "messages":
-        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location, example.tools)
-        truncated = False
-    else:
-        truncated = False
-        ids = [int(i) for i in tokenizer(example.text)["input_ids"]]
-        if not ids or ids[-1] != tokenizer.eos_token_id:
-            ids.append(tokenizer.eos_token_id)
-        mask = [True] * len(ids)
+        if prompt_length > limit:
+            truncated = True
+            ids, mask = ids[prompt_length - limit :], mask[prompt_length - limit :]
     truncated = truncated or len(ids) > max_seq_length
     ids, mask = ids[:max_seq_length], mask[:max_seq_length]
     if not completion_only_loss:
@@ -152,15 +160,33 @@ def tokenize_example(
     return TokenizedSequence(ids, mask, truncated)
 
 
+def tokenize_example(
+    tokenizer: Any,
+    example: SFTExample,
+    max_seq_length: int,
+    max_prompt_length: int | None,
+    completion_only_loss: bool = True,
+) -> TokenizedSequence:
+    """An example's ids, loss mask and truncation: a prompt is cut from the left to the prompt limit
+    (as for pairs), then the sequence from the right to `max_seq_length`."""
+    ids, mask, prompt_length = encode_example(tokenizer, example)
+    return truncate_example(ids, mask, prompt_length, max_seq_length, max_prompt_length, completion_only_loss)
+
+
 def pack(sequences: Sequence[TokenizedSequence], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: positions of `sequences` grouped into rows of at most `capacity` tokens.
     Each sequence goes, longest first, into the fullest row it fits in, or opens a new row. Pure and
     deterministic (ties keep the input order), so a resumed run packs the same rows."""
-    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].input_ids), i))
+    return pack_lengths([len(s.input_ids) for s in sequences], capacity)
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """`pack` on the sequences' lengths alone."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     space: list[int] = []
     for i in order:
-        size = len(sequences[i].input_ids)
+        size = lengths[i]
         best = -1
         for r, free in enumerate(space):
             if size <= free and (best < 0 or free < space[best]):
