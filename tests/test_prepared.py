@@ -191,3 +191,25 @@ def test_split_rows_holds_out_what_split_for_eval_holds_out():
         train, held = split_rows(n, split, seed=3)
         a, b = split_for_eval(list(range(n)), split, 3)
         assert train.tolist() == a and held.tolist() == b
+
+
+def test_data_check_streams_the_same_report(tmp_path, tiny_model_dir, capsys):
+    """`data check` counts one example at a time and takes token lengths from the prepared table:
+    the report equals the list-based report with lengths from the per-record encoders."""
+    from transformers import AutoTokenizer
+
+    from preftune.batching import encode_completion, encode_prompt
+    from preftune.cli import main
+    from preftune.quality import quality_report
+
+    rows = PAIRS + [PAIRS[0], dict(PAIRS[3], rejected=PAIRS[3]["chosen"])]  # a duplicate and a tie
+    data_file = write(tmp_path / "pairs.jsonl", rows)
+    assert main(["data", "check", str(data_file), "--model", str(tiny_model_dir), "--max-seq-length", "16", "--format", "json"]) == 0
+    streamed = json.loads(capsys.readouterr().out)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = load_preference_data(data_file)
+    lengths = [(len(encode_prompt(tok, e.prompt)), len(encode_completion(tok, e.prompt, e.chosen)),
+                len(encode_completion(tok, e.prompt, e.rejected))) for e in examples]
+    expected = quality_report(examples, lengths=lengths, max_seq_length=16, max_prompt_length=8)
+    assert {k: streamed[k] for k in expected} == json.loads(json.dumps(expected))
+    assert streamed["exact_duplicates"] == 1 and streamed["chosen_equals_rejected"] == 1 and streamed["length_unit"] == "tokens"

@@ -128,22 +128,6 @@ def add_train_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def _report_lengths(examples: list, tokenizer: Any) -> list[tuple[int, int, int]]:
-    from preftune.batching import at_record, encode_completion, encode_prompt
-
-    lengths = []
-    for e in examples:
-        with at_record(e.location):
-            lengths.append(
-                (
-                    len(encode_prompt(tokenizer, e.prompt, e.tools)),
-                    len(encode_completion(tokenizer, e.prompt, e.chosen, e.tools)),
-                    len(encode_completion(tokenizer, e.prompt, e.rejected, e.tools)),
-                )
-            )
-    return lengths
-
-
 def _visible(tokenizer: Any, ids: list[int]) -> str:
     """Token ids as text with every special token written out and newlines shown as \\n, on one line."""
     return tokenizer.decode(ids, skip_special_tokens=False).replace("\\", "\\\\").replace("\n", "\\n")
@@ -185,8 +169,8 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     from collections import Counter
 
     from preftune import chat
-    from preftune.data import LAYOUTS, RecordLayout, check_data, check_sft_data, check_unpaired_data
-    from preftune.quality import examples_report, format_examples_report, format_report, quality_report
+    from preftune.data import LAYOUTS, RecordLayout, check_sft_data, check_unpaired_data
+    from preftune.quality import examples_report, format_examples_report, format_report
 
     model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
     columns, system_prompt, template_kwargs, fold = _parse_columns(args.columns), args.system_prompt, None, False
@@ -221,19 +205,38 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             report = examples_report(examples, *weights)
         text = format_examples_report
     else:
-        examples, errors = check_data(args.path, args.split, layout, skipped)
-        tokenizer = None
-        if model_name and examples:
+        # Streamed: one example at a time into the report's counters, so any size fits in memory.
+        from tqdm.auto import tqdm
+
+        from preftune.data import converter, iter_checked, iter_entries
+        from preftune.quality import QualityCounter
+
+        errors = []
+        counter, counts, differs, first = QualityCounter(), Counter(), 0, None
+        entries = tqdm(iter_entries(args.path, args.split), desc="check", unit=" records", leave=False,
+                       disable=args.format == "json" or not sys.stderr.isatty())
+        for example in iter_checked(entries, converter("pairs", layout), errors, skipped):
+            counter.add(example)
+            counts[example.layout] += 1
+            differs += bool(example.extra.get("prompt_differs"))
+            first = first or example
+        tokenizer = lengths = None
+        if model_name and first is not None:
             from preftune.models import load_tokenizer
 
             tokenizer = chat.configure(load_tokenizer(model_name), template_kwargs, fold)
-        lengths = _report_lengths(examples, tokenizer) if tokenizer is not None else None
-        report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
-        counts = Counter(e.layout for e in examples)
+            if not errors:
+                # Token lengths from the prepared table (cached: training on this data maps it again).
+                from preftune.prepared import prepare
+
+                data = prepare(args.path, args.split, "pairs", tokenizer, layout, progress=sys.stderr.isatty(),
+                               cache_dir=cfg.cache_dir if args.config else None)
+                lengths = [data.ids(name).lengths() for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        report = counter.report(lengths, max_seq, max_prompt)
         report["layouts"] = {LAYOUTS[k]: n for k, n in counts.most_common()}
-        report["prompt_differs"] = sum(bool(e.extra.get("prompt_differs")) for e in examples)
+        report["prompt_differs"] = differs
         if tokenizer is not None:
-            report["example"] = _rendered_example(tokenizer, examples[0])
+            report["example"] = _rendered_example(tokenizer, first)
         text = format_report
     report["mapping"] = layout.describe() + (f"; system_prompt: {json.dumps(system_prompt)}" if system_prompt else "")
     report["skipped"] = dict(skipped)

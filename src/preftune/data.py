@@ -981,21 +981,28 @@ def check_records(
 def _convert_all(records: Iterable[tuple[str, Any]], convert: Any, skipped: Counter | None = None) -> tuple[list[Any], list[str]]:
     """Every record through `convert(location, record) -> list`: the examples and every error
     (each prefixed with its location), unreadable lines among them, in source order."""
-    examples: list[Any] = []
     errors: list[str] = []
+    examples = list(iter_checked(records, convert, errors, skipped))
+    return examples, errors
+
+
+def iter_checked(
+    records: Iterable[tuple[str, Any]], convert: Any, errors: list[str], skipped: Counter | None = None
+) -> Iterator[Any]:
+    """The valid examples of `records`, one at a time (a checker streams a source of any size);
+    each problem is appended to `errors` (prefixed with its location) and skipped records counted."""
     for location, record in records:
         if isinstance(record, _Unreadable):
             errors.append(record.message)
             continue
         try:
-            examples.extend(convert(location, record))
+            yield from convert(location, record)
         except SkippedRecord as exc:
             if skipped is not None:
                 skipped[str(exc)] += 1
         except PreftuneError as exc:
             message = str(exc)
             errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
-    return examples, errors
 
 
 def check_data(

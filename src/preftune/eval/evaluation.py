@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import yaml
 
-from preftune.batching import TokenizedPair, collate_pairs, encode_prompt, tokenize_dataset
+from preftune.batching import TokenizedPair, collate_pairs, encode_prompt
 from preftune.config import TrainConfig
-from preftune.data import RecordLayout, load_preference_data
+from preftune.data import RecordLayout
+from preftune.prepared import PairItems, prepare
 from preftune.errors import PreftuneError
 from preftune.sequences import SequenceRow, TokenizedSequence, collate_sequences
 from preftune.collect.generation import (
@@ -555,8 +556,10 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
 
     if settings.pairs:
         columns = settings.columns if settings.columns is not None else target.columns
-        examples = load_preference_data(settings.pairs, "test", RecordLayout.make(columns, target.system_prompt))
-        pairs, _ = tokenize_dataset(tokenizer, examples, target.max_seq_length, target.max_prompt_length)
+        # The pairs' token table, as training prepares it (mapped from the cache when it did).
+        data = prepare(settings.pairs, "test", "pairs", tokenizer, RecordLayout.make(columns, target.system_prompt),
+                       progress=settings.progress)
+        pairs = PairItems(data, np.arange(len(data)), 0, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
 
