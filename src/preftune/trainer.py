@@ -12,6 +12,7 @@ the distributed wrappers; nothing here is a home-made distributed layer.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -71,6 +72,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed run
     finds its place from the step number alone."""
@@ -83,7 +85,7 @@ def step_examples(num_examples: int, global_batch: int, seed: int, step: int) ->
     epoch may be smaller; gradients are normalised by its true size."""
     steps_per_epoch = math.ceil(num_examples / global_batch)
     epoch, position = divmod(step, steps_per_epoch)
-    order = epoch_order(num_examples, seed, epoch)
+    order = epoch_order(num_examples, seed, epoch)  # cached: every step of an epoch shares it (never mutated)
     return order[position * global_batch : (position + 1) * global_batch], epoch
 
 
