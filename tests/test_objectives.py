@@ -35,7 +35,7 @@ def base_module(model_dir) -> CompletionLogprobs:
 def test_reference_free_losses_on_the_models_own_logps(tmp_path, tiny_model_dir, pairs_file, strategy):
     trainer = trainer_for(tmp_path, tiny_model_dir, pairs_file, strategy=strategy, beta=0.5, simpo_gamma=0.3)
     assert trainer.reference_kind == "none" and trainer.reference is None
-    assert not (tmp_path / "cache").exists()  # nothing precomputed
+    assert not (tmp_path / "cache" / "reference").exists()  # nothing precomputed (the data table is cached there too)
     result = trainer.evaluate()
     with torch.no_grad():
         sums, lengths, *_ = completion_logps(base_module(tiny_model_dir), collate_pairs(trainer.eval_items, trainer.pad_id))

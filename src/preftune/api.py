@@ -348,13 +348,16 @@ def evaluate(
     bootstrap: int = 2000,
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    chat_template_kwargs: dict | None = None,
+    columns: dict | None = None,
 ) -> dict[str, Any]:
     """What `preftune eval` computes, as the dict it writes to `eval.json` (written too, into the run
     folder or `output`). Arguments are the command's flags; `model` is a run folder, a LoRA adapter
     folder, a model name (then `ref` is needed) or a `TrainResult`. `pairs` and `prompts` are files
     or in-memory records (Dataset, list of dicts, DataFrame; prompts may be plain strings);
     `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a
-    function `(prompts, completions) -> scores`.
+    function `(prompts, completions) -> scores`. `chat_template_kwargs` and `columns` default to
+    the run's own (a run folder's config).
 
     Example::
 
@@ -384,6 +387,8 @@ def evaluate(
         resamples=bootstrap,
         output=str(output) if output is not None else None,
         progress=progress,
+        chat_template_kwargs=chat_template_kwargs,
+        columns=columns,
     )
     return run_eval(settings)
 
@@ -421,6 +426,7 @@ def generate(
     batch_size: int = 8,
     chat: bool | None = None,
     progress: bool = True,
+    chat_template_kwargs: dict | None = None,
 ) -> list[dict[str, Any]]:
     """Sample completions as `preftune generate` does, returning the records it writes (one per
     prompt: `index`, `prompt`, `completions`, `lengths`, `stopped`, `sampling`, the prompt's other
@@ -428,8 +434,9 @@ def generate(
     `tokenizer`; `prompts` are strings, records with a `prompt` field (text or messages), a
     Dataset or a DataFrame. Sample j of prompt i is seeded from (seed, i, j): the same call gives
     the same samples. `chat=None` sends string prompts as a user message when the tokenizer has a
-    chat template. Several temperatures (`temperature=[0.7, 1.0]`) give `num_samples` at each, and
-    each record a `temperatures` list, one per completion.
+    chat template; `chat_template_kwargs` reach its rendering (e.g. `{"enable_thinking": False}`).
+    Several temperatures (`temperature=[0.7, 1.0]`) give `num_samples` at each, and each record a
+    `temperatures` list, one per completion.
 
     Example::
 
@@ -457,6 +464,10 @@ def generate(
             tokenizer = _tokenizer_of(name)
         else:
             tokenizer = _prepared_tokenizer(tokenizer)
+    if chat_template_kwargs is not None:
+        from preftune import chat as chat_rendering
+
+        chat_rendering.configure(tokenizer, chat_template_kwargs)
     records = chat_prompts(records, tokenizer, chat)
     with eval_mode(model):
         batches = iter_sample_records(

@@ -4,20 +4,25 @@ The scoring rule (shared with every evaluator of this project): prompt and compl
 separately and concatenated, so no token spans the boundary. Prompt ids are `tokenizer(prompt)` with
 the tokenizer's own special tokens, or the chat template with the generation prompt for messages;
 completion ids are `tokenizer(completion, add_special_tokens=False)` followed by EOS unless already
-there. Tokenizing the two parts separately is also what lets a pair's prompt be encoded once and
+there; a chat completion is the template's rendering of the assistant turn up to and including its
+turn end (`<end_of_turn>`, `<|end|>`, ...), which then closes it in place of EOS (`preftune.chat`).
+Tokenizing the two parts separately is also what lets a pair's prompt be encoded once and
 shared by both completions.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import json
 
 import torch
 
+from preftune import chat
 from preftune.data import PreferenceExample, UnpairedExample
+from preftune.errors import PreftuneError
 
 
 @dataclass
@@ -92,11 +97,12 @@ def _ids(encoded: Any) -> list[int]:
     return [int(i) for i in encoded]
 
 
-def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str | list[dict], tools: Any = None) -> list[int]:
     """Prompt ids: the tokenizer's own special tokens, or the chat template with the generation
-    prompt. The template is tokenized without adding special tokens again (no doubled BOS)."""
+    prompt (`chat.render`, the run's template arguments and the record's tools). The template's text
+    is tokenized without adding special tokens again (no doubled BOS)."""
     if isinstance(prompt, list):
-        ids = _ids(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+        ids = _ids(tokenizer(chat.render(tokenizer, prompt, generation_prompt=True, tools=tools), add_special_tokens=False))
     else:
         ids = _ids(tokenizer(prompt))
     if not ids:
@@ -107,31 +113,84 @@ def encode_prompt(tokenizer: Any, prompt: str | list[dict]) -> list[int]:
     return ids
 
 
-def completion_text(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict]) -> str:
-    """The text of a completion. For messages it is what the chat template renders after the
-    prompt's generation prompt (end-of-turn markers included), cut after the last EOS text so the
-    template's trailing newline does not become a token after EOS."""
+def completion_text(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict], tools: Any = None) -> str:
+    """The text of a completion: a string as it is; for messages, the template's rendering of the
+    assistant turn up to and including its turn end (`chat.completion_text`)."""
     if isinstance(completion, str):
         return completion
-    rendered_prompt = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-    full = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
-    if full.startswith(rendered_prompt):
-        text = full[len(rendered_prompt) :]
-    else:
-        # Templates that rewrite earlier turns (e.g. drop reasoning) do not prefix-match: fall back
-        # to the contents, which EOS then closes.
-        text = "".join(m["content"] for m in completion)
-    eos = tokenizer.eos_token
-    if eos and eos in text:
-        text = text[: text.rindex(eos) + len(eos)]
-    return text
+    return chat.completion_text(tokenizer, list(prompt), list(completion), tools)
 
 
-def encode_completion(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict]) -> list[int]:
-    ids = _ids(tokenizer(completion_text(tokenizer, prompt, completion), add_special_tokens=False))
-    if not ids or ids[-1] != tokenizer.eos_token_id:
-        ids.append(tokenizer.eos_token_id)
+def completion_end_id(tokenizer: Any, completion: str | list[dict]) -> int:
+    """The token a completion ends on: the template's turn end for messages (`<end_of_turn>`,
+    `<|end|>`, `<|eot_id|>`, ...), where the template has one, else EOS."""
+    if isinstance(completion, list):
+        end = chat.turn_end_id(tokenizer)
+        if end is not None:
+            return end
+    return tokenizer.eos_token_id
+
+
+def encode_completion(tokenizer: Any, prompt: str | list[dict], completion: str | list[dict], tools: Any = None) -> list[int]:
+    ids = _ids(tokenizer(completion_text(tokenizer, prompt, completion, tools), add_special_tokens=False))
+    end = completion_end_id(tokenizer, completion)
+    if not ids or ids[-1] != end:
+        ids.append(end)
     return ids
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[Any], tools: Sequence[Any], locations: Sequence[str]) -> list[list[int]]:
+    """`encode_prompt` for many prompts: conversations rendered one by one, then every text
+    tokenized in one batched call (a fast tokenizer encodes a list on all its threads). Equal, id for
+    id, to calling `encode_prompt` on each."""
+    texts: list[str] = []
+    chat_rows: list[int] = []
+    plain_rows: list[int] = []
+    for i, (prompt, t, location) in enumerate(zip(prompts, tools, locations)):
+        if isinstance(prompt, list):
+            with at_record(location):
+                texts.append(chat.render(tokenizer, prompt, generation_prompt=True, tools=t))
+            chat_rows.append(i)
+        else:
+            texts.append(prompt)
+            plain_rows.append(i)
+    out: list[list[int]] = [[] for _ in texts]
+    for rows, special in ((plain_rows, True), (chat_rows, False)):
+        if rows:
+            encoded = tokenizer([texts[i] for i in rows], add_special_tokens=special)["input_ids"]
+            for i, ids in zip(rows, encoded):
+                out[i] = [int(x) for x in ids]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return [ids if ids else [start] for ids in out]
+
+
+def encode_completions(
+    tokenizer: Any, prompts: Sequence[Any], completions: Sequence[Any], tools: Sequence[Any], locations: Sequence[str]
+) -> list[list[int]]:
+    """`encode_completion` for many completions, the texts tokenized in one batched call."""
+    texts = []
+    for prompt, completion, t, location in zip(prompts, completions, tools, locations):
+        with at_record(location):
+            texts.append(completion_text(tokenizer, prompt, completion, t))
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    out = []
+    for ids, completion in zip(encoded, completions):
+        ids = [int(x) for x in ids]
+        end = completion_end_id(tokenizer, completion)
+        if not ids or ids[-1] != end:
+            ids.append(end)
+        out.append(ids)
+    return out
+
+
+@contextmanager
+def at_record(location: str) -> Iterator[None]:
+    """Name the record in a rendering or tokenization error (`pairs.jsonl:3: the chat template ...`)."""
+    try:
+        yield
+    except PreftuneError as exc:
+        message = str(exc)
+        raise PreftuneError(message if message.startswith(f"{location}: ") else f"{location}: {message}") from None
 
 
 def effective_prompt_length(max_seq_length: int, max_prompt_length: int | None) -> int:
@@ -180,9 +239,11 @@ def tokenize_dataset(
     pairs: list[TokenizedPair] = []
     stats = TruncationStats()
     for i, example in enumerate(examples):
-        prompt_ids = encode_prompt(tokenizer, example.prompt)
-        chosen_ids = encode_completion(tokenizer, example.prompt, example.chosen)
-        rejected_ids = encode_completion(tokenizer, example.prompt, example.rejected)
+        with at_record(example.location):
+            tools = example.tools
+            prompt_ids = encode_prompt(tokenizer, example.prompt, tools)
+            chosen_ids = encode_completion(tokenizer, example.prompt, example.chosen, tools)
+            rejected_ids = encode_completion(tokenizer, example.prompt, example.rejected, tools)
         stats.longest_prompt = max(stats.longest_prompt, len(prompt_ids))
         stats.longest_completion = max(stats.longest_completion, len(chosen_ids), len(rejected_ids))
         pair = truncate_pair(i, prompt_ids, chosen_ids, rejected_ids, max_seq_length, max_prompt_length)
@@ -230,9 +291,11 @@ def tokenize_unpaired(
     items: list[TokenizedUnpaired] = []
     stats = TruncationStats()
     for i, example in enumerate(examples):
-        prompt_ids = encode_prompt(tokenizer, example.prompt)
-        completion_ids = encode_completion(tokenizer, example.prompt, example.completion)
-        kl_ids = encode_completion(tokenizer, example.prompt, examples[partners[i]].completion)
+        with at_record(example.location):
+            tools = example.tools
+            prompt_ids = encode_prompt(tokenizer, example.prompt, tools)
+            completion_ids = encode_completion(tokenizer, example.prompt, example.completion, tools)
+            kl_ids = encode_completion(tokenizer, example.prompt, examples[partners[i]].completion, tools)
         pair = truncate_pair(i, prompt_ids, completion_ids, kl_ids, max_seq_length, max_prompt_length)
         stats.pairs += 1
         stats.prompts_truncated += pair.prompt_truncated

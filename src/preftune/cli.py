@@ -128,26 +128,54 @@ def add_train_commands(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def _report_lengths(examples: list, model_name: str) -> list[tuple[int, int, int]]:
-    from preftune.batching import encode_completion, encode_prompt
-    from preftune.models import load_tokenizer
+def _visible(tokenizer: Any, ids: list[int]) -> str:
+    """Token ids as text with every special token written out and newlines shown as \\n, on one line."""
+    return tokenizer.decode(ids, skip_special_tokens=False).replace("\\", "\\\\").replace("\n", "\\n")
 
-    tokenizer = load_tokenizer(model_name)
-    return [
-        (
-            len(encode_prompt(tokenizer, e.prompt)),
-            len(encode_completion(tokenizer, e.prompt, e.chosen)),
-            len(encode_completion(tokenizer, e.prompt, e.rejected)),
-        )
-        for e in examples
-    ]
+
+def _rendered_example(tokenizer: Any, example: Any) -> dict[str, Any]:
+    """One pair in the model's exact tokens: the context generation sees, then each completion."""
+    from preftune.batching import at_record, encode_completion, encode_prompt
+
+    with at_record(example.location):
+        context = encode_prompt(tokenizer, example.prompt, example.tools)
+        chosen = encode_completion(tokenizer, example.prompt, example.chosen, example.tools)
+        rejected = encode_completion(tokenizer, example.prompt, example.rejected, example.tools)
+    return {
+        "location": example.location,
+        "context": _visible(tokenizer, context),
+        "chosen": _visible(tokenizer, chosen),
+        "rejected": _visible(tokenizer, rejected),
+        "tokens": [len(context), len(chosen), len(rejected)],
+    }
+
+
+def _parse_columns(text: str | None) -> dict[str, str] | None:
+    """`--columns prompt=question,system=system` as {preftune field: file field}."""
+    if not text:
+        return None
+    columns: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        if "=" not in item:
+            raise PreftuneError(f"--columns: expected FIELD=COLUMN pairs separated by commas, got {item.strip()!r}")
+        target, source = item.split("=", 1)
+        columns[target.strip()] = source.strip()
+    return columns
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
-    from preftune.data import check_data, check_sft_data, check_unpaired_data
-    from preftune.quality import examples_report, format_examples_report, format_report, quality_report
+    from collections import Counter
+
+    from preftune import chat
+    from preftune.data import LAYOUTS, RecordLayout, check_sft_data, check_unpaired_data
+    from preftune.quality import examples_report, format_examples_report, format_report
 
     model_name, max_seq, max_prompt = args.model, args.max_seq_length, args.max_prompt_length
+    columns, system_prompt, template_kwargs, fold = _parse_columns(args.columns), args.system_prompt, None, False
+    if args.chat_template_kwargs:
+        template_kwargs = _json_mapping("--chat-template-kwargs", args.chat_template_kwargs)
     if args.config:
         from preftune.config import load_config
 
@@ -155,26 +183,63 @@ def cmd_data_check(args: argparse.Namespace) -> int:
         model_name = model_name or cfg.model_name
         max_seq = max_seq or cfg.max_seq_length
         max_prompt = max_prompt or cfg.max_prompt_length
+        columns = columns if columns is not None else cfg.columns
+        system_prompt = system_prompt if system_prompt is not None else cfg.system_prompt
+        template_kwargs = template_kwargs if template_kwargs is not None else cfg.chat_template_kwargs
+        fold = cfg.fold_system_message
+    layout = RecordLayout.make(columns, system_prompt, "--columns")
     if max_seq:
         from preftune.batching import effective_prompt_length
 
         max_prompt = effective_prompt_length(max_seq, max_prompt)
     strategy = args.strategy or (cfg.strategy if args.config else "dpo")
+    skipped: Counter = Counter()
     if strategy in ("sft", "kto"):
         # Supervised and unpaired files: their own validation and report (lengths in words).
         if strategy == "sft":
-            examples, errors = check_sft_data(args.path, args.split)
+            examples, errors = check_sft_data(args.path, args.split, layout)
             report = examples_report(examples)
         else:
-            examples, errors = check_unpaired_data(args.path, args.split)
+            examples, errors = check_unpaired_data(args.path, args.split, layout, skipped)
             weights = (cfg.desirable_weight, cfg.undesirable_weight) if args.config else (1.0, 1.0)
             report = examples_report(examples, *weights)
         text = format_examples_report
     else:
-        examples, errors = check_data(args.path, args.split)
-        lengths = _report_lengths(examples, model_name) if (model_name and examples) else None
-        report = quality_report(examples, lengths=lengths, max_seq_length=max_seq, max_prompt_length=max_prompt)
+        # Streamed: one example at a time into the report's counters, so any size fits in memory.
+        from tqdm.auto import tqdm
+
+        from preftune.data import converter, iter_checked, iter_entries
+        from preftune.quality import QualityCounter
+
+        errors = []
+        counter, counts, differs, first = QualityCounter(), Counter(), 0, None
+        entries = tqdm(iter_entries(args.path, args.split), desc="check", unit=" records", leave=False,
+                       disable=args.format == "json" or not sys.stderr.isatty())
+        for example in iter_checked(entries, converter("pairs", layout), errors, skipped):
+            counter.add(example)
+            counts[example.layout] += 1
+            differs += bool(example.extra.get("prompt_differs"))
+            first = first or example
+        tokenizer = lengths = None
+        if model_name and first is not None:
+            from preftune.models import load_tokenizer
+
+            tokenizer = chat.configure(load_tokenizer(model_name), template_kwargs, fold)
+            if not errors:
+                # Token lengths from the prepared table (cached: training on this data maps it again).
+                from preftune.prepared import prepare
+
+                data = prepare(args.path, args.split, "pairs", tokenizer, layout, progress=sys.stderr.isatty(),
+                               cache_dir=cfg.cache_dir if args.config else None)
+                lengths = [data.ids(name).lengths() for name in ("prompt_ids", "chosen_ids", "rejected_ids")]
+        report = counter.report(lengths, max_seq, max_prompt)
+        report["layouts"] = {LAYOUTS[k]: n for k, n in counts.most_common()}
+        report["prompt_differs"] = differs
+        if tokenizer is not None:
+            report["example"] = _rendered_example(tokenizer, first)
         text = format_report
+    report["mapping"] = layout.describe() + (f"; system_prompt: {json.dumps(system_prompt)}" if system_prompt else "")
+    report["skipped"] = dict(skipped)
     report["invalid_records"] = len(errors)
     report["errors"] = errors[:100]
     if args.format == "json":
@@ -188,6 +253,17 @@ def cmd_data_check(args: argparse.Namespace) -> int:
             print(f"preftune: error: ... and {len(errors) - 20} more invalid records", file=sys.stderr)
         return 1
     return 0
+
+
+def _json_mapping(flag: str, text: str) -> dict[str, Any]:
+    """A flag's JSON object (`--chat-template-kwargs '{"enable_thinking": false}'`)."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PreftuneError(f"{flag}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise PreftuneError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -207,6 +283,11 @@ def add_data_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     c.add_argument("--split", default="train", help="split of a datasets folder or hub dataset (default: train)")
     c.add_argument("--model", help="count lengths in this model's tokens (default: whitespace words)")
     c.add_argument("--config", help="take model_name, max_seq_length, max_prompt_length, strategy and KTO's weights from a training config")
+    c.add_argument("--columns", metavar="FIELD=COLUMN,...",
+                   help="map the file's field names to preftune's, e.g. prompt=question,system=system (config: columns)")
+    c.add_argument("--system-prompt", metavar="TEXT", help="a system message for every record without one")
+    c.add_argument("--chat-template-kwargs", metavar="JSON",
+                   help='extra chat-template variables for the rendered example, e.g. \'{"enable_thinking": false}\'')
     c.add_argument("--max-seq-length", type=int, help="report pairs that this limit would truncate")
     c.add_argument("--max-prompt-length", type=int, help="report prompts that this limit would truncate")
     c.add_argument(
@@ -247,6 +328,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_generation_model(args.model)
         sampler = None
+    if args.chat_template_kwargs:
+        from preftune import chat as chat_rendering
+
+        chat_rendering.configure(tokenizer, _json_mapping("--chat-template-kwargs", args.chat_template_kwargs))
     summary = generate_file(
         model,
         tokenizer,
@@ -331,6 +416,7 @@ def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default="auto",
         help="send string prompts as a user message through the chat template: auto = when the tokenizer has one",
     )
+    g.add_argument("--chat-template-kwargs", metavar="JSON", help='extra chat-template variables, e.g. \'{"enable_thinking": false}\'')
     g.add_argument("--engine", choices=("auto", "transformers", "vllm"), default="auto", help="auto: vLLM when installed and a GPU is present")
     g.add_argument("--overwrite", action="store_true", help="start the output file afresh instead of resuming it")
     g.set_defaults(func=cmd_generate)
@@ -487,6 +573,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         confidence=args.confidence,
         bootstrap=args.bootstrap,
         output=args.output,
+        chat_template_kwargs=_json_mapping("--chat-template-kwargs", args.chat_template_kwargs) if args.chat_template_kwargs else None,
+        columns=_parse_columns(args.columns),
     )
     print(format_eval(result))
     return 0
@@ -547,6 +635,10 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
     ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
     ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
+    ev.add_argument("--columns", metavar="FIELD=COLUMN,...", help="map the pairs file's field names to preftune's "
+                    "(default: a run folder's own columns)")
+    ev.add_argument("--chat-template-kwargs", metavar="JSON", help="extra chat-template variables "
+                    "(default: a run folder's own chat_template_kwargs)")
     ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
     ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
     ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")

@@ -52,7 +52,15 @@ class TrainConfig:
     dataset_split: str = "train"
     eval_dataset: str | None = None  # a separate eval file; otherwise `eval_split` of `dataset`
     eval_split: float = 0.1  # fraction in [0, 1) or a whole count >= 1; 0 turns evaluation off
+    eval_dataset_split: str = "test"  # the split of `eval_dataset` (a datasets folder or hub name): test_prefs, ...
     output_dir: str = "runs/train"
+
+    # How records and conversations are read (see data.py and chat.py)
+    columns: dict | None = None  # {preftune field: file field}, e.g. {prompt: question, system: system}
+    system_prompt: str | None = None  # a system message for every record without one
+    chat_template_kwargs: dict | None = None  # extra chat-template variables, e.g. {enable_thinking: false}
+    fold_system_message: bool = False  # put the system message into the first user turn (templates that refuse one)
+    dataset_num_proc: int | None = None  # processes for tokenizing data; null: the cores this process may use
 
     # Optimisation
     num_train_epochs: float = 1.0
@@ -145,6 +153,12 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record_layout(self) -> Any:
+        """The `data.RecordLayout` of `columns` and `system_prompt`."""
+        from preftune.data import RecordLayout
+
+        return RecordLayout.make(self.columns, self.system_prompt)
+
 
 KNOWN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -154,6 +168,7 @@ ALIASES = {
     "model_name_or_path": "model_name",
     "dataset_name": "dataset",
     "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_dataset_split",
     "lora_target": "lora_target_modules",
 }
 
@@ -300,6 +315,16 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
         validate_loss_types(*cfg.loss_mix())
     except PreftuneError as exc:
         raise PreftuneError(f"{where}: {exc}") from None
+    if cfg.columns is not None or cfg.system_prompt is not None:
+        from preftune.data import RecordLayout
+
+        try:
+            RecordLayout.make(cfg.columns, cfg.system_prompt)
+        except PreftuneError as exc:
+            raise PreftuneError(f"{where}: {exc}") from None
+    _check(cfg.dataset_num_proc is None or cfg.dataset_num_proc >= 1, where, "'dataset_num_proc' must be >= 1 or null")
+    if cfg.chat_template_kwargs is not None:
+        _check(all(isinstance(k, str) for k in cfg.chat_template_kwargs), where, "'chat_template_kwargs' keys must be strings")
     if isinstance(cfg.lora_target_modules, list):
         _check(all(isinstance(m, str) for m in cfg.lora_target_modules), where, "'lora_target_modules' must be a string or a list of strings")
     if cfg.fsdp is not None or cfg.fsdp_config is not None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 from collections import Counter
@@ -26,9 +27,11 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from preftune.errors import PreftuneError
+
+log = logging.getLogger("preftune")
 
 __all__ = [
     "Message",
@@ -46,6 +49,10 @@ __all__ = [
     "in_memory_records",
     "dataset_names",
     "split_implicit_prompt",
+    "RecordLayout",
+    "SkippedRecord",
+    "suggest_columns",
+    "LAYOUTS",
 ]
 
 Message = dict[str, str]
@@ -53,6 +60,26 @@ Text = str | list[Message]
 
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 FIELDS = ("prompt", "chosen", "rejected")
+# preftune's record fields, the targets of a `columns:` mapping. `response_a`/`response_b` with
+# `winner` (which one is better) or `preference` (a signed strength) are the pairwise-choice layout.
+MAPPABLE_FIELDS = (
+    "prompt", "chosen", "rejected", "system", "completion", "label", "messages", "text",
+    "response_a", "response_b", "winner", "preference", "tools",
+)
+# How `data check` names the layouts a pair can be read from.
+LAYOUTS = {
+    "standard": "prompt/chosen/rejected as text",
+    "standard-system": "prompt/chosen/rejected as text with a system message (a system column or system_prompt): "
+    "read as a conversation",
+    "conversational": "prompt/chosen/rejected as messages",
+    "implicit": "chosen/rejected as text sharing an implicit prompt",
+    "implicit-conversational": "chosen/rejected as conversations sharing their leading turns (the prompt)",
+    "prompt-and-conversations": "a string prompt beside chosen/rejected conversations that repeat it "
+    "(UltraFeedback binarized, Tulu 3, orpo-dpo-mix)",
+    "pairwise": "two responses with the better one named (response_a/response_b with winner or preference)",
+}
+# HelpSteer's preference strength runs from -3 (response 1 much better) to 3 (response 2 much better).
+PREFERENCE_SCALE = 3
 
 
 @dataclass
@@ -69,11 +96,17 @@ class PreferenceExample:
     rejected: Text
     location: str
     extra: dict[str, Any] = field(default_factory=dict)
+    layout: str = "standard"  # which public layout the record was read as (`LAYOUTS`)
 
     @property
     def is_conversational(self) -> bool:
         """True when the pair is chat messages, so the chat template must render it."""
         return isinstance(self.chosen, list)
+
+    @property
+    def tools(self) -> Any:
+        """The record's function schemas, passed to the chat template as `tools=`."""
+        return self.extra.get("tools")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,14 +231,29 @@ def dataset_names(source: str | Path | InMemoryRecords | None) -> list[str]:
 
 
 def _read_entries(source: str | Path | InMemoryRecords, split: str) -> list[_Entry]:
+    return list(iter_entries(source, split))
+
+
+def iter_entries(source: str | Path | InMemoryRecords, split: str = "train") -> Iterator[_Entry]:
+    """(location, raw record or `_Unreadable`) in source order, streamed: JSONL and CSV a line at a
+    time, Parquet a row group at a time, saved and cached datasets from their memory-mapped tables,
+    so a source larger than memory can be read. A JSON document is parsed whole (its format has no
+    smaller unit). Whole-source problems raise `PreftuneError`, also an empty source."""
+    count = 0
+    for entry in _iter_source(source, split):
+        count += 1
+        yield entry
+    if count == 0:
+        raise PreftuneError(f"no records in {source}: the dataset is empty")
+
+
+def _iter_source(source: str | Path | InMemoryRecords, split: str) -> Iterator[_Entry]:
     if isinstance(source, InMemoryRecords):
-        entries = source.entries()
-        if not entries:
-            raise PreftuneError(f"no records in {source}: the dataset is empty")
-        return entries
+        yield from source.entries()
+        return
     path = Path(source)
     if path.is_dir():
-        entries = _read_saved_dataset(path, split)
+        yield from _read_saved_dataset(path, split)
     elif path.exists():
         kind = FILE_TYPES.get(path.suffix.lower())
         if kind is None:
@@ -216,22 +264,19 @@ def _read_entries(source: str | Path | InMemoryRecords, split: str) -> list[_Ent
             )
         try:
             if kind == "jsonl":
-                entries = list(_read_jsonl(path))
+                yield from _read_jsonl(path)
             elif kind == "json":
-                entries = _read_json(path, split)
+                yield from _read_json(path, split)
             elif kind == "csv":
-                entries = list(_read_csv(path))
+                yield from _read_csv(path)
             else:
-                entries = _read_parquet(path)
+                yield from _read_parquet(path)
         except OSError as exc:
             raise PreftuneError(f"cannot read data file {source}: {exc.strerror or exc}") from None
     elif _looks_like_path(str(source)):
         raise PreftuneError(f"data file not found: {source}")
     else:
-        entries = _read_hub_dataset(str(source), split)
-    if not entries:
-        raise PreftuneError(f"no records in {source}: the dataset is empty")
-    return entries
+        yield from _read_hub_dataset(str(source), split)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -337,18 +382,32 @@ def _read_csv(path: Path) -> Iterator[_Entry]:
             yield where, dict(zip(header, row))
 
 
-def _read_parquet(path: Path) -> list[_Entry]:
+def _read_parquet(path: Path) -> Iterator[_Entry]:
     import pyarrow
     import pyarrow.parquet as pq
 
     try:
-        rows = pq.read_table(path).to_pylist()
+        handle = pq.ParquetFile(path)
+        number = 0
+        for batch in handle.iter_batches(batch_size=1000):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path.name}: row {number}", row
     except (pyarrow.ArrowException, ValueError) as exc:
         raise PreftuneError(f"{path.name}: not a readable Parquet file ({_first_line(exc)})") from None
-    return [(f"{path.name}: row {i}", row) for i, row in enumerate(rows, start=1)]
 
 
-def _read_saved_dataset(path: Path, split: str) -> list[_Entry]:
+def _dataset_rows(dataset: Any, label: str) -> Iterator[_Entry]:
+    """The rows of a memory-mapped `datasets.Dataset`, a thousand at a time."""
+    number = 0
+    for batch in dataset.iter(batch_size=1000):
+        names = list(batch)
+        for values in zip(*(batch[n] for n in names)):
+            number += 1
+            yield f"{label}: row {number}", dict(zip(names, values))
+
+
+def _read_saved_dataset(path: Path, split: str) -> Iterator[_Entry]:
     from datasets import DatasetDict, load_from_disk
 
     is_saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
@@ -366,7 +425,7 @@ def _read_saved_dataset(path: Path, split: str) -> list[_Entry]:
             )
         dataset = dataset[split]
         label = f"{path.name}[{split}]"
-    return [(f"{label}: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+    yield from _dataset_rows(dataset, label)
 
 
 @contextmanager
@@ -394,7 +453,7 @@ def _hub_offline() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _read_hub_dataset(name: str, split: str) -> list[_Entry]:
+def _read_hub_dataset(name: str, split: str) -> Iterator[_Entry]:
     from datasets import load_dataset
 
     try:
@@ -409,7 +468,7 @@ def _read_hub_dataset(name: str, split: str) -> list[_Entry]:
             f"dataset '{name}' is not available offline: no such file, and it is not in the local "
             "Hugging Face cache (download it once with network access, or pass a data file)"
         ) from None
-    return [(f"{name}[{split}]: row {i}", row) for i, row in enumerate(dataset.to_list(), start=1)]
+    yield from _dataset_rows(dataset, f"{name}[{split}]")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -497,67 +556,360 @@ def _check_completion(name: str, value: Text, first_index: int = 0) -> None:
         )
 
 
-def validate_record(location: str, record: dict) -> PreferenceExample:
+# ---------------------------------------------------------------------------------------------
+# Column mapping and layouts
+# ---------------------------------------------------------------------------------------------
+
+
+class SkippedRecord(Exception):
+    """A valid record that makes no training example (a tie in a pairwise-choice layout): dropped
+    and counted, never an error. The message is the reason, used as the count's key."""
+
+
+def _field_key(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """How a source's records map onto preftune's fields: `columns` renames file fields
+    ({preftune field: file field}, as LLaMA-Factory's `columns`), `system_prompt` gives every
+    record without a system message one."""
+
+    columns: tuple[tuple[str, str], ...] = ()
+    system_prompt: str | None = None
+
+    @classmethod
+    def make(cls, columns: dict[str, Any] | None = None, system_prompt: str | None = None, where: str = "columns") -> "RecordLayout":
+        """Checked: every key is one of preftune's fields (hyphens and case forgiven), every value a
+        field name, and no file field is taken twice."""
+        pairs: list[tuple[str, str]] = []
+        for target, source in (columns or {}).items():
+            key = _field_key(str(target))
+            if key not in MAPPABLE_FIELDS:
+                raise PreftuneError(
+                    f"{where}: '{target}' is not one of preftune's fields ({', '.join(MAPPABLE_FIELDS)}){_suggest(str(target), MAPPABLE_FIELDS)}"
+                )
+            if not isinstance(source, str) or not source.strip():
+                raise PreftuneError(f"{where}: '{target}' must name a field of the file, got {source!r}")
+            pairs.append((key, source))
+        taken = Counter(source for _, source in pairs)
+        twice = [source for source, n in taken.items() if n > 1]
+        if twice:
+            raise PreftuneError(f"{where}: field '{twice[0]}' is mapped to two of preftune's fields")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            raise PreftuneError(f"system_prompt: must be a string, got {_type_name(system_prompt)}")
+        return cls(tuple(pairs), system_prompt or None)
+
+    @property
+    def mapping(self) -> dict[str, str]:
+        return dict(self.columns)
+
+    def describe(self) -> str:
+        """The mapping as a config line would write it, or 'none'."""
+        if not self.columns:
+            return "none"
+        return "columns: {" + ", ".join(f"{t}: {s}" for t, s in self.columns) + "}"
+
+    def apply(self, record: Any) -> Any:
+        """A copy of the record under preftune's names; a mapped field missing from a record is an
+        error naming the fields it has."""
+        if not self.columns or not isinstance(record, dict):
+            return record
+        out = dict(record)
+        for target, source in self.columns:
+            if source not in record:
+                raise PreftuneError(
+                    f"field '{source}' (mapped to '{target}' by columns) is missing; the record has {', '.join(map(str, record)) or 'no fields'}"
+                )
+        for target, source in self.columns:
+            out.pop(source, None)
+        for target, source in self.columns:
+            out[target] = record[source]
+        return out
+
+
+def _suggest(name: str, known: Sequence[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+# File field names the public datasets use for preftune's fields, for the unmapped-layout message.
+_KNOWN_NAMES = {
+    "prompt": ("question", "instruction", "input", "query", "history", "context", "prompt_text", "problem", "post"),
+    "system": ("system", "system_prompt", "system_message"),
+    "chosen": ("chosen_response", "response_chosen", "preferred", "better"),
+    "rejected": ("rejected_response", "response_rejected", "dispreferred", "worse"),
+    "response_a": ("response_a", "response_1", "response1", "human_ref_a", "completion_a", "answer_a", "output_1"),
+    "response_b": ("response_b", "response_2", "response2", "human_ref_b", "completion_b", "answer_b", "output_2"),
+    "winner": ("winner", "labels", "preferred_response"),
+    "preference": ("preference", "preference_strength", "overall_preference"),
+}
+
+
+def suggest_columns(record: dict) -> dict[str, str]:
+    """{preftune field: file field} for the fields of an unmapped record that public datasets use
+    under other names (Orca's `question`, SHP's `human_ref_A`, HelpSteer's `response1`)."""
+    found: dict[str, str] = {}
+    for target, names in _KNOWN_NAMES.items():
+        if target in record and target != "system":
+            continue
+        for name in record:
+            if _field_key(str(name)) in names and name not in found.values():
+                found[target] = str(name)
+                break
+    if found.get("system") and not any(k in found for k in ("prompt", "response_a", "response_b")):
+        found.pop("system")  # a system column alone is read as it is
+    if "chosen" in record or "rejected" in record:
+        for key in ("response_a", "response_b", "winner", "preference"):
+            found.pop(key, None)
+    return found
+
+
+def _unmapped(problem: str, record: dict) -> PreftuneError:
+    """`problem` with the record's fields and the `columns:` that would map them, when some do."""
+    mapping = suggest_columns(record)
+    if not mapping:
+        return PreftuneError(problem)
+    order = [mapping[k] for k in mapping] + [str(k) for k in record if str(k) not in mapping.values()]
+    spelled = ", ".join(f"{k}: {v}" for k, v in mapping.items())
+    return PreftuneError(f"{problem}; the record has {', '.join(order)}: map them with columns: {{{spelled}}}")
+
+
+def _choice(record: dict) -> tuple[str, float | None]:
+    """('a' | 'b' | 'tie', margin or None) of a pairwise-choice record."""
+    if record.get("preference") is not None:
+        value = record["preference"]
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise PreftuneError(f"field 'preference' must be a number (negative: response_a better), got {value!r}")
+        if abs(value) > PREFERENCE_SCALE:
+            raise PreftuneError(
+                f"field 'preference' must be between -{PREFERENCE_SCALE} and {PREFERENCE_SCALE} (HelpSteer's scale), got {value}"
+            )
+        if value == 0:
+            return "tie", None
+        # the strength as label export's margin: 2 for "much better", 2/3 for "slightly better"
+        return ("a" if value < 0 else "b"), 2.0 * abs(value) / PREFERENCE_SCALE
+    if record.get("winner") is None:
+        raise PreftuneError("fields 'response_a'/'response_b' need 'winner' (which is better) or 'preference' (a signed strength)")
+    value = record["winner"]
+    text = str(value).strip().lower() if not isinstance(value, bool) else ("a" if value else "b")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = {1: "a", 0: "b"}.get(value, text)  # SHP's labels: 1 when A is preferred
+    if text.startswith("tie"):
+        return "tie", None
+    for side in ("a", "b"):
+        if text in (side, f"response_{side}", f"model_{side}", f"{side}_preferred"):
+            return side, None
+    raise PreftuneError(
+        f"field 'winner' must name the better response (a, b, model_a, model_b, 1 for a, 0 for b, or tie), got {value!r}"
+    )
+
+
+def _pairwise(record: dict) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(prompt, chosen, rejected, extra) of a pairwise-choice record; a tie is skipped."""
+    for name in ("response_a", "response_b"):
+        if record.get(name) is None:
+            raise PreftuneError(f"field '{name}' is missing")
+    side, margin = _choice(record)
+    if side == "tie":
+        raise SkippedRecord("tie")
+    a, b = record["response_a"], record["response_b"]
+    chosen, rejected = (a, b) if side == "a" else (b, a)
+    extra = {k: v for k, v in record.items() if k not in ("response_a", "response_b", "winner", "preference", *FIELDS)}
+    if margin is not None:
+        extra["margin"] = margin
+    return record.get("prompt"), chosen, rejected, extra
+
+
+def _tools(value: Any) -> Any:
+    """A record's function schemas: a list of objects, or that list as a JSON string (as columnar
+    files often store it)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise PreftuneError("field 'tools' must be a list of function schemas (or that list as JSON)") from None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise PreftuneError(f"field 'tools' must be a list of function schemas, got {_type_name(value)}")
+    return value
+
+
+def _system_text(record: dict, layout: RecordLayout) -> str | None:
+    """The record's own `system` field, else the config's `system_prompt`. An empty `system` field
+    gives no system message ("" rather than None: the record is still a conversation, as in Orca,
+    where some rows have an empty system column)."""
+    value = record.get("system")
+    if value is not None:
+        if not isinstance(value, str):
+            raise PreftuneError(f"field 'system' must be a string, got {_type_name(value)}")
+        return value
+    return layout.system_prompt
+
+
+def with_system(prompt: Text, completions: Sequence[Text], system: str | None, own: bool) -> tuple[Text, list[Text]]:
+    """A system message turns a string prompt into `[system, user]` and string completions into
+    assistant replies; a conversation gets it in front unless it already opens with one (then a
+    record's own `system` field is an error: two system messages). An empty system text (an empty
+    `system` column) makes the record a conversation without a system message."""
+    if system is None:
+        return prompt, list(completions)
+    head = [{"role": "system", "content": system}] if system.strip() else []
+    if isinstance(prompt, list):
+        if prompt and prompt[0]["role"] == "system":
+            if own and head:
+                raise PreftuneError("field 'system' is given and the prompt already opens with a system message")
+            return prompt, list(completions)
+        return head + prompt, [_as_messages(c) for c in completions]
+    messages = head + ([{"role": "user", "content": prompt}] if prompt.strip() else [])
+    if not messages:
+        raise PreftuneError("field 'prompt' is empty and field 'system' is empty: the conversation has no turn before the answer")
+    return messages, [_as_messages(c) for c in completions]
+
+
+def _as_messages(value: Text) -> Text:
+    return [{"role": "assistant", "content": value}] if isinstance(value, str) else value
+
+
+def _last_user(messages: list[Message]) -> str | None:
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return users[-1] if users else None
+
+
+def validate_record(location: str, record: dict, layout: RecordLayout | None = None) -> PreferenceExample:
     """Check one raw record and return it normalised; raise `PreftuneError` naming location and field.
 
     Rules chosen where formats are loose:
+    - `layout.columns` renames the file's fields first; a `system` field (or `layout.system_prompt`)
+      becomes a system message;
     - a `null` field counts as missing; without `prompt` the prompt is implicit
       (`split_implicit_prompt`);
     - an empty `prompt` is allowed (continuation data has none; the report counts them), an empty
       or whitespace-only `chosen`/`rejected` is not;
     - when `prompt` is a message list, a `chosen`/`rejected` given as a plain string is taken as
-      one assistant message; a string prompt with message-list completions is an error;
+      one assistant message, and conversations that repeat the prompt's turns are cut after them;
+    - a string `prompt` beside `chosen`/`rejected` conversations (UltraFeedback binarized, Tulu 3)
+      means the conversations: their shared leading turns are the prompt, or, when they share none,
+      the string is the user turn; `prompt_differs` in `extra` marks a string that is not the
+      conversation's last user turn;
+    - `response_a`/`response_b` with `winner` or `preference` (SHP, HelpSteer) become a pair; a tie
+      is skipped (`SkippedRecord`), a signed strength becomes the pair's `margin`;
     - chat completions must start with an assistant message;
     - all other fields are kept untouched in `extra`.
     """
     try:
-        return _validate(location, record)
+        return _validate(location, record, layout or RecordLayout())
     except PreftuneError as exc:
         raise PreftuneError(f"{location}: {exc}") from None
 
 
-def _validate(location: str, record: Any) -> PreferenceExample:
+def _validate(location: str, record: Any, layout: RecordLayout = RecordLayout()) -> PreferenceExample:
     if not isinstance(record, dict):
         raise PreftuneError(
             f"record must be an object with fields prompt/chosen/rejected, got {_type_name(record)}"
         )
-    for name in ("chosen", "rejected"):
-        if record.get(name) is None:
-            raise PreftuneError(f"field '{name}' is missing")
-    raw_prompt = record.get("prompt")
+    original = record
+    record = layout.apply(record)
+    system = _system_text(record, layout)
+    own_system = system is not None and record.get("system") is not None
+    tools = _tools(record["tools"]) if record.get("tools") is not None else None
+    consumed = (*FIELDS, "system", "tools")
+    if record.get("chosen") is None and record.get("rejected") is None and (
+        record.get("response_a") is not None or record.get("response_b") is not None
+    ):
+        raw_prompt, raw_chosen, raw_rejected, extra = _pairwise(record)
+        extra = {k: v for k, v in extra.items() if k not in consumed}
+        kind = "pairwise"
+    else:
+        for name in ("chosen", "rejected"):
+            if record.get(name) is None:
+                raise _unmapped(f"field '{name}' is missing", original)
+        raw_prompt, raw_chosen, raw_rejected = record.get("prompt"), record["chosen"], record["rejected"]
+        extra = {k: v for k, v in record.items() if k not in consumed}
+        kind = ""
+    if tools is not None:
+        extra["tools"] = tools
     prompt = None if raw_prompt is None else text_field("prompt", raw_prompt)
-    chosen = text_field("chosen", record["chosen"])
-    rejected = text_field("rejected", record["rejected"])
-    extra = {k: v for k, v in record.items() if k not in FIELDS}
+    chosen = text_field("chosen", raw_chosen)
+    rejected = text_field("rejected", raw_rejected)
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if is_empty(value):
             raise PreftuneError(f"field '{name}' is empty")
 
-    if prompt is None:
+    if prompt is None or (isinstance(prompt, str) and isinstance(chosen, list) and isinstance(rejected, list)):
         if isinstance(chosen, str) != isinstance(rejected, str):
             raise PreftuneError(
                 "fields 'chosen' and 'rejected' must both be strings or both lists of messages"
             )
-        prompt, chosen_rest, rejected_rest = split_implicit_prompt(chosen, rejected)
+        if prompt is not None and chosen[0]["role"] == "assistant" and rejected[0]["role"] == "assistant":
+            # Conversations holding only the answer: the string is the user's turn.
+            prompt = [{"role": "user", "content": prompt}]
+            return _finish(location, prompt, chosen, rejected, extra, kind or "prompt-and-conversations", system, own_system)
+        string_prompt = prompt
+        # A record with a prompt-like field (Orca's `question`) under another name is not
+        # implicit-prompt data, even where its two answers happen to begin alike.
+        prompt_like = string_prompt is None and "prompt" in suggest_columns(original)
+        try:
+            prompt, chosen_rest, rejected_rest = split_implicit_prompt(chosen, rejected)
+        except PreftuneError:
+            if prompt_like:
+                raise _unmapped("no 'prompt' field and 'chosen'/'rejected' share no beginning", original) from None
+            raise
+        if prompt_like:
+            raise _unmapped(
+                f"no 'prompt' field, and what 'chosen'/'rejected' share ({_preview(_flat(prompt))}) is no prompt", original
+            )
         shared = len(prompt) if isinstance(prompt, list) else 0
         _check_completion("chosen", chosen_rest, shared)
         _check_completion("rejected", rejected_rest, shared)
-        return PreferenceExample(prompt, chosen_rest, rejected_rest, location, extra)
+        if string_prompt is not None:
+            kind = kind or "prompt-and-conversations"
+            if string_prompt.strip() != (_last_user(prompt) or "").strip():
+                extra["prompt_differs"] = True
+        else:
+            kind = kind or ("implicit-conversational" if isinstance(prompt, list) else "implicit")
+        return _finish(location, prompt, chosen_rest, rejected_rest, extra, kind, system, own_system)
 
     if isinstance(prompt, list):
-        # A bare string answer to a conversation is the assistant's reply.
+        # A bare string answer to a conversation is the assistant's reply; a conversation that
+        # repeats the prompt's turns is cut after them.
         chosen, rejected = (
             [{"role": "assistant", "content": v}] if isinstance(v, str) else v for v in (chosen, rejected)
         )
+        n = len(prompt)
+        if n and all(len(v) > n and v[:n] == prompt for v in (chosen, rejected)):
+            chosen, rejected = chosen[n:], rejected[n:]
+        kind = kind or "conversational"
     else:
         for name, value in (("chosen", chosen), ("rejected", rejected)):
             if isinstance(value, list):
                 raise PreftuneError(
                     f"field 'prompt' must be a list of messages when '{name}' is one, got a string"
                 )
+        kind = kind or "standard"
     _check_completion("chosen", chosen)
     _check_completion("rejected", rejected)
-    return PreferenceExample(prompt, chosen, rejected, location, extra)
+    return _finish(location, prompt, chosen, rejected, extra, kind, system, own_system)
+
+
+def _finish(
+    location: str, prompt: Text, chosen: Text, rejected: Text, extra: dict[str, Any], kind: str, system: str | None, own: bool
+) -> PreferenceExample:
+    prompt, (chosen, rejected) = with_system(prompt, (chosen, rejected), system, own)
+    if kind == "standard" and isinstance(prompt, list):
+        kind = "standard-system"
+    return PreferenceExample(prompt, chosen, rejected, location, extra, kind)
+
+
+def _flat(value: Text) -> str:
+    return value if isinstance(value, str) else " ".join(m["content"] for m in value)
 
 
 def _preview(text: str, width: int = 40) -> str:
@@ -618,36 +970,64 @@ def split_implicit_prompt(chosen: Text, rejected: Text) -> tuple[Text, Text, Tex
     raise PreftuneError("fields 'chosen' and 'rejected' must both be strings or both lists of messages")
 
 
-def check_records(records: Iterable[tuple[str, dict]]) -> tuple[list[PreferenceExample], list[str]]:
-    """Validate every record: the valid examples and every error message, in source order."""
-    return _convert_all(records, lambda location, record: [validate_record(location, record)])
+def check_records(
+    records: Iterable[tuple[str, dict]], layout: RecordLayout | None = None, skipped: Counter | None = None
+) -> tuple[list[PreferenceExample], list[str]]:
+    """Validate every record: the valid examples and every error message, in source order. Records
+    skipped on purpose (ties) are counted by reason in `skipped`."""
+    return _convert_all(records, lambda location, record: [validate_record(location, record, layout)], skipped)
 
 
-def _convert_all(records: Iterable[tuple[str, Any]], convert: Any) -> tuple[list[Any], list[str]]:
+def _convert_all(records: Iterable[tuple[str, Any]], convert: Any, skipped: Counter | None = None) -> tuple[list[Any], list[str]]:
     """Every record through `convert(location, record) -> list`: the examples and every error
     (each prefixed with its location), unreadable lines among them, in source order."""
-    examples: list[Any] = []
     errors: list[str] = []
+    examples = list(iter_checked(records, convert, errors, skipped))
+    return examples, errors
+
+
+def iter_checked(
+    records: Iterable[tuple[str, Any]], convert: Any, errors: list[str], skipped: Counter | None = None
+) -> Iterator[Any]:
+    """The valid examples of `records`, one at a time (a checker streams a source of any size);
+    each problem is appended to `errors` (prefixed with its location) and skipped records counted."""
     for location, record in records:
         if isinstance(record, _Unreadable):
             errors.append(record.message)
             continue
         try:
-            examples.extend(convert(location, record))
+            yield from convert(location, record)
+        except SkippedRecord as exc:
+            if skipped is not None:
+                skipped[str(exc)] += 1
         except PreftuneError as exc:
             message = str(exc)
             errors.append(message if message.startswith(f"{location}: ") else f"{location}: {message}")
-    return examples, errors
 
 
-def check_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[PreferenceExample], list[str]]:
+def check_data(
+    source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None, skipped: Counter | None = None
+) -> tuple[list[PreferenceExample], list[str]]:
     """Like `check_records` on a whole source, with unparseable lines among the errors, in order."""
-    return check_records(_read_entries(source, split))
+    return check_records(_read_entries(source, split), layout, skipped)
 
 
-def load_preference_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[PreferenceExample]:
+def _log_skipped(source: Any, skipped: Counter) -> None:
+    for reason, n in skipped.items():
+        if reason == "tie":
+            log.info("%s: dropped %d tie%s (pairwise records that prefer neither response)", source, n, "s" if n != 1 else "")
+        else:
+            log.info("%s: dropped %d record%s (%s)", source, n, "s" if n != 1 else "", reason)
+
+
+def load_preference_data(
+    source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None
+) -> list[PreferenceExample]:
     """All examples of a source, or a `PreftuneError` with the first problem and how many more."""
-    return _raise_first(check_data(source, split))
+    skipped: Counter = Counter()
+    examples = _raise_first(check_data(source, split, layout, skipped))
+    _log_skipped(source, skipped)
+    return examples
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,6 +1052,7 @@ class SFTExample:
     completion: Text | None = None
     messages: list[Message] | None = None
     text: str | None = None
+    tools: Any = None  # function schemas for the chat template
 
     @property
     def kind(self) -> str:
@@ -686,11 +1067,12 @@ class UnpairedExample:
     completion: Text
     label: bool
     location: str
+    tools: Any = None
 
 
-def _prompt_and_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
+def _prompt_and_completion(prompt: Any, completion: Any, system: str | None = None, own: bool = False) -> tuple[Text, Text]:
     """Validated prompt/completion, normalised as for pairs (a string answer to a conversation is
-    one assistant message)."""
+    one assistant message; a system message makes both messages)."""
     p = text_field("prompt", prompt)
     c = text_field("completion", completion)
     if isinstance(p, list):
@@ -698,14 +1080,19 @@ def _prompt_and_completion(prompt: Any, completion: Any) -> tuple[Text, Text]:
     elif isinstance(c, list):
         raise PreftuneError("field 'prompt' must be a list of messages when 'completion' is one, got a string")
     _check_completion("completion", c)
+    p, (c,) = with_system(p, (c,), system, own)
     return p, c
 
 
-def _sft_record(location: str, record: Any) -> SFTExample:
+def _sft_record(location: str, record: Any, layout: RecordLayout = RecordLayout()) -> SFTExample:
     if not isinstance(record, dict):
         raise PreftuneError(
             f"record must be an object with fields prompt/completion, messages or text, got {_type_name(record)}"
         )
+    record = layout.apply(record)
+    system = _system_text(record, layout)
+    own = system is not None and record.get("system") is not None
+    tools = _tools(record["tools"]) if record.get("tools") is not None else None
     if record.get("messages") is not None:
         value = record["messages"]
         if not isinstance(value, list) or not value:
@@ -715,21 +1102,29 @@ def _sft_record(location: str, record: Any) -> SFTExample:
             raise PreftuneError("field 'messages' has no assistant message to learn from")
         if not any(m["role"] == "assistant" and m["content"].strip() for m in messages):
             raise PreftuneError("field 'messages': every assistant message is empty")
-        return SFTExample(location, messages=messages)
+        if system is not None:
+            if messages[0]["role"] == "system":
+                if own:
+                    raise PreftuneError("field 'system' is given and the conversation already opens with a system message")
+            else:
+                messages = [{"role": "system", "content": system}] + messages
+        return SFTExample(location, messages=messages, tools=tools)
     if record.get("completion") is not None:
-        prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"])
-        return SFTExample(location, prompt=prompt, completion=completion)
+        prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"], system, own)
+        return SFTExample(location, prompt=prompt, completion=completion, tools=tools)
     if record.get("chosen") is not None:
-        pair = _validate(location, record)
-        return SFTExample(location, prompt=pair.prompt, completion=pair.chosen)
+        pair = _validate(location, record, RecordLayout(system_prompt=layout.system_prompt))
+        return SFTExample(location, prompt=pair.prompt, completion=pair.chosen, tools=pair.tools)
     if record.get("text") is not None:
         text = record["text"]
         if not isinstance(text, str):
             raise PreftuneError(f"field 'text' must be a string, got {_type_name(text)}")
         if not text.strip():
             raise PreftuneError("field 'text' is empty")
+        if own:
+            raise PreftuneError("field 'system' needs a prompt or messages; a 'text' record is plain text")
         return SFTExample(location, text=text)
-    raise PreftuneError("record needs 'prompt' and 'completion', 'messages', 'text', or a preference pair's 'chosen'")
+    raise _unmapped("record needs 'prompt' and 'completion', 'messages', 'text', or a preference pair's 'chosen'", record)
 
 
 def _label(value: Any) -> bool:
@@ -742,56 +1137,92 @@ def _label(value: Any) -> bool:
     raise PreftuneError(f"field 'label' must be true (desirable) or false (undesirable), got {value!r}")
 
 
-def _unpaired_records(location: str, record: Any) -> list[UnpairedExample]:
+def _unpaired_records(location: str, record: Any, layout: RecordLayout = RecordLayout()) -> list[UnpairedExample]:
     """One unpaired example, or two from a preference pair (chosen desirable, rejected not)."""
     if not isinstance(record, dict):
         raise PreftuneError(
             f"record must be an object with fields prompt/completion/label (or a preference pair), got {_type_name(record)}"
         )
-    if record.get("chosen") is not None or record.get("rejected") is not None:
-        pair = _validate(location, record)
+    mapped = layout.apply(record)
+    if any(mapped.get(k) is not None for k in ("chosen", "rejected", "response_a", "response_b")):
+        pair = _validate(location, record, layout)
         return [
-            UnpairedExample(pair.prompt, pair.chosen, True, location),
-            UnpairedExample(pair.prompt, pair.rejected, False, location),
+            UnpairedExample(pair.prompt, pair.chosen, True, location, pair.tools),
+            UnpairedExample(pair.prompt, pair.rejected, False, location, pair.tools),
         ]
+    record = mapped
     if record.get("completion") is None:
         raise PreftuneError("field 'completion' is missing (KTO data is prompt/completion/label, or preference pairs)")
     if "label" not in record or record["label"] is None:
         raise PreftuneError("field 'label' is missing (true for a desirable completion, false for an undesirable one)")
     label = _label(record["label"])
-    prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"])
-    return [UnpairedExample(prompt, completion, label, location)]
+    system = _system_text(record, layout)
+    own = system is not None and record.get("system") is not None
+    tools = _tools(record["tools"]) if record.get("tools") is not None else None
+    prompt, completion = _prompt_and_completion(record.get("prompt") or "", record["completion"], system, own)
+    return [UnpairedExample(prompt, completion, label, location, tools)]
 
 
-def _check_all(source: str | Path | InMemoryRecords, split: str, convert: Any) -> tuple[list[Any], list[str]]:
-    return _convert_all(_read_entries(source, split), convert)
+def _check_all(
+    source: str | Path | InMemoryRecords, split: str, convert: Any, skipped: Counter | None = None
+) -> tuple[list[Any], list[str]]:
+    return _convert_all(_read_entries(source, split), convert, skipped)
 
 
 def _raise_first(checked: tuple[list[Any], list[str]]) -> list[Any]:
     """The examples, or a `PreftuneError` with the first problem and how many more."""
     examples, errors = checked
     if errors:
-        more = len(errors) - 1
-        suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
-        raise PreftuneError(errors[0] + suffix)
+        raise first_error(errors)
     return examples
 
 
-def check_sft_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[SFTExample], list[str]]:
+def check_sft_data(
+    source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None
+) -> tuple[list[SFTExample], list[str]]:
     """Like `check_data`, for supervised examples."""
-    return _check_all(source, split, lambda location, record: [_sft_record(location, record)])
+    layout = layout or RecordLayout()
+    return _check_all(source, split, lambda location, record: [_sft_record(location, record, layout)])
 
 
-def check_unpaired_data(source: str | Path | InMemoryRecords, split: str = "train") -> tuple[list[UnpairedExample], list[str]]:
+def check_unpaired_data(
+    source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None, skipped: Counter | None = None
+) -> tuple[list[UnpairedExample], list[str]]:
     """Like `check_data`, for KTO's unpaired examples."""
-    return _check_all(source, split, _unpaired_records)
+    layout = layout or RecordLayout()
+    return _check_all(source, split, lambda location, record: _unpaired_records(location, record, layout), skipped)
 
 
-def load_sft_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[SFTExample]:
+def load_sft_data(source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None) -> list[SFTExample]:
     """Supervised examples (see `SFTExample` for the shapes); errors name the record and field."""
-    return _raise_first(check_sft_data(source, split))
+    return _raise_first(check_sft_data(source, split, layout))
 
 
-def load_unpaired_data(source: str | Path | InMemoryRecords, split: str = "train") -> list[UnpairedExample]:
+def load_unpaired_data(
+    source: str | Path | InMemoryRecords, split: str = "train", layout: RecordLayout | None = None
+) -> list[UnpairedExample]:
     """KTO examples: `prompt`/`completion`/`label` records, and preference pairs split in two."""
-    return _raise_first(check_unpaired_data(source, split))
+    skipped: Counter = Counter()
+    examples = _raise_first(check_unpaired_data(source, split, layout, skipped))
+    _log_skipped(source, skipped)
+    return examples
+
+
+def converter(kind: str, layout: RecordLayout | None = None) -> Any:
+    """`convert(location, record) -> list of examples` for a data family: `pairs` (preference
+    pairs), `unpaired` (KTO) or `sft`, with the same validation and messages as the loaders."""
+    layout = layout or RecordLayout()
+    if kind == "pairs":
+        return lambda location, record: [validate_record(location, record, layout)]
+    if kind == "unpaired":
+        return lambda location, record: _unpaired_records(location, record, layout)
+    if kind == "sft":
+        return lambda location, record: [_sft_record(location, record, layout)]
+    raise ValueError(f"unknown data kind {kind!r}")
+
+
+def first_error(errors: list[str]) -> PreftuneError:
+    """The first problem and how many more, as the loaders raise it."""
+    more = len(errors) - 1
+    suffix = f" (and {more} more invalid record{'s' if more != 1 else ''})" if more else ""
+    return PreftuneError(errors[0] + suffix)

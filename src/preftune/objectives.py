@@ -23,6 +23,7 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +33,7 @@ from preftune.config import TrainConfig
 from preftune.data import load_preference_data, load_sft_data, load_unpaired_data, margin_weight
 from preftune.quality import kto_balance_advice
 from preftune.logprobs import CompletionLogprobs, Scored, completion_logps
+from preftune.prepared import PairItems, PreparedData, SequenceItems, UnpairedItems, item_lengths, longest
 from preftune.losses import bradley_terry_loss, cpo_loss, kto_kl, kto_loss, orpo_loss, preference_loss, simpo_loss
 from preftune.reference import eval_mode
 from preftune.sequences import SequenceRow, collate_sequences, tokenize_sft
@@ -101,9 +103,19 @@ class Objective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    # data
+    # data: the family of records (`prepared.KINDS`) read into a token table; None: the objective
+    # reads and tokenizes its examples itself (`load`, `tokenize`)
+    data_kind: str | None = "pairs"
+
+    def items(self, data: PreparedData, rows: np.ndarray, offset: int) -> tuple[Sequence[Any], str, list[str]]:
+        """(items over the table's `rows`, a one-line summary, the first truncated examples)."""
+        cfg = self.cfg
+        items = PairItems(data, rows, offset, cfg.max_seq_length, cfg.max_prompt_length, weighted=cfg.margin_weighting)
+        summary, truncated = items.summary()
+        return items, summary, truncated
+
     def load(self, source: str, split: str) -> list[Any]:
-        return load_preference_data(source, split)
+        return load_preference_data(source, split, self.cfg.record_layout())
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         """(items, a one-line summary, locations of the first truncated examples)."""
@@ -129,7 +141,7 @@ class Objective:
         """A few real items for `logprobs.check_paths`: one sequence a row, the same in the run's
         segment layout (or None), and which segmented output each plain output belongs to (None:
         the same order). None when the objective has no fast path to check."""
-        sample = sorted(items, key=lambda item: -item.num_tokens)[:4]  # the longest reach any window
+        sample = longest(items, 4)  # the longest reach any window
         if not sample:
             return None
         segmented = collate_pairs(sample, pad_id, True) if share_prompt else None
@@ -374,8 +386,24 @@ class KTOObjective(Objective):
         "kl",
     )
 
+    data_kind = "unpaired"
+
+    def items(self, data: PreparedData, rows: np.ndarray, offset: int) -> tuple[Sequence[Any], str, list[str]]:
+        cfg = self.cfg
+        if offset == 0:  # the training source: its class balance (as `load` reports it)
+            labels = data.scalars("label")
+            desirable = int(labels.sum())
+            undesirable = len(labels) - desirable
+            if desirable and undesirable:
+                advice = kto_balance_advice(desirable, undesirable, cfg.desirable_weight, cfg.undesirable_weight)
+                if advice:
+                    log.warning("%s: %s", data.name, advice)
+        items = UnpairedItems(data, rows, offset, cfg.max_seq_length, cfg.max_prompt_length, cfg.seed)
+        summary, truncated = items.summary()
+        return items, summary, truncated
+
     def load(self, source: str, split: str) -> list[Any]:
-        examples = load_unpaired_data(source, split)
+        examples = load_unpaired_data(source, split, self.cfg.record_layout())
         desirable = sum(e.label for e in examples)
         undesirable = len(examples) - desirable
         if desirable and undesirable:
@@ -478,8 +506,18 @@ class SFTObjective(Objective):
         super().__init__(cfg)
         self.packing = cfg.packing  # turned off for models whose rows cannot hold several sequences
 
+    data_kind = "sft"
+
+    def items(self, data: PreparedData, rows: np.ndarray, offset: int) -> tuple[Sequence[Any], str, list[str]]:
+        cfg = self.cfg
+        items = SequenceItems(data, rows, offset, cfg.max_seq_length, cfg.max_prompt_length, cfg.completion_only_loss, self.packing)
+        summary, truncated, no_loss = items.summary()
+        if no_loss:
+            log.warning("%d examples have no trained token left after truncation; raise max_seq_length", no_loss)
+        return items, summary, truncated
+
     def load(self, source: str, split: str) -> list[Any]:
-        return load_sft_data(source, split)
+        return load_sft_data(source, split, self.cfg.record_layout())
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:
         cfg = self.cfg
@@ -501,7 +539,12 @@ class SFTObjective(Objective):
 
     def check_batches(self, items: Sequence[Any], pad_id: int, share_prompt: bool) -> tuple[Batch, Batch | None, torch.Tensor | None] | None:
         """Packed rows are checked against their sequences one a row; unpacked rows alone."""
-        sample = sorted(items, key=lambda row: (-len(row.sequences), -row.num_tokens))[:2]
+        groups = getattr(items, "groups", None)
+        if groups is not None:  # a table view: rank its rows without building them
+            sizes, lengths = np.array([len(g) for g in groups]), item_lengths(items)
+            sample = [items[int(j)] for j in np.lexsort((np.arange(len(groups)), -lengths, -sizes))[:2]]
+        else:
+            sample = sorted(items, key=lambda row: (-len(row.sequences), -row.num_tokens))[:2]
         if not sample:
             return None
         singles = [SequenceRow(k, [seq]) for row in sample for k, seq in enumerate(row.sequences)]
@@ -576,6 +619,7 @@ class RewardObjective(Objective):
 
     name = "reward"
     model_kind = "reward"
+    data_kind = None  # scores whole conversations: reads and tokenizes its pairs itself
     stat_keys = ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
 
     def tokenize(self, tokenizer: Any, examples: Sequence[Any]) -> tuple[list[Any], str, list[str]]:

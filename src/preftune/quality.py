@@ -4,16 +4,20 @@ KTO examples. Reading and validating the records is `preftune.data`'s."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import statistics
+from array import array
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import numpy as np
+
 from preftune.data import FIELDS, PreferenceExample, SFTExample, Text, UnpairedExample, is_empty
 
-__all__ = ["quality_report", "format_report", "examples_report", "format_examples_report", "kto_balance_advice"]
+__all__ = ["QualityCounter", "quality_report", "format_report", "examples_report", "format_examples_report", "kto_balance_advice"]
 
 # Preference data where the chosen answer is usually the longer one teaches length rather than
 # quality (Singhal et al. 2023, "A Long Way to Go: Investigating Length Correlations in RLHF").
@@ -67,6 +71,53 @@ def _percent(count: int, total: int) -> str:
     return f"{100 * count / total:.1f}%"
 
 
+def _digest(key: str) -> bytes:
+    return hashlib.blake2b(key.encode(), digest_size=8).digest()
+
+
+class QualityCounter:
+    """The quality report's counts gathered one example at a time, so `data check` streams a source
+    of any size in bounded memory: prompts and pairs are remembered by 8-byte digests, lengths as
+    three integer arrays, and the word n-grams of each distinct prompt as sets."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.conversational = 0
+        self.empty_prompts = 0
+        self.ties = 0
+        self.prompt_digests: set[bytes] = set()
+        self.pair_digests: set[bytes] = set()
+        self.words = (array("l"), array("l"), array("l"))
+        self.grams: dict[int, set[tuple[str, ...]]] = {1: set(), 2: set()}
+        self.gram_counts = {1: 0, 2: 0}
+
+    def add(self, ex: PreferenceExample) -> None:
+        self.total += 1
+        self.conversational += ex.is_conversational
+        self.empty_prompts += is_empty(ex.prompt)
+        self.ties += _key(ex.chosen) == _key(ex.rejected)
+        digest = _digest(_key(ex.prompt))
+        if digest not in self.prompt_digests:
+            self.prompt_digests.add(digest)
+            words = _flat_text(ex.prompt).split()
+            for n in (1, 2):
+                grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+                self.grams[n].update(grams)
+                self.gram_counts[n] += len(grams)
+        self.pair_digests.add(_digest(_key([ex.prompt, ex.chosen, ex.rejected])))
+        for column, value in zip(self.words, (ex.prompt, ex.chosen, ex.rejected)):
+            column.append(len(_flat_text(value).split()))
+
+    def distinct(self, n: int) -> float | None:
+        return len(self.grams[n]) / self.gram_counts[n] if self.gram_counts[n] else None
+
+    def report(
+        self, lengths: Sequence[Sequence[int]] | None = None, max_seq_length: int | None = None, max_prompt_length: int | None = None
+    ) -> dict[str, Any]:
+        """The report (see `quality_report`); `lengths` are token counts as three columns or rows."""
+        return _report(self, lengths, max_seq_length, max_prompt_length)
+
+
 def quality_report(
     examples: Sequence[PreferenceExample],
     lengths: Sequence[tuple[int, int, int]] | None = None,
@@ -83,50 +134,56 @@ def quality_report(
     it describes their wording while `unique_prompts` describes their repetition. The result is
     JSON-serialisable.
     """
-    total = len(examples)
+    counter = QualityCounter()
+    for ex in examples:
+        counter.add(ex)
     if lengths is not None:
         lengths = [tuple(int(x) for x in row) for row in lengths]
-        if len(lengths) != total or any(len(row) != 3 for row in lengths):
+        if len(lengths) != counter.total or any(len(row) != 3 for row in lengths):
             raise ValueError("lengths must hold one (prompt, chosen, rejected) triple per example")
-        unit = "tokens"
-        measured = lengths
-    else:
-        unit = "words"
-        measured = [tuple(len(_flat_text(getattr(ex, f)).split()) for f in FIELDS) for ex in examples]
+        lengths = [[row[i] for row in lengths] for i in range(3)]
+    return _report(counter, lengths, max_seq_length, max_prompt_length)
 
-    prompt_keys = [_key(ex.prompt) for ex in examples]
-    unique_prompt_texts = {k: _flat_text(ex.prompt) for k, ex in zip(prompt_keys, examples, strict=True)}
-    pair_counts = Counter(_key([ex.prompt, ex.chosen, ex.rejected]) for ex in examples)
-    exact_duplicates = sum(n - 1 for n in pair_counts.values())
-    ties = sum(_key(ex.chosen) == _key(ex.rejected) for ex in examples)
-    chosen_longer = sum(c > r for _, c, r in measured)
-    rejected_longer = sum(r > c for _, c, r in measured)
+
+def _report(
+    counter: QualityCounter, columns: Sequence[Sequence[int]] | None, max_seq_length: int | None, max_prompt_length: int | None
+) -> dict[str, Any]:
+    total = counter.total
+    unit = "tokens" if columns is not None else "words"
+    p, c, r = (np.asarray(col, dtype=np.int64) for col in (columns if columns is not None else counter.words))
+    if not len(p) == len(c) == len(r) == total:
+        raise ValueError("lengths must hold one (prompt, chosen, rejected) triple per example")
+    chosen_longer = int((c > r).sum())
+    rejected_longer = int((r > c).sum())
+    unique_prompts = len(counter.prompt_digests)
+    exact_duplicates = total - len(counter.pair_digests)
+    ties = counter.ties
 
     report: dict[str, Any] = {
         "num_pairs": total,
-        "conversational": sum(ex.is_conversational for ex in examples),
-        "empty_prompts": sum(is_empty(ex.prompt) for ex in examples),
+        "conversational": counter.conversational,
+        "empty_prompts": counter.empty_prompts,
         "exact_duplicates": exact_duplicates,
-        "duplicate_prompts": total - len(unique_prompt_texts),
+        "duplicate_prompts": total - unique_prompts,
         "chosen_equals_rejected": ties,
         "length_unit": unit,
-        "lengths": {name: _stats([row[i] for row in measured]) for i, name in enumerate(FIELDS)},
+        "lengths": {name: _stats(col.tolist()) for name, col in zip(FIELDS, (p, c, r))},
         "chosen_longer_share": chosen_longer / total if total else None,
         "rejected_longer_share": rejected_longer / total if total else None,
-        "unique_prompts": len(unique_prompt_texts),
-        "distinct_1": _distinct_n(unique_prompt_texts.values(), 1),
-        "distinct_2": _distinct_n(unique_prompt_texts.values(), 2),
+        "unique_prompts": unique_prompts,
+        "distinct_1": counter.distinct(1),
+        "distinct_2": counter.distinct(2),
         "max_prompt_length": max_prompt_length,
         "max_seq_length": max_seq_length,
         "truncated_prompts": None,
         "truncated_pairs": None,
         "warnings": [],
     }
-    if lengths is not None and max_prompt_length is not None:
-        report["truncated_prompts"] = sum(p > max_prompt_length for p, _, _ in lengths)
-    if lengths is not None and max_seq_length is not None:
-        cap = max_prompt_length if max_prompt_length is not None else math.inf
-        report["truncated_pairs"] = sum(min(p, cap) + max(c, r) > max_seq_length for p, c, r in lengths)
+    if columns is not None and max_prompt_length is not None:
+        report["truncated_prompts"] = int((p > max_prompt_length).sum())
+    if columns is not None and max_seq_length is not None:
+        cap = max_prompt_length if max_prompt_length is not None else np.iinfo(np.int64).max
+        report["truncated_pairs"] = int((np.minimum(p, cap) + np.maximum(c, r) > max_seq_length).sum())
 
     warnings: list[str] = report["warnings"]
     if total == 0:
@@ -196,7 +253,38 @@ def format_report(report: dict[str, Any]) -> str:
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
 
-    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))
+    return "\n".join(_layout_lines(report) + lines + _length_table(report, width) + _warning_lines(report) + _example_lines(report))
+
+
+def _layout_lines(report: dict[str, Any]) -> list[str]:
+    """How the records were read: the layouts recognised, the mapping used, what was dropped."""
+    lines = []
+    for name, n in report.get("layouts", {}).items():
+        lines.append(f"layout: {name} ({n} record{'s' if n != 1 else ''})")
+    if "mapping" in report:
+        lines.append(f"mapping: {report['mapping']}")
+    for reason, n in report.get("skipped", {}).items():
+        what = "ties (pairwise records that prefer neither response)" if reason == "tie" else reason
+        lines.append(f"dropped: {n} {what}")
+    if report.get("prompt_differs"):
+        lines.append(
+            f"note: in {report['prompt_differs']} record(s) the string 'prompt' differs from the conversation's "
+            "last user turn; the conversation is what is trained on"
+        )
+    return lines + [""] if lines else []
+
+
+def _example_lines(report: dict[str, Any]) -> list[str]:
+    example = report.get("example")
+    if not example:
+        return []
+    p, c, r = example["tokens"]
+    return [
+        "",
+        f"example ({example['location']}) in the model's tokens, context | completion:",
+        f"  chosen   ({p} + {c} tokens): {example['context']} | {example['chosen']}",
+        f"  rejected ({p} + {r} tokens): {example['context']} | {example['rejected']}",
+    ]
 
 
 def _length_table(report: dict[str, Any], width: int) -> list[str]:
@@ -308,4 +396,4 @@ def format_examples_report(report: dict[str, Any]) -> str:
         rows.append(("weighted balance", f"{_number(report['weighted_balance'])} (KTO advises 1 to 1.33)"))
     width = max(len(label) for label, _ in rows) + 2
     lines = [f"{label:<{width}}{value}" for label, value in rows]
-    return "\n".join(lines + _length_table(report, width) + _warning_lines(report))
+    return "\n".join(_layout_lines(report) + lines + _length_table(report, width) + _warning_lines(report) + _example_lines(report))

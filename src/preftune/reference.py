@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -28,6 +29,7 @@ from preftune.batching import collate_pairs
 from preftune.errors import PreftuneError
 from preftune.io import atomic_path
 from preftune.logprobs import CompletionLogprobs, completion_logps
+from preftune.prepared import item_lengths
 
 log = logging.getLogger("preftune")
 
@@ -104,7 +106,12 @@ class PrecomputedReference(_Reference):
 
 
 def data_fingerprint(pairs: Sequence[Any]) -> str:
-    """Hash of the exact token ids scored: covers the data, the tokenizer and the truncation."""
+    """Hash of the exact token ids scored: covers the data, the tokenizer and the truncation. A view
+    of a prepared token table answers from the table's key, its rows and its truncation settings
+    (`prepared.TableItems.fingerprint`) without reading every id."""
+    own = getattr(pairs, "fingerprint", None)
+    if callable(own) and (value := own()) is not None:
+        return value
     h = hashlib.blake2b(digest_size=16)
     for p in pairs:
         h.update(json.dumps([p.index, p.prompt_ids, *p.completions]).encode())
@@ -142,11 +149,12 @@ def compute_logps(
     a sharded model's forwards are collectives."""
     from tqdm.auto import tqdm
 
-    size = max(p.index for p in pairs) + 1 if pairs else 0
+    # Items are indexed 0..n-1 (train, then eval); a plain list may hold other indices.
+    size = (len(pairs) if hasattr(pairs, "lengths") else max(p.index for p in pairs) + 1) if len(pairs) else 0
     chosen = torch.zeros(size, dtype=torch.float32)
     rejected = torch.zeros(size, dtype=torch.float32)
     # Longest first: the first batch shows at once whether memory suffices.
-    order = sorted(range(len(pairs)), key=lambda i: -pairs[i].num_tokens)
+    order = np.argsort(-item_lengths(pairs), kind="stable").tolist()
     rank, world = share
     mine = order[rank::world]
     count = math.ceil(math.ceil(len(order) / world) / batch_size) if pairs else 0

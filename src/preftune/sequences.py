@@ -20,7 +20,8 @@ from typing import Any, Sequence
 
 import torch
 
-from preftune.batching import completion_text, effective_prompt_length, encode_completion, encode_prompt, segments
+from preftune import chat
+from preftune.batching import at_record, completion_text, effective_prompt_length, encode_completion, encode_prompt, segments
 from preftune.data import SFTExample
 from preftune.errors import PreftuneError
 
@@ -77,11 +78,13 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
     return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, tools: Any = None) -> str:
+    return chat.render(tokenizer, messages, generation_prompt=generation_prompt, tools=tools)
 
 
-def encode_conversation(tokenizer: Any, messages: list[dict], location: str = "") -> tuple[list[int], list[bool]]:
+def encode_conversation(
+    tokenizer: Any, messages: list[dict], location: str = "", tools: Any = None
+) -> tuple[list[int], list[bool]]:
     """Ids and assistant mask of a conversation, up to its last assistant message.
 
     The context before the first assistant message is `encode_prompt` (the template with the
@@ -96,9 +99,9 @@ def encode_conversation(tokenizer: Any, messages: list[dict], location: str = ""
     for i, message in enumerate(messages[: last + 1]):
         if message["role"] != "assistant":
             continue
-        context = _render(tokenizer, messages[:i], generation_prompt=True) if i else ""
+        context = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools) if i else ""
         if not ids:
-            part = encode_prompt(tokenizer, messages[:i]) if i else []
+            part = encode_prompt(tokenizer, messages[:i], tools) if i else []
         else:
             if not context.startswith(rendered):
                 raise PreftuneError(
@@ -108,11 +111,53 @@ def encode_conversation(tokenizer: Any, messages: list[dict], location: str = ""
             part = _ids(tokenizer, context[len(rendered) :])
         ids += part
         mask += [False] * len(part)
-        completion = encode_completion(tokenizer, messages[:i], [message])
+        completion = encode_completion(tokenizer, messages[:i], [message], tools)
         ids += completion
         mask += [True] * len(completion)
-        rendered = context + completion_text(tokenizer, messages[:i], [message])
+        rendered = context + completion_text(tokenizer, messages[:i], [message], tools)
     return ids, mask
+
+
+def encode_example(tokenizer: Any, example: SFTExample) -> tuple[list[int], list[bool], int]:
+    """(ids, loss mask, prompt length) of an example before truncation. The prompt length counts the
+    tokens a prompt/completion example may lose from the left; other shapes have none (0)."""
+    if example.kind == "completion":
+        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "", example.tools)
+        completion = encode_completion(tokenizer, example.prompt or "", example.completion, example.tools)
+        return prompt + completion, [False] * len(prompt) + [True] * len(completion), len(prompt)
+    if example.kind == "messages":
+        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location, example.tools)
+        return ids, mask, 0
+    ids = [int(i) for i in tokenizer(example.text)["input_ids"]]
+    if not ids or ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+    return ids, [True] * len(ids), 0
+
+
+def truncate_example(
+    ids: Sequence[int],
+    mask: Sequence[bool],
+    prompt_length: int,
+    max_seq_length: int,
+    max_prompt_length: int | None,
+    completion_only_loss: bool = True,
+) -> TokenizedSequence:
+    """A prompt cut from the left to the prompt limit (as for pairs), then the sequence from the
+    right to `max_seq_length`; without `completion_only_loss` every token is trained on."""
+    ids, mask = list(ids), list(mask)
+    truncated = False
+    if prompt_length:
+        limit = effective_prompt_length(max_seq_length, max_prompt_length)
+        if prompt_length > limit:
+            truncated = True
+            ids, mask = ids[prompt_length - limit :], mask[prompt_length - limit :]
+    truncated = truncated or len(ids) > max_seq_length
+    ids, mask = ids[:max_seq_length], mask[:max_seq_length]
+    if not completion_only_loss:
+        mask = [True] * len(ids)
+    if mask:
+        mask[0] = False  # nothing predicts the first token
+    return TokenizedSequence(ids, mask, truncated)
 
 
 def tokenize_example(
@@ -124,40 +169,24 @@ def tokenize_example(
 ) -> TokenizedSequence:
     """An example's ids, loss mask and truncation: a prompt is cut from the left to the prompt limit
     (as for pairs), then the sequence from the right to `max_seq_length`."""
-    if example.kind == "completion":
-        prompt = encode_prompt(tokenizer, example.prompt if example.prompt is not None else "")
-        completion = encode_completion(tokenizer, example.prompt or "", example.completion)
-        limit = effective_prompt_length(max_seq_length, max_prompt_length)
-        truncated = len(prompt) > limit
-        prompt = prompt[-limit:]
-        ids, mask = prompt + completion, [False] * len(prompt) + [True] * len(completion)
-    elif example.kind == "messages":
-        ids, mask = encode_conversation(tokenizer, example.messages or [], example.location)
-        truncated = False
-    else:
-        truncated = False
-        ids = [int(i) for i in tokenizer(example.text)["input_ids"]]
-        if not ids or ids[-1] != tokenizer.eos_token_id:
-            ids.append(tokenizer.eos_token_id)
-        mask = [True] * len(ids)
-    truncated = truncated or len(ids) > max_seq_length
-    ids, mask = ids[:max_seq_length], mask[:max_seq_length]
-    if not completion_only_loss:
-        mask = [True] * len(ids)
-    if mask:
-        mask[0] = False  # nothing predicts the first token
-    return TokenizedSequence(ids, mask, truncated)
+    ids, mask, prompt_length = encode_example(tokenizer, example)
+    return truncate_example(ids, mask, prompt_length, max_seq_length, max_prompt_length, completion_only_loss)
 
 
 def pack(sequences: Sequence[TokenizedSequence], capacity: int) -> list[list[int]]:
     """Best-fit decreasing: positions of `sequences` grouped into rows of at most `capacity` tokens.
     Each sequence goes, longest first, into the fullest row it fits in, or opens a new row. Pure and
     deterministic (ties keep the input order), so a resumed run packs the same rows."""
-    order = sorted(range(len(sequences)), key=lambda i: (-len(sequences[i].input_ids), i))
+    return pack_lengths([len(s.input_ids) for s in sequences], capacity)
+
+
+def pack_lengths(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """`pack` on the sequences' lengths alone."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     rows: list[list[int]] = []
     space: list[int] = []
     for i in order:
-        size = len(sequences[i].input_ids)
+        size = lengths[i]
         best = -1
         for r, free in enumerate(space):
             if size <= free and (best < 0 or free < space[best]):
@@ -182,7 +211,8 @@ def tokenize_sft(
     stats = SequenceStats(examples=len(examples))
     sequences = []
     for example in examples:
-        seq = tokenize_example(tokenizer, example, max_seq_length, max_prompt_length, completion_only_loss)
+        with at_record(example.location):
+            seq = tokenize_example(tokenizer, example, max_seq_length, max_prompt_length, completion_only_loss)
         sequences.append(seq)
         stats.truncated += seq.truncated
         stats.no_loss_tokens += seq.loss_tokens == 0

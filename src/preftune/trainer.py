@@ -12,6 +12,7 @@ the distributed wrappers; nothing here is a home-made distributed layer.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import logging
 import math
@@ -25,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from preftune import checkpoint, modelcard, models
+from preftune import chat, checkpoint, modelcard, models
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError, Problems
@@ -35,6 +37,7 @@ from preftune.io import replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
 from preftune.objectives import Runtime, make_objective, padded
+from preftune.prepared import Chain, PreparedData, prepare, split_rows
 from preftune.reference import (
     AdapterReference,
     ModelReference,
@@ -86,6 +89,7 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str) -> floa
     raise ValueError(kind)
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
     """The shuffled example order of one epoch: a pure function of (seed, epoch), so a resumed run
     finds its place from the step number alone."""
@@ -98,7 +102,7 @@ def step_examples(num_examples: int, global_batch: int, seed: int, step: int) ->
     epoch may be smaller; gradients are normalised by its true size."""
     steps_per_epoch = math.ceil(num_examples / global_batch)
     epoch, position = divmod(step, steps_per_epoch)
-    order = epoch_order(num_examples, seed, epoch)
+    order = epoch_order(num_examples, seed, epoch)  # cached: every step of an epoch shares it (never mutated)
     return order[position * global_batch : (position + 1) * global_batch], epoch
 
 
@@ -351,16 +355,30 @@ class Trainer:
         if not self.cfg.resume_from_checkpoint:
             self._check_fresh_output_dir()
 
-    def _setup_data(self) -> tuple[list[Any], list[Any]]:
-        """The tokenizer, the train/eval examples (read, split, tokenized into items)."""
+    def _setup_data(self) -> tuple[Any, Any]:
+        """The tokenizer, the train/eval examples (read, split, tokenized into items). Where the
+        objective names its data family, each source is prepared once into a memory-mapped token
+        table (`prepared.py`, cached by fingerprint) and the splits are views of row numbers."""
         cfg, objective = self.cfg, self.objective
         self.tokenizer = self._tokenizer if self._tokenizer is not None else models.load_tokenizer(cfg.model_name)
-        examples = objective.load(self._train_data if self._train_data is not None else cfg.dataset, cfg.dataset_split)
-        if self._eval_data is not None or cfg.eval_dataset:
-            eval_source = self._eval_data if self._eval_data is not None else cfg.eval_dataset
-            train_ex, eval_ex = examples, objective.load(eval_source, "test")
+        chat.configure(self.tokenizer, cfg.chat_template_kwargs, cfg.fold_system_message)
+        source = self._train_data if self._train_data is not None else cfg.dataset
+        eval_source = self._eval_data if self._eval_data is not None else cfg.eval_dataset
+        if objective.data_kind is None:
+            examples = objective.load(source, cfg.dataset_split)
+            if eval_source:
+                train_ex, eval_ex = examples, objective.load(eval_source, cfg.eval_dataset_split)
+            else:
+                train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, self._unit())
         else:
-            train_ex, eval_ex = split_for_eval(examples, cfg.eval_split, cfg.seed, self._unit())
+            train_data = self._prepare(source, cfg.dataset_split)
+            if eval_source:
+                eval_data = self._prepare(eval_source, cfg.eval_dataset_split)
+                train_ex = (train_data, np.arange(len(train_data)))
+                eval_ex = (eval_data, np.arange(len(eval_data)))
+            else:
+                train_rows, eval_rows = split_rows(len(train_data), cfg.eval_split, cfg.seed, self._unit())
+                train_ex, eval_ex = (train_data, train_rows), (train_data, eval_rows)
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
             log.warning(
                 "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
@@ -371,6 +389,26 @@ class Trainer:
         self._tokenize(train_ex, eval_ex)
         self.pad_id = self.tokenizer.pad_token_id
         return train_ex, eval_ex
+
+    def _prepare(self, source: Any, split: str) -> PreparedData:
+        """One source's token table, prepared by the main process first (the others then map the
+        cache entry it wrote), with one line saying how long it took and where it lives."""
+        cfg = self.cfg
+        prepare_here = lambda: prepare(  # noqa: E731
+            source, split, self.objective.data_kind, self.tokenizer, cfg.record_layout(), cache_dir=cfg.cache_dir,
+            num_proc=cfg.dataset_num_proc, progress=cfg.progress_bar and self.is_main,
+        )
+        if self.world > 1:
+            with self.accelerator.main_process_first():
+                data = prepare_here()
+        else:
+            data = prepare_here()
+        if self.is_main:
+            where = data.folder if data.folder is not None else "memory"
+            how = "mapped from the cache" if data.from_cache else "read, validated and tokenized"
+            dropped = "".join(f"; dropped {n} {reason}{'s' if n != 1 else ''}" for reason, n in data.skipped.items())
+            log.info("data: %s %s (%d records) in %.1fs: %s%s", data.name, how, len(data), data.seconds, where, dropped)
+        return data
 
     def _setup_model(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> tuple[torch.nn.Module, bool | None, RouterAux | None]:
         """The model to train (given, or loaded as the strategy needs), and the fast paths proven
@@ -565,17 +603,24 @@ class Trainer:
                 "" if cfg.num_threads == 1 else "s",
             )
 
-    def _tokenize(self, train_ex: Sequence[Any], eval_ex: Sequence[Any]) -> None:
+    def _tokenize(self, train_ex: Any, eval_ex: Any) -> None:
+        """Items of both splits; eval items take positions after the train items (the reference
+        cache is keyed by position)."""
         objective = self.objective
-        self.train_items, summary, truncated = objective.tokenize(self.tokenizer, train_ex)
-        eval_items, eval_summary, _ = objective.tokenize(self.tokenizer, eval_ex) if eval_ex else ([], "", [])
-        offset = len(self.train_items)  # eval items get their own positions in the reference cache
-        for item in eval_items:
-            item.index += offset
+        if objective.data_kind is None:
+            self.train_items, summary, truncated = objective.tokenize(self.tokenizer, train_ex)
+            eval_items, eval_summary, _ = objective.tokenize(self.tokenizer, eval_ex) if eval_ex else ([], "", [])
+            offset = len(self.train_items)
+            for item in eval_items:
+                item.index += offset
+        else:
+            self.train_items, summary, truncated = objective.items(*train_ex, offset=0)
+            has_eval = len(eval_ex[1]) > 0
+            eval_items, eval_summary, _ = objective.items(*eval_ex, offset=len(self.train_items)) if has_eval else ([], "", [])
         self.eval_items = eval_items
         if self.is_main:
             log.info("train: %s", summary)
-            if eval_items:
+            if len(eval_items):
                 log.info("eval: %s", eval_summary)
             if truncated:
                 log.info("first truncated examples: %s", ", ".join(truncated))
@@ -689,13 +734,13 @@ class Trainer:
         cfg = self.cfg
         settings = {"dtype": str(self.model_dtype), "bf16": self.bf16, "4bit": cfg.use_4bit}
         root = Path(cfg.cache_dir) if cfg.cache_dir else models.cache_dir()
-        return cache_path(root, models.model_fingerprint(ref_model), self.train_items + self.eval_items, settings)
+        return cache_path(root, models.model_fingerprint(ref_model), Chain(self.train_items, self.eval_items), settings)
 
     def _precompute_reference(self, module: CompletionLogprobs, path: Path) -> PrecomputedReference:
         """One pass of the reference over train and eval items, cached at `path` (reference.py)."""
         cfg, acc = self.cfg, self.accelerator
         reference, self.reference_seconds = precompute(
-            module, self.train_items + self.eval_items, path, acc,
+            module, Chain(self.train_items, self.eval_items), path, acc,
             batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size, pad_id=self.pad_id,
             share_prompt=self.share_prompt, sharded=self.sharded, progress=cfg.progress_bar and self.is_main,
             model_name=cfg.ref_model_name or cfg.model_name, main_says=self._main_says,

@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from preftune import chat
 from preftune.batching import encode_prompt
 from preftune.data import InMemoryRecords, Text, text_field, load_records
 from preftune.errors import PreftuneError
@@ -226,6 +227,8 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    if chat.has_template(tokenizer) and chat.turn_end_id(tokenizer) is not None:
+        ids.add(chat.turn_end_id(tokenizer))  # a chat model stops at its turn end (Gemma's <end_of_turn>)
     if not ids:
         raise PreftuneError("the tokenizer has no EOS token: generation would never stop")
     return sorted(int(i) for i in ids)
@@ -582,10 +585,13 @@ def generate_file(
 # --------------------------------------------------------------------------------------- models and engines
 
 
-def load_generation_model(name: str, device: torch.device | None = None) -> tuple[Any, Any]:
+def load_generation_model(
+    name: str, device: torch.device | None = None, *, template_kwargs: dict | None = None, fold_system: bool = False
+) -> tuple[Any, Any]:
     """(model in eval mode, tokenizer) for sampling: any name `preftune.models` loads, or a PEFT
     adapter folder such as a LoRA run's `final/` (loaded onto the base model it names).
-    bf16 on a CUDA GPU that supports it, fp32 elsewhere (bf16 is ~10x slower on most CPUs)."""
+    bf16 on a CUDA GPU that supports it, fp32 elsewhere (bf16 is ~10x slower on most CPUs).
+    `template_kwargs` and `fold_system` are the run's chat options (`chat.configure`)."""
     from preftune import models
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -605,7 +611,7 @@ def load_generation_model(name: str, device: torch.device | None = None) -> tupl
         model = PeftModel.from_pretrained(base, folder)
     else:
         model = models.load_model(name, dtype=dtype, device=device)
-    tokenizer = models.load_tokenizer(name)
+    tokenizer = chat.configure(models.load_tokenizer(name), template_kwargs, fold_system)
     return model.eval(), tokenizer
 
 

@@ -37,9 +37,10 @@ import numpy as np
 import torch
 import yaml
 
-from preftune.batching import TokenizedPair, collate_pairs, encode_prompt, tokenize_dataset
+from preftune.batching import TokenizedPair, collate_pairs, encode_prompt
 from preftune.config import TrainConfig
-from preftune.data import load_preference_data
+from preftune.data import RecordLayout
+from preftune.prepared import PairItems, prepare
 from preftune.errors import PreftuneError
 from preftune.sequences import SequenceRow, TokenizedSequence, collate_sequences
 from preftune.collect.generation import (
@@ -322,6 +323,8 @@ class EvalSettings:
     resamples: int = 2000
     output: str | None = None
     progress: bool = True
+    chat_template_kwargs: dict | None = None  # None: the run's own (a run folder), else none
+    columns: dict | None = None  # the pairs file's column mapping; None: the run's own
 
 
 @dataclass
@@ -334,6 +337,11 @@ class EvalTarget:
     max_seq_length: int
     max_prompt_length: int | None
     run_dir: Path | None = None
+    # how the run read its data and rendered conversations (its config's keys of those names)
+    chat_template_kwargs: dict | None = None
+    fold_system_message: bool = False
+    columns: dict | None = None
+    system_prompt: str | None = None
 
 
 def _read_run_config(run_dir: Path) -> dict[str, Any]:
@@ -373,6 +381,10 @@ def resolve_target(model: str, ref: str | None = None, beta: float | None = None
             max_seq_length=int(cfg.get("max_seq_length") or defaults.max_seq_length),
             max_prompt_length=cfg.get("max_prompt_length"),
             run_dir=path,
+            chat_template_kwargs=cfg.get("chat_template_kwargs"),
+            fold_system_message=bool(cfg.get("fold_system_message")),
+            columns=cfg.get("columns"),
+            system_prompt=cfg.get("system_prompt"),
         )
     if ref is None and not _is_adapter(path):
         raise PreftuneError(
@@ -530,7 +542,8 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
     target = resolve_target(settings.model, settings.ref, settings.beta)
     reward = as_reward(settings.reward) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
-    policy, tokenizer = load_generation_model(target.model)
+    template_kwargs = settings.chat_template_kwargs if settings.chat_template_kwargs is not None else target.chat_template_kwargs
+    policy, tokenizer = load_generation_model(target.model, template_kwargs=template_kwargs, fold_system=target.fold_system_message)
     reference = load_generation_model(target.reference)[0] if target.reference else None
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise PreftuneError(f"{target.model}: not a LoRA adapter, so its reference must be named with --ref")
@@ -542,8 +555,11 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
     }
 
     if settings.pairs:
-        examples = load_preference_data(settings.pairs, "test")
-        pairs, _ = tokenize_dataset(tokenizer, examples, target.max_seq_length, target.max_prompt_length)
+        columns = settings.columns if settings.columns is not None else target.columns
+        # The pairs' token table, as training prepares it (mapped from the cache when it did).
+        data = prepare(settings.pairs, "test", "pairs", tokenizer, RecordLayout.make(columns, target.system_prompt),
+                       progress=settings.progress)
+        pairs = PairItems(data, np.arange(len(data)), 0, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
 

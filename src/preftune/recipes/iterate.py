@@ -171,6 +171,11 @@ def load_iterate_config(
 # --------------------------------------------------------------------------------------- paths
 
 
+def chat_options(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's chat options for `load_generation_model`, so sampling renders as training does."""
+    return {"template_kwargs": cfg.chat_template_kwargs, "fold_system": cfg.fold_system_message}
+
+
 def round_dir(root: Path, r: int) -> Path:
     return root / f"round-{r}"
 
@@ -298,7 +303,7 @@ def make_pairs(
     if records is None:
         model_name = start_model(root, r, cfg)
         log.info("round %d: sampling %d prompts x %d from %s", r, len(todo), it.num_samples, model_name)
-        model, tokenizer = load_generation_model(model_name)
+        model, tokenizer = load_generation_model(model_name, **chat_options(cfg))
         sampling = SamplingSettings(it.num_samples, it.temperature, it.top_p, it.max_new_tokens, cfg.seed + r).check()
         generate_file(
             model,
@@ -401,6 +406,7 @@ def _evaluate(
     seed: int,
     reward: RewardFunction,
     progress: bool,
+    cfg: TrainConfig,
 ) -> tuple[dict[str, Any], EvalSamples, list[Samples], list[list[float]]]:
     """Every measure of a policy against the initial model on the held-out prompts, through
     `preftune.eval.evaluation`: its samples at the sampling temperature with the initial model's seeds
@@ -409,7 +415,7 @@ def _evaluate(
     log p_policy(y|x) - log p_initial(y|x)."""
     from preftune.eval.evaluation import before_after, completion_logps
 
-    model, tokenizer = load_generation_model(policy_name)
+    model, tokenizer = load_generation_model(policy_name, **chat_options(cfg))
     tuned = _sample_and_score(model, tokenizer, prompts, it, seed, reward, progress, "sample policy (eval)")
     kl_settings = SamplingSettings(it.kl_samples, 1.0, 1.0, it.max_new_tokens, seed)
     kl_samples = sample_prompts(
@@ -476,7 +482,7 @@ def initial_samples(
     if path.is_file():
         return _read_eval_samples(path)
     log.info("initial model: sampling %d held-out prompts x %d", len(prompts), it.eval_samples)
-    model, tokenizer = load_generation_model(cfg.model_name)
+    model, tokenizer = load_generation_model(cfg.model_name, **chat_options(cfg))
     initial = _sample_and_score(model, tokenizer, prompts, it, cfg.seed, reward, progress, "sample initial (eval)")
     write_jsonl_atomic(path, _eval_records(prompts, initial))
     return initial
@@ -514,7 +520,7 @@ def run_round(
 
     started = time.perf_counter()
     result, tuned, kl_samples, log_ratios = _evaluate(
-        str(policy), cfg.model_name, eval_prompts, initial, it, cfg.seed, reward, progress
+        str(policy), cfg.model_name, eval_prompts, initial, it, cfg.seed, reward, progress, cfg
     )
     result.update(counts)
     result.update(
