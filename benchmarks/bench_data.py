@@ -41,7 +41,8 @@ WORDS = (
 
 
 def make_data(path: Path, pairs: int, seed: int = 0) -> None:
-    """~500 tokens a pair: prompt ~190 words, completions ~95 words each (~1.3 tokens a word)."""
+    """~500 SmolLM2 tokens a pair: a ~250-word prompt and two ~125-word completions (these words are
+    one token each, with their leading space)."""
     rng = random.Random(seed)
     words = WORDS
 
@@ -50,7 +51,7 @@ def make_data(path: Path, pairs: int, seed: int = 0) -> None:
 
     with open(path, "w") as f:
         for _ in range(pairs):
-            f.write(json.dumps({"prompt": text(190), "chosen": " " + text(95), "rejected": " " + text(95)}) + "\n")
+            f.write(json.dumps({"prompt": text(250), "chosen": " " + text(125), "rejected": " " + text(125)}) + "\n")
 
 
 def make_model(path: Path) -> None:
