@@ -394,10 +394,13 @@ class Trainer:
         """One source's token table, prepared by the main process first (the others then map the
         cache entry it wrote), with one line saying how long it took and where it lives."""
         cfg = self.cfg
-        prepare_here = lambda: prepare(  # noqa: E731
-            source, split, self.objective.data_kind, self.tokenizer, cfg.record_layout(), cache_dir=cfg.cache_dir,
-            num_proc=cfg.dataset_num_proc, progress=cfg.progress_bar and self.is_main,
-        )
+
+        def prepare_here() -> PreparedData:
+            return prepare(
+                source, split, self.objective.data_kind, self.tokenizer, cfg.record_layout(), cache_dir=cfg.cache_dir,
+                num_proc=cfg.dataset_num_proc, progress=cfg.progress_bar and self.is_main,
+            )
+
         if self.world > 1:
             with self.accelerator.main_process_first():
                 data = prepare_here()
