@@ -168,8 +168,12 @@ def test_a_killed_preparation_leaves_no_entry(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
     root = tmp_path / "data"
     deadline = time.time() + 120
-    while time.time() < deadline and not list(root.glob(".tmp-*/tokens*.arrow")) and proc.poll() is None:
-        time.sleep(0.05)
+    # tokenizing has begun once the map's output file (written under a temporary name) appears
+    # beside the examples file
+    while time.time() < deadline and proc.poll() is None and not [
+        p for p in root.glob(".tmp-*/*") if p.name not in ("examples.arrow", "manifest.json")
+    ]:
+        time.sleep(0.02)
     assert proc.poll() is None, "the preparation ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
