@@ -83,7 +83,7 @@ def peaks() -> dict[str, float]:
 
 
 def worker_preftune(args: argparse.Namespace) -> dict:
-    from preftune import trainer as trainer_module
+    from preftune.training.recipe import Trainer
     from preftune.config import TrainConfig, validate
 
     cfg = validate(TrainConfig(
@@ -99,7 +99,7 @@ def worker_preftune(args: argparse.Namespace) -> dict:
             first_step.append(time.perf_counter() - STARTED)
         return False  # stop after the first step
 
-    t = trainer_module.Trainer(cfg, callbacks=[callback])
+    t = Trainer(cfg, callbacks=[callback])
     t.setup()
     prepared = time.perf_counter() - STARTED
     t.train()

@@ -165,7 +165,7 @@ def worker_trl(args: argparse.Namespace) -> dict:
 
 
 def worker_preftune(args: argparse.Namespace) -> dict:
-    from preftune import trainer as trainer_module
+    from preftune.training.recipe import Trainer
     from preftune.config import TrainConfig, validate
 
     cfg = validate(TrainConfig(
@@ -178,7 +178,7 @@ def worker_preftune(args: argparse.Namespace) -> dict:
         beta=0.1, loss_type="sigmoid", lr_scheduler_type="constant", warmup_ratio=0.0, seed=0,
         cache_dir=str(args.out_dir / "cache"),
     ))
-    t = trainer_module.Trainer(cfg)
+    t = Trainer(cfg)
     started = time.perf_counter()
     t.setup()
     setup_seconds = time.perf_counter() - started  # includes the one reference pass

@@ -6,11 +6,29 @@ few synthetic sentences, and the model is built from a config with random weight
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 import pytest
+
+from helpers import synthetic_pairs
+
+
+@pytest.fixture
+def _propagate_logs():
+    """The project's log lines reach pytest's capture (caplog) in the modules that use this."""
+    logging.getLogger("preftune").propagate = True
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """48 synthetic pairs (`helpers.synthetic_pairs`) as JSONL."""
+    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(48)))
+    return path
 
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):

@@ -18,8 +18,8 @@ import preftune
 from conftest import build_tiny_model, build_tiny_tokenizer
 from preftune.cli import main
 from preftune.modelcard import read_header
-from test_trainer import quick_settings as base_config
-from test_trainer import synthetic_pairs
+from helpers import quick_settings as base_config
+from helpers import synthetic_pairs
 
 ROWS = synthetic_pairs(24)
 TIMING = ("step_seconds", "tokens_per_second")

@@ -10,7 +10,7 @@ import pytest
 
 from preftune import __version__
 from preftune.cli import main
-from test_trainer import synthetic_pairs
+from helpers import synthetic_pairs
 
 
 @pytest.fixture()

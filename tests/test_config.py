@@ -140,3 +140,70 @@ def test_every_training_example_config_is_valid():
         else:
             strategies.add(load_config(path).strategy)
     assert strategies == {"sft", "dpo", "kto", "orpo", "simpo", "cpo", "reward"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys a strategy does not read are refused, naming the strategies they apply to
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        ({"strategy": "reward", "use_liger_kernel": True},
+         "config: 'use_liger_kernel' applies to strategies sft, dpo, kto, orpo, simpo and cpo, not 'reward'"),
+        ({"strategy": "dpo", "desirable_weight": 2.0, "simpo_gamma": 1.0},
+         "config: 'desirable_weight' applies to strategy kto, not 'dpo'\n"
+         "config: 'simpo_gamma' applies to strategy simpo, not 'dpo'"),
+        ({"strategy": "orpo", "f_divergence_type": "js_divergence"},
+         "config: 'f_divergence_type' applies to strategy dpo, not 'orpo'"),
+        ({"strategy": "simpo", "f_alpha": 0.3}, "config: 'f_alpha' applies to strategy dpo, not 'simpo'"),
+        ({"strategy": "sft", "share_prompt": False},
+         "config: 'share_prompt' applies to strategies dpo, orpo, simpo and cpo, not 'sft'"),
+        ({"strategy": "reward", "share_prompt": False},
+         "config: 'share_prompt' applies to strategies dpo, orpo, simpo and cpo, not 'reward'"),
+        ({"strategy": "reward", "max_prompt_length": 64, "router_aux_loss_coef": 0.0},
+         "config: 'max_prompt_length' applies to strategies sft, dpo, kto, orpo, simpo and cpo, not 'reward'\n"
+         "config: 'router_aux_loss_coef' applies to strategies sft, dpo, kto, orpo, simpo and cpo, not 'reward'"),
+        ({"strategy": "dpo", "completion_only_loss": False}, "config: 'completion_only_loss' applies to strategy sft, not 'dpo'"),
+        ({"strategy": "sft", "beta": 0.2}, "config: 'beta' applies to strategies dpo, kto, orpo, simpo and cpo, not 'sft'"),
+        ({"strategy": "kto", "margin_weighting": True},
+         "config: 'margin_weighting' weighs preference pairs; strategy 'kto' has none (it applies to strategies dpo, orpo, "
+         "simpo, cpo and reward)"),
+        ({"strategy": "reward", "provider": "unsloth"},
+         "config: strategy 'reward' loads its model with transformers; 'provider: unsloth' loads causal LMs only"),
+    ],
+)
+def test_a_key_the_strategy_does_not_read_is_refused(keys, message):
+    from preftune.config import from_dict
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError) as err:
+        from_dict(keys)
+    assert str(err.value) == message
+
+
+def test_keys_at_their_defaults_and_hf_provider_are_accepted():
+    from preftune.config import from_dict, resolve
+
+    # A resolved config of another strategy carries every key at its default: it loads.
+    settings = resolve(from_dict({**TrainConfig(strategy="dpo").to_dict(), "strategy": "reward", "provider": "hf"}))
+    assert settings.model.provider == "transformers" and settings.lora.lora_r == 16
+    assert settings.reference.reference == "none" and settings.optim.per_device_eval_batch_size == 4
+
+
+def test_a_pipelines_shared_keys_reach_the_stages_that_read_them(tmp_path):
+    from preftune.recipes.pipeline import load_pipeline
+
+    path = tmp_path / "p.yaml"
+    path.write_text(
+        "dataset: d.jsonl\nbeta: 0.3\nshare_prompt: false\noutput_dir: runs/p\n"
+        "stages:\n  - strategy: sft\n  - strategy: dpo\n"
+    )
+    sft, dpo = load_pipeline([path], ["simpo_gamma=0.9"])
+    assert (sft.beta, sft.share_prompt, sft.simpo_gamma) == (0.1, True, 0.5)  # not SFT's keys: left out
+    assert (dpo.beta, dpo.share_prompt, dpo.simpo_gamma) == (0.3, False, 0.5)
+    path.write_text("dataset: d.jsonl\nstages:\n  - strategy: sft\n    beta: 0.3\n  - strategy: dpo\n")
+    from preftune.errors import PreftuneError
+
+    with pytest.raises(PreftuneError, match=r"stages\[0\]: 'beta' applies to strategies dpo, kto, orpo, simpo and cpo, not 'sft'"):
+        load_pipeline([path])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_trainer import synthetic_pairs
+from helpers import synthetic_pairs
 
 CONFIG = """\
 strategy: {strategy}

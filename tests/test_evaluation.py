@@ -270,3 +270,28 @@ def test_sample_j_of_prompt_i_does_not_depend_on_how_many_are_drawn(tiny_model_d
     many = sample_prompts(model, tokenizer, prompts, SamplingSettings(6, 1.0, 1.0, 8, 3), progress=False)
     few = sample_prompts(model, tokenizer, prompts, SamplingSettings(2, 1.0, 1.0, 8, 3), rows=3, progress=False)
     assert [s.token_ids[:2] for s in many] == [s.token_ids for s in few]
+
+
+def test_evaluation_scores_through_the_proven_path(tiny_tokenizer, monkeypatch):
+    """A model whose output head the structural test takes for a plain projection while it is not
+    (a head-scaling transform missing from the list): training's proof catches it, and evaluation,
+    the quickstart and iterate, scoring through the same proof, use the model's own forward."""
+    import zoo
+    from preftune import logprobs
+    from preftune.eval.evaluation import completion_logps, kl_terms
+    from preftune.logprobs import own_forward_sums
+    from preftune.sequences import collate_sequences
+    from preftune.eval.evaluation import completion_rows
+
+    model = zoo.build_model("falcon_h1 (SSM + attention, scaled head)", tiny_tokenizer).eval()
+    monkeypatch.setattr(logprobs, "_LOGIT_TRANSFORMS", ("final_logit_softcapping",))  # a list that misses it
+    assert logprobs.split_body_and_head(model) is not None
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    completions = [[12, 13, 14], [15, 16, 17, 18, 19]]
+    with torch.no_grad():
+        own = own_forward_sums(model, collate_sequences(completion_rows(prompts, completions), 0))
+        fast = logprobs.completion_logps(logprobs.CompletionLogprobs(model), collate_sequences(completion_rows(prompts, completions), 0)).sums
+    assert (fast.double() - own).abs().max() > 0.5  # the unproven fast head is wrong here
+    assert completion_logps(model, prompts, completions, pad_id=0) == pytest.approx(own.tolist(), abs=1e-4)
+    logp, logq, kl = kl_terms(model, model, prompts, completions, pad_id=0)
+    assert logp == pytest.approx(own.tolist(), abs=1e-4) and kl == pytest.approx([0.0, 0.0], abs=1e-5)

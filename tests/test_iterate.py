@@ -174,16 +174,16 @@ def test_reference_initial_and_kl_to_the_initial_model(tmp_path, task, tiny_mode
 
 
 def test_resume_skips_done_rounds_and_continues_a_half_done_one(tmp_path, task, monkeypatch):
-    from preftune import trainer
+    from preftune.training import recipe
 
     calls = []
-    real_train = trainer.train
+    real_run = recipe.run
 
-    def spy(config):
+    def spy(config, **objects):
         calls.append(config.output_dir)
-        return real_train(config)
+        return real_run(config, **objects)
 
-    monkeypatch.setattr(trainer, "train", spy)
+    monkeypatch.setattr(recipe, "run", spy)
     config = task(reference="previous")
     overrides = ["learning_rate=0.05"]
     run = tmp_path / "run"

@@ -13,10 +13,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from preftune.batching import collate_pairs
+from preftune.config import TrainConfig
+from preftune.errors import PreftuneError
 from preftune.logprobs import CompletionLogprobs, completion_logps
 from preftune.losses import kto_kl
-from preftune.trainer import Trainer, train
-from test_trainer import _propagate_logs, make_config, pairs_file, read_metrics, synthetic_pairs  # noqa: F401 (fixtures)
+from preftune.training.recipe import Trainer
+from helpers import make_config, read_metrics, synthetic_pairs, train
+
+pytestmark = pytest.mark.usefixtures("_propagate_logs")
 
 
 def trainer_for(tmp_path, model_dir, data, **overrides) -> Trainer:
@@ -33,7 +37,8 @@ def base_module(model_dir) -> CompletionLogprobs:
 
 @pytest.mark.parametrize("strategy", ["orpo", "simpo", "cpo"])
 def test_reference_free_losses_on_the_models_own_logps(tmp_path, tiny_model_dir, pairs_file, strategy):
-    trainer = trainer_for(tmp_path, tiny_model_dir, pairs_file, strategy=strategy, beta=0.5, simpo_gamma=0.3)
+    gamma = {"simpo_gamma": 0.3} if strategy == "simpo" else {}  # a SimPO key: refused by the others
+    trainer = trainer_for(tmp_path, tiny_model_dir, pairs_file, strategy=strategy, beta=0.5, **gamma)
     assert trainer.reference_kind == "none" and trainer.reference is None
     assert not (tmp_path / "cache" / "reference").exists()  # nothing precomputed (the data table is cached there too)
     result = trainer.evaluate()
@@ -94,7 +99,7 @@ def test_sft_loss_is_the_token_mean_and_accumulation_is_exact(tmp_path, tiny_mod
     result = trainer.evaluate()
     module = CompletionLogprobs(base_module(tiny_model_dir).model, token_accuracy=True)
     with torch.no_grad():
-        sums, counts, correct, *_ = completion_logps(module, trainer.objective.collate(trainer.eval_items, trainer.pad_id, True))
+        sums, counts, correct, *_ = completion_logps(module, trainer.objective.collate(trainer.eval_items, trainer.pad_id))
     # SFT on a pair file learns the chosen completions; the loss is averaged over their tokens.
     assert result["eval_loss"] == pytest.approx(float(-sums.sum() / counts.sum()), rel=1e-5)
     assert result["eval_mean_token_accuracy"] == pytest.approx(float(correct.sum() / counts.sum()), rel=1e-5)
@@ -203,3 +208,92 @@ def test_aot_refuses_a_split_step(tmp_path, tiny_model_dir, pairs_file):
         train(cfg)
     train(make_config(tmp_path / "whole", tiny_model_dir, pairs_file, loss_type="aot_unpaired", max_steps=2))
     assert [r["step"] for r in read_metrics(tmp_path / "whole" / "run") if "loss" in r] == [1, 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Each strategy's `loss`: pure, no model, no accelerator, against numbers computed by hand
+
+
+def _strategy(strategy: str, **keys):
+    from preftune.config import resolve
+    from preftune.objectives import REGISTRY
+
+    return REGISTRY[strategy](resolve(TrainConfig(strategy=strategy, **keys)))
+
+
+def _log_sigmoid(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+T = torch.tensor
+
+
+def test_dpo_loss_is_pure_and_matches_the_hand_computation():
+    dpo = _strategy("dpo", beta=0.1, label_smoothing=0.1)
+    # log-ratios: chosen -1 - (-2) = 1, rejected -3 - (-2) = -1; z = beta * (1 - (-1)) = 0.2
+    losses, chosen, rejected = dpo.loss(T([-1.0]), T([-3.0]), T([-2.0]), T([-2.0]))
+    z = 0.2
+    assert losses.item() == pytest.approx(-0.9 * _log_sigmoid(z) - 0.1 * _log_sigmoid(-z), abs=1e-6)
+    assert (chosen.item(), rejected.item()) == pytest.approx((0.1, -0.1), abs=1e-7)
+
+
+def test_orpo_loss_is_pure_and_matches_the_hand_computation():
+    orpo = _strategy("orpo", beta=0.5)
+    # summed log-probs -2 over 4 tokens and -6 over 3: means -0.5 and -2
+    losses, chosen, rejected, extra = orpo.loss(T([-2.0]), T([-6.0]), T([4]), T([3]))
+    cm, rm = -0.5, -2.0
+    log_odds = (cm - math.log(1 - math.exp(cm))) - (rm - math.log(1 - math.exp(rm)))
+    assert losses.item() == pytest.approx(0.5 - 0.5 * _log_sigmoid(log_odds), abs=1e-6)
+    assert extra["log_odds_chosen"].item() == pytest.approx(log_odds, abs=1e-6)
+    assert extra["nll_loss"].item() == pytest.approx(0.5)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-0.25, -1.0))
+
+
+def test_simpo_loss_is_pure_and_matches_the_hand_computation():
+    simpo = _strategy("simpo", beta=2.0, simpo_gamma=0.5)
+    losses, chosen, rejected, extra = simpo.loss(T([-2.0]), T([-6.0]), T([4]), T([3]))
+    # cpo_alpha resolves to 0 for SimPO: no NLL term; x = 2 * (-0.5 - (-2)) - 0.5 = 2.5
+    assert simpo.section.cpo_alpha == 0.0
+    assert losses.item() == pytest.approx(-_log_sigmoid(2.5), abs=1e-6)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-1.0, -4.0))
+    with_nll = _strategy("simpo", beta=2.0, simpo_gamma=0.5, cpo_alpha=0.2)
+    assert with_nll.loss(T([-2.0]), T([-6.0]), T([4]), T([3]))[0].item() == pytest.approx(-_log_sigmoid(2.5) + 0.2 * 0.5, abs=1e-6)
+
+
+def test_cpo_loss_is_pure_and_matches_the_hand_computation():
+    cpo = _strategy("cpo", beta=0.1)
+    losses, chosen, rejected, extra = cpo.loss(T([-2.0]), T([-6.0]), T([4]), T([3]))
+    # cpo_alpha resolves to 1 for CPO: -log sigmoid(0.1 * (-2 - (-6))) + 1 * 0.5
+    assert cpo.section.cpo_alpha == 1.0
+    assert losses.item() == pytest.approx(-_log_sigmoid(0.4) + 0.5, abs=1e-6)
+    assert (chosen.item(), rejected.item()) == pytest.approx((-0.2, -0.6))
+
+
+def test_kto_loss_is_pure_and_matches_the_hand_computation():
+    kto = _strategy("kto", beta=0.5, desirable_weight=2.0, undesirable_weight=1.0)
+    # log-ratios 1 (desirable) and -1 (undesirable); z0 = 0.3
+    losses, rewards = kto.loss(T([-1.0, -3.0]), T([-2.0, -2.0]), T([True, False]), T(0.3))
+    sigmoid = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    assert losses.tolist() == pytest.approx([2.0 * (1 - sigmoid(0.5 * 0.7)), 1 - sigmoid(0.5 * 1.3)], abs=1e-6)
+    assert rewards.tolist() == pytest.approx([0.5, -0.5])
+
+
+def test_sft_loss_is_pure_and_matches_the_hand_computation():
+    sft = _strategy("sft")
+    assert sft.loss(T([-3.5, -0.25])).tolist() == [3.5, 0.25]  # the recipe divides by the step's trained tokens
+
+
+def test_reward_loss_is_pure_and_matches_the_hand_computation():
+    reward = _strategy("reward")
+    assert reward.loss(T([1.5, 0.0]), T([0.5, 2.0])).tolist() == pytest.approx([-_log_sigmoid(1.0), -_log_sigmoid(-2.0)], abs=1e-6)
+
+
+def test_a_trainer_given_an_unchecked_config_resolves_it(tmp_path, tiny_model_dir, pairs_file):
+    """Every way of starting a run checks its config: a CPO config never passed through
+    `validate` still trains with its NLL term (cpo_alpha 1), and a key CPO does not read is refused."""
+    cfg = TrainConfig(strategy="cpo", model_name=str(tiny_model_dir), dataset=str(pairs_file), output_dir=str(tmp_path / "run"))
+    assert cfg.cpo_alpha is None
+    assert Trainer(cfg).objective.section.cpo_alpha == 1.0
+    cfg.desirable_weight = 2.0
+    with pytest.raises(PreftuneError, match=r"^config: 'desirable_weight' applies to strategy kto, not 'cpo'$"):
+        Trainer(cfg)

@@ -12,7 +12,9 @@ import yaml
 from preftune.cli import main
 from preftune.errors import PreftuneError
 from preftune.recipes.pipeline import load_pipeline
-from test_trainer import _propagate_logs, pairs_file, read_metrics  # noqa: F401 (fixtures)
+from helpers import read_metrics
+
+pytestmark = pytest.mark.usefixtures("_propagate_logs")
 
 SHARED = """\
 model_name: {model}

@@ -189,7 +189,7 @@ def test_a_killed_preparation_leaves_no_entry(tmp_path):
 
 
 def test_split_rows_holds_out_what_split_for_eval_holds_out():
-    from preftune.trainer import split_for_eval
+    from preftune.training.plan import split_for_eval
 
     for n, split in ((40, 0.1), (40, 8), (7, 0.5)):
         train, held = split_rows(n, split, seed=3)

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 
 from preftune import checkpoint
 from preftune.errors import PreftuneError
-from preftune.trainer import train
-from test_trainer import _propagate_logs, make_config, pairs_file, read_metrics  # noqa: F401 (fixtures)
+from helpers import make_config, read_metrics, train
+
+pytestmark = pytest.mark.usefixtures("_propagate_logs")
 
 CONFIG = """\
 model_name: {model}
@@ -145,8 +146,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes(tmp_path, tiny_model_dir
 
 
 def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
-    import preftune.objectives as objectives_module
-    import preftune.trainer as trainer_module
+    import preftune.objectives.dpo as objectives_module
+    from preftune.training.recipe import Trainer
 
     real = objectives_module.preference_loss
     calls = {"n": 0}
@@ -160,14 +161,19 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, pairs_f
         return losses, c, r
 
     trainer_module_step = {"now": 0}
-    original_forward = trainer_module.Trainer._forward
+    original_step, original_evaluate = Trainer.train_step, Trainer.evaluate
 
-    def forward(self, module, batch, training=True):
-        trainer_module_step["now"] = self.state.step + 1 if training else -1
-        return original_forward(self, module, batch, training)
+    def train_step(self):
+        trainer_module_step["now"] = self.state.step + 1
+        return original_step(self)
+
+    def evaluate(self):
+        trainer_module_step["now"] = -1
+        return original_evaluate(self)
 
     monkeypatch.setattr(objectives_module, "preference_loss", flaky)
-    monkeypatch.setattr(trainer_module.Trainer, "_forward", forward)
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
     cfg = make_config(tmp_path / "a", tiny_model_dir, pairs_file, max_steps=4, save_steps=1)
     train(cfg)
     records = [r for r in read_metrics(tmp_path / "a" / "run") if "loss" in r]
@@ -195,7 +201,7 @@ def test_output_dir_with_another_run_is_refused(tmp_path, tiny_model_dir, pairs_
 
 
 def test_a_second_run_into_the_same_output_dir_is_refused_while_the_first_runs(tmp_path, tiny_model_dir, pairs_file):
-    from preftune.trainer import Trainer
+    from preftune.training.recipe import Trainer
 
     first = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1))
     first.setup()

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from preftune.config import TrainConfig, validate
 from preftune.errors import PreftuneError
 from test_distributed import CONFIG, free_port, records, run_group
-from test_trainer import synthetic_pairs
+from helpers import synthetic_pairs
 
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 

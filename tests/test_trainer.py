@@ -16,71 +16,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import make_config, quick_settings, read_metrics, synthetic_pairs, train
 from preftune.config import TrainConfig, validate
 from preftune.errors import PreftuneError
-from preftune.trainer import Trainer, lr_factor, step_examples, train
+from preftune.training.plan import lr_factor, step_examples
+from preftune.training.recipe import Trainer
 
-POSITIVE = ["good", "great", "happy", "yes", "wonderful"]
-NEGATIVE = ["bad", "awful", "sad", "no", "terrible"]
-SUBJECTS = ["the movie", "the film", "the sky", "the grass", "it", "this", "the answer", "the question"]
-
-
-def synthetic_pairs(n: int, seed: int = 0) -> list[dict]:
-    """A preference any model can learn: chosen answers are positive words, rejected negative."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        subject = rng.choice(SUBJECTS)
-        rows.append(
-            {
-                "prompt": f"Question: is {subject} {rng.choice(POSITIVE + NEGATIVE)}? Answer:",
-                "chosen": f" {rng.choice(POSITIVE)}, {subject} was {rng.choice(POSITIVE)}.",
-                "rejected": f" {rng.choice(NEGATIVE)}, {subject} was {rng.choice(NEGATIVE)}.",
-            }
-        )
-    return rows
-
-
-@pytest.fixture(autouse=True)
-def _propagate_logs():
-    logging.getLogger("preftune").propagate = True
-
-
-@pytest.fixture(scope="module")
-def pairs_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "pairs.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in synthetic_pairs(48)))
-    return path
-
-
-def quick_settings(tmp_path, **overrides) -> dict:
-    """Settings of a quick run on the tiny model; the caller names the model and the data."""
-    base = dict(
-        output_dir=str(tmp_path / "run"),
-        per_device_train_batch_size=4,
-        learning_rate=5e-3,
-        max_steps=4,
-        warmup_ratio=0.0,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        eval_split=8,
-        lora_r=0,
-        max_seq_length=64,
-        max_prompt_length=32,
-        progress_bar=False,
-        cache_dir=str(tmp_path / "cache"),
-        seed=3,
-    )
-    base.update(overrides)
-    return base
-
-
-def make_config(tmp_path, model_dir, pairs_file, **overrides) -> TrainConfig:
-    return validate(TrainConfig(**quick_settings(tmp_path, model_name=str(model_dir), dataset=str(pairs_file), **overrides)))
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+pytestmark = pytest.mark.usefixtures("_propagate_logs")
 
 
 def test_schedule_and_plan_are_pure():
@@ -123,7 +65,7 @@ def test_wpo_weights_each_pair_by_hand(tmp_path, tiny_model_dir, pairs_file):
     step's loss is ln 2 times the mean of w(chosen) * w(rejected), computed here from full logits."""
     from transformers import AutoModelForCausalLM
 
-    from preftune.trainer import Trainer
+    from preftune.training.recipe import Trainer
     from test_logprobs import naive_wpo
 
     trainer = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1, use_weighting=True))
@@ -299,7 +241,7 @@ def test_functional_dropout_rates_are_disabled(tiny_tokenizer):
     their eval-mode selves in training mode once dropout is disabled."""
     from transformers import OPTConfig, OPTForCausalLM
 
-    from preftune.trainer import disable_dropout
+    from preftune.training.recipe import disable_dropout
 
     torch.manual_seed(0)
     model = OPTForCausalLM(OPTConfig(vocab_size=len(tiny_tokenizer), hidden_size=32, ffn_dim=64, num_hidden_layers=2,
@@ -315,7 +257,7 @@ def test_functional_dropout_rates_are_disabled(tiny_tokenizer):
 def test_copy_reference_takes_the_policys_precision(tmp_path, tiny_model_dir, pairs_file, monkeypatch):
     """A full fine-tune under bf16 keeps fp32 weights with bf16 autocast; the copy reference is
     loaded the same way, so both compute the same step-0 log-probs: loss ln 2 exactly."""
-    monkeypatch.setattr("preftune.trainer.native_cpu_bf16", lambda: True)  # bf16 runs on any CPU
+    monkeypatch.setattr("preftune.training.distributed.native_cpu_bf16", lambda: True)  # bf16 runs on any CPU
     out = tmp_path / "bf16"
     trainer = Trainer(make_config(out, tiny_model_dir, pairs_file, bf16=True, reference="copy", max_steps=1, eval_split=0))
     trainer.setup()
@@ -442,7 +384,7 @@ def test_each_evaluation_prints_one_line(tmp_path, tiny_model_dir, pairs_file, c
 
 
 def test_a_refused_output_dir_names_each_differing_key(tmp_path, tiny_model_dir, pairs_file, caplog):
-    from preftune.trainer import config_differences
+    from preftune.training.rundir import config_differences
 
     train(make_config(tmp_path, tiny_model_dir, pairs_file, max_steps=1))
     caplog.clear()
@@ -517,7 +459,7 @@ def test_num_threads_null_follows_omp_num_threads(tmp_path, tiny_model_dir, pair
     ],
 )
 def test_native_cpu_bf16_reads_the_cpu_flags(tmp_path, cpuinfo, native):
-    from preftune.trainer import native_cpu_bf16
+    from preftune.training.distributed import native_cpu_bf16
 
     path = tmp_path / "cpuinfo"
     if cpuinfo is not None:
@@ -529,7 +471,7 @@ def test_native_cpu_bf16_reads_the_cpu_flags(tmp_path, cpuinfo, native):
 def test_bf16_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(tmp_path, tiny_model_dir, pairs_file, monkeypatch, caplog, native):
     import yaml
 
-    monkeypatch.setattr("preftune.trainer.native_cpu_bf16", lambda: native)
+    monkeypatch.setattr("preftune.training.distributed.native_cpu_bf16", lambda: native)
     caplog.set_level(logging.INFO, logger="preftune")
     trainer = Trainer(make_config(tmp_path, tiny_model_dir, pairs_file, bf16=True, max_steps=1, eval_split=0))
     trainer.setup()

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import zoo
 from preftune import masks
 from preftune.config import TrainConfig, validate
-from preftune.trainer import Trainer
+from preftune.training.recipe import Trainer
 
 WORDS = (
     "the sky is blue and the grass is green I loved this movie it was wonderful and great "
@@ -214,16 +214,16 @@ def test_three_step_loss_curve_equals_plain_dpo(name, model_dirs, data, tiny_tok
 def _verdicts(name: str, tok, pairs_file: Path, sft_file: Path) -> list[str]:
     from preftune.data import load_preference_data, load_sft_data
     from preftune.logprobs import check_paths, router_aux
-    from preftune.objectives import DPOObjective, SFTObjective
+    from preftune.config import resolve
+    from preftune.objectives import DPO, SFT
 
     model = zoo.build_model(name, tok)
-    cfg = TrainConfig(max_seq_length=MAX_SEQ)
-    dpo = DPOObjective(cfg)
+    dpo = DPO(resolve(TrainConfig(max_seq_length=MAX_SEQ)))
     pairs, _, _ = dpo.tokenize(tok, load_preference_data(str(pairs_file), "train"))
-    shared = check_paths(model, *dpo.check_batches(pairs, tok.eos_token_id, True))
-    sft = SFTObjective(TrainConfig(strategy="sft", packing=True, max_seq_length=MAX_SEQ))
+    shared = check_paths(model, *dpo.check_batches(pairs, tok.eos_token_id))
+    sft = SFT(resolve(TrainConfig(strategy="sft", packing=True, max_seq_length=MAX_SEQ)))
     rows, _, _ = sft.tokenize(tok, load_sft_data(str(sft_file), "train"))
-    packed = check_paths(model, *sft.check_batches(rows, tok.eos_token_id, True))
+    packed = check_paths(model, *sft.check_batches(rows, tok.eos_token_id))
     aux = router_aux(model)
 
     def cell(ok: bool, why: str) -> str:

@@ -2,7 +2,7 @@
 
 Notebook users hold a model object and a `datasets.Dataset`; `train` takes them as they are,
 checks them as the command line checks names and files (the same `PreftuneError` messages, rows
-named where files name lines), runs the one training loop (`trainer.Trainer`) and hands back the
+named where files name lines), runs the one training loop (`training.recipe.run`) and hands back the
 trained model. The command line calls `train` too, so the two cannot drift apart. The collection
 steps (`generate`, `score`, `build_pairs`) and `evaluate` are the commands' code on in-memory
 records.
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
-from preftune.config import ALIASES, REFERENCE_FREE, TrainConfig, load_config, read_config_file
+from preftune.config import ALIASES, PROVIDERS, REFERENCE_FREE, TrainConfig, load_config, read_config_file
 from preftune.errors import PreftuneError
 from preftune.modelcard import IN_MEMORY
 
@@ -102,7 +102,7 @@ def _check_model(model: Any, cfg: TrainConfig, what: str) -> None:
         )
     for key, value, why in (
         ("use_4bit", cfg.use_4bit, "load the model in 4-bit yourself and set use_4bit: false"),
-        ("provider", cfg.provider not in ("transformers", "hf"), "pass a model loaded by that provider and leave provider unset"),
+        ("provider", PROVIDERS[cfg.provider] != "transformers", "pass a model loaded by that provider and leave provider unset"),
         ("use_liger_kernel", cfg.use_liger_kernel is True, "apply the kernels yourself before passing the model"),
         ("attn_implementation", cfg.attn_implementation is not None, "load the model with it"),
     ):
@@ -228,7 +228,7 @@ def train(
                                 model=model, tokenizer=tokenizer, train_dataset=pairs)
         result.metrics["loss"], result.model  # a PeftModel
     """
-    from preftune.trainer import Trainer
+    from preftune.training.recipe import run
 
     cfg, given = _resolve_config(config, overrides)
     hooks = _as_callbacks(callbacks)
@@ -242,12 +242,10 @@ def train(
 
     saved = _frozen_state(ref_model)
     try:
-        trainer = Trainer(
+        trainer, metrics = run(
             cfg, model=model, ref_model=ref_model, tokenizer=prepared, train_data=train_data,
             eval_data=eval_data, callbacks=hooks, origin=origin,
         )
-        trainer.setup()
-        metrics = trainer.train()
     finally:
         _restore(ref_model, saved)
     trained = trainer.inner.model.eval()

@@ -13,7 +13,7 @@ shared by both completions.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterator, Sequence
 
 import json
@@ -21,7 +21,7 @@ import json
 import torch
 
 from preftune import chat
-from preftune.data import PreferenceExample, UnpairedExample
+from preftune.data import PreferenceExample, UnpairedExample, margin_weight
 from preftune.errors import PreftuneError
 
 
@@ -192,6 +192,21 @@ def at_record(location: str) -> Iterator[None]:
         message = str(exc)
         raise PreftuneError(message if message.startswith(f"{location}: ") else f"{location}: {message}") from None
 
+
+
+@dataclass
+class WeightedPair(TokenizedPair):
+    """A tokenized pair with its loss weight (`margin_weighting`; see `data.margin_weight`)."""
+
+    weight: float = 1.0
+
+
+def with_margin_weights(items: Sequence[TokenizedPair], examples: Sequence[PreferenceExample]) -> list[WeightedPair]:
+    """Each pair with the loss weight its label strength gives it (`margin_weighting`)."""
+    return [
+        WeightedPair(**{f.name: getattr(item, f.name) for f in fields(item)}, weight=margin_weight(example))
+        for item, example in zip(items, examples)
+    ]
 
 def effective_prompt_length(max_seq_length: int, max_prompt_length: int | None) -> int:
     """The prompt limit in force: half the sequence when unset, and never so long that it leaves no
@@ -428,3 +443,19 @@ def collate_pairs(
     with `prompt_ids` and `completions` collates here (pairs, and KTO's unpaired examples).
     """
     return collate_shared(pairs, pad_id, slots) if share_prompt else collate_separate(pairs, pad_id, slots)
+
+
+def reward_input_ids(tokenizer: Any, prompt: Any, completion: Any) -> list[int]:
+    """The token ids a reward model reads for one (prompt, completion), in training (preftune's
+    `strategy: reward`) and in scoring alike: with a chat template, the conversation (the prompt's
+    messages, or the prompt text as a user message) followed by the completion as the assistant's
+    reply, rendered by the template and tokenized without adding special tokens again; without one,
+    the prompt and completion as a text pair, with the tokenizer's special tokens."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        messages += list(completion) if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False)
+        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    flat_prompt = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
+    flat_completion = completion if isinstance(completion, str) else "\n".join(m["content"] for m in completion)
+    return [int(i) for i in tokenizer(flat_prompt, flat_completion)["input_ids"]]

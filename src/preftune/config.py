@@ -1,34 +1,54 @@
-"""Training configuration: one typed schema, read from JSON or YAML, overridable with `--set`.
+"""Training configuration: the keys users write, and the typed sections a run reads.
 
-Every key a user can write is a field of `TrainConfig`; nothing else is accepted. Keys follow the
-names users already know from seed-style configs and TRL (`learning_rate`, `lora_r`, `beta`, ...),
-so a config moves between tools with few edits. Validation happens once, here, so the trainer can
-trust every value.
+Users write flat keys (`learning_rate`, `lora_r`, `beta`, ...), the names they know from seed-style
+configs and TRL, in JSON or YAML, overridable with `--set`: that is `TrainConfig`, and nothing
+else is accepted. `resolve` turns it into `Settings`: typed, frozen sections (model, LoRA, data,
+optimisation, reference, run, sharding, and the chosen strategy's loss section), each checked and
+with its defaults resolved when it is built, once. A key that belongs to another strategy's section
+is refused there, naming the strategies it applies to, rather than silently ignored.
+
+This module is a leaf: it imports nothing of preftune but `errors`, so reading a config never loads
+torch, and every other module may import it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import math
 import types
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-from preftune.errors import PreftuneError
+from preftune.errors import PreftuneError, Problems, suggest
 
 STRATEGIES = ("sft", "dpo", "kto", "orpo", "simpo", "cpo", "reward")
 # Strategies whose loss has no reference model: none is loaded or precomputed.
 REFERENCE_FREE = ("sft", "orpo", "simpo", "cpo", "reward")
-PROVIDERS = ("transformers", "hf", "unsloth")
+# Model providers, as users may name them -> the loader that serves them.
+PROVIDERS = {"transformers": "transformers", "hf": "transformers", "unsloth": "unsloth"}
 REFERENCES = ("auto", "adapter", "copy", "precomputed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 REPORT_TO = ("none", "tensorboard")
+# DPO's `loss_type` names, as TRL's DPOTrainer calls them (the formulas are in losses.py).
+LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
+    "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm", "sft",
+)
+# Losses that sort log-ratios across the whole batch rather than scoring each pair alone.
+BATCH_SORTING_LOSSES = ("aot", "aot_unpaired")
+FSDP_MODES = ("full_shard", "shard_grad_op")
+FSDP_CONFIG_KEYS = ("wrap", "cpu_offload", "reshard_after_forward", "mixed_precision")
+# preftune's record fields, the targets of a `columns` mapping.
+MAPPABLE_FIELDS = (
+    "prompt", "chosen", "rejected", "system", "completion", "label", "messages", "text",
+    "response_a", "response_b", "winner", "preference", "tools",
+)
 
 
 @dataclass
@@ -153,12 +173,6 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def record_layout(self) -> Any:
-        """The `data.RecordLayout` of `columns` and `system_prompt`."""
-        from preftune.data import RecordLayout
-
-        return RecordLayout.make(self.columns, self.system_prompt)
-
 
 KNOWN_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
@@ -214,158 +228,623 @@ def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
     raise PreftuneError(f"{where}: '{key}' must be {wanted}, got {value!r}")
 
 
-def suggest(key: str, known: tuple[str, ...] | list[str]) -> str:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 def _check(cond: bool, where: str, message: str) -> None:
     if not cond:
         raise PreftuneError(f"{where}: {message}")
 
 
-def _one_of(where: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
+def _one_of(where: str, key: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise PreftuneError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}{suggest(str(value), choices)}")
 
 
-def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
-    """Range and consistency checks that types alone cannot express."""
-    from preftune.losses import validate_loss_types
-
-    _one_of(where, "strategy", cfg.strategy, STRATEGIES)
-    _one_of(where, "provider", cfg.provider, PROVIDERS)
-    _one_of(where, "reference", cfg.reference, REFERENCES)
-    _one_of(where, "lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
-    _one_of(where, "f_divergence_type", cfg.f_divergence_type, F_DIVERGENCES)
-    _one_of(where, "report_to", cfg.report_to, REPORT_TO)
-    _check(cfg.num_train_epochs > 0, where, f"'num_train_epochs' must be > 0, got {cfg.num_train_epochs}")
-    _check(cfg.per_device_train_batch_size >= 1, where, "'per_device_train_batch_size' must be >= 1")
-    _check(
-        cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1,
-        where,
-        "'per_device_eval_batch_size' must be >= 1",
-    )
-    _check(cfg.gradient_accumulation_steps >= 1, where, "'gradient_accumulation_steps' must be >= 1")
-    _check(cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), where, f"'learning_rate' must be > 0, got {cfg.learning_rate}")
-    _check(0.0 <= cfg.warmup_ratio <= 1.0, where, f"'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
-    _check(cfg.weight_decay >= 0, where, "'weight_decay' must be >= 0")
-    _check(cfg.max_grad_norm >= 0, where, "'max_grad_norm' must be >= 0 (0 turns clipping off)")
-    _check(cfg.beta > 0, where, f"'beta' must be > 0, got {cfg.beta}")
-    _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
-    _check(cfg.f_alpha > 0, where, "'f_alpha' must be > 0")
-    _check(cfg.max_seq_length >= 2, where, f"'max_seq_length' must be >= 2, got {cfg.max_seq_length}")
-    _check(
-        cfg.max_prompt_length is None or cfg.max_prompt_length >= 1,
-        where,
-        f"'max_prompt_length' must be >= 1 or null, got {cfg.max_prompt_length}",
-    )
-    _check(
-        cfg.eval_split == 0 or 0 < cfg.eval_split < 1 or (cfg.eval_split >= 1 and float(cfg.eval_split).is_integer()),
-        where,
-        f"'eval_split' must be 0, a fraction in (0, 1) or a whole count, got {cfg.eval_split}",
-    )
-    _check(cfg.lora_r is None or cfg.lora_r >= 0, where, f"'lora_r' must be >= 0 (0 or null: full fine-tune), got {cfg.lora_r}")
-    _check(cfg.lora_alpha > 0, where, "'lora_alpha' must be > 0")
-    _check(
-        cfg.lora_dropout is None or 0.0 <= cfg.lora_dropout < 1.0, where, f"'lora_dropout' must be in [0, 1) or null, got {cfg.lora_dropout}"
-    )
-    _check(
-        cfg.router_aux_loss_coef is None or (cfg.router_aux_loss_coef >= 0 and math.isfinite(cfg.router_aux_loss_coef)),
-        where,
-        f"'router_aux_loss_coef' must be >= 0 or null, got {cfg.router_aux_loss_coef}",
-    )
-    _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
-    _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
-    _check(cfg.max_nonfinite_steps >= 1, where, "'max_nonfinite_steps' must be >= 1")
-    _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
-    _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
-    _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")
-    mix = [cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type)
-    sorts_batch = cfg.strategy == "dpo" and any(t in ("aot", "aot_unpaired") for t in mix)
-    if cfg.use_weighting:
-        _check(cfg.strategy == "dpo", where, f"'use_weighting' (WPO) weighs DPO's pairs; strategy is '{cfg.strategy}'")
-        _check(not sorts_batch, where, "'use_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair")
-    if cfg.margin_weighting:
-        _check(
-            cfg.strategy in ("dpo", "orpo", "simpo", "cpo", "reward"),
-            where,
-            f"'margin_weighting' weighs preference pairs; strategy '{cfg.strategy}' has none",
+def validate_loss_types(
+    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None
+) -> tuple[list[str], list[float]]:
+    """`loss_type`/`loss_weights` as two equal-length lists, or a `PreftuneError`: a typo in a loss
+    name fails when the config is read, before any model is loaded."""
+    valid = ", ".join(LOSS_TYPES)
+    if isinstance(loss_type, str):
+        types_ = [loss_type]
+    elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
+        types_ = list(loss_type)
+    else:
+        raise PreftuneError(f"'loss_type' must be a name or a list of names, got {loss_type!r}; valid: {valid}")
+    if not types_:
+        raise PreftuneError(f"'loss_type' is an empty list; give at least one of: {valid}")
+    for name in types_:
+        if name not in LOSS_TYPES:
+            raise PreftuneError(f"unknown 'loss_type' {name!r}{suggest(name, LOSS_TYPES)}; valid: {valid}")
+    if loss_weights is None:
+        return types_, [1.0] * len(types_)
+    if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
+        raise PreftuneError(f"'loss_weights' must be a list of numbers, got {loss_weights!r}")
+    if len(loss_weights) != len(types_):
+        raise PreftuneError(
+            f"'loss_weights' has {len(loss_weights)} value(s) but 'loss_type' names {len(types_)} loss(es) "
+            f"({', '.join(types_)}); give one weight per loss"
         )
-        _check(not sorts_batch, where, "'margin_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair")
-    _check(
-        cfg.ref_model_name is None or cfg.reference in ("auto", "copy", "precomputed"),
-        where,
-        "'ref_model_name' needs 'reference' auto, copy or precomputed (the disabled adapter is the base model itself)",
-    )
-    _check(
-        cfg.reference != "adapter" or cfg.use_lora,
-        where,
-        "'reference: adapter' needs LoRA ('lora_r' > 0); use 'copy' or 'precomputed' for a full fine-tune",
-    )
-    if isinstance(cfg.loss_type, list):
-        _check(all(isinstance(t, str) for t in cfg.loss_type), where, "'loss_type' must be a string or a list of strings")
-    if cfg.loss_weights is not None:
-        _check(
-            all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in cfg.loss_weights),
-            where,
-            "'loss_weights' must be a list of numbers",
-        )
-    try:
-        validate_loss_types(*cfg.loss_mix())
-    except PreftuneError as exc:
-        raise PreftuneError(f"{where}: {exc}") from None
-    if cfg.columns is not None or cfg.system_prompt is not None:
-        from preftune.data import RecordLayout
+    weights: list[float] = []
+    for w in loss_weights:
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise PreftuneError(f"'loss_weights' must be finite numbers >= 0, got {w!r}")
+        weights.append(float(w))
+    return types_, weights
 
+
+# ---------------------------------------------------------------------------------------------
+# Record layout and sharding plan: sections with a structure of their own
+
+
+def field_key(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    """How a source's records map onto preftune's fields: `columns` renames file fields
+    ({preftune field: file field}, as LLaMA-Factory's `columns`), `system_prompt` gives every
+    record without a system message one."""
+
+    columns: tuple[tuple[str, str], ...] = ()
+    system_prompt: str | None = None
+
+    @classmethod
+    def make(cls, columns: dict[str, Any] | None = None, system_prompt: str | None = None, where: str = "columns") -> "RecordLayout":
+        """Checked: every key is one of preftune's fields (hyphens and case forgiven), every value a
+        field name, and no file field is taken twice."""
+        pairs: list[tuple[str, str]] = []
+        for target, source in (columns or {}).items():
+            key = field_key(str(target))
+            if key not in MAPPABLE_FIELDS:
+                raise PreftuneError(
+                    f"{where}: '{target}' is not one of preftune's fields ({', '.join(MAPPABLE_FIELDS)}){suggest(str(target), MAPPABLE_FIELDS)}"
+                )
+            if not isinstance(source, str) or not source.strip():
+                raise PreftuneError(f"{where}: '{target}' must name a field of the file, got {source!r}")
+            pairs.append((key, source))
+        taken = Counter(source for _, source in pairs)
+        twice = [source for source, n in taken.items() if n > 1]
+        if twice:
+            raise PreftuneError(f"{where}: field '{twice[0]}' is mapped to two of preftune's fields")
+        if system_prompt is not None and not isinstance(system_prompt, str):
+            shown = "null" if system_prompt is None else type(system_prompt).__name__
+            raise PreftuneError(f"system_prompt: must be a string, got {shown}")
+        return cls(tuple(pairs), system_prompt or None)
+
+    @property
+    def mapping(self) -> dict[str, str]:
+        return dict(self.columns)
+
+    def describe(self) -> str:
+        """The mapping as a config line would write it, or 'none'."""
+        if not self.columns:
+            return "none"
+        return "columns: {" + ", ".join(f"{t}: {s}" for t, s in self.columns) + "}"
+
+    def apply(self, record: Any) -> Any:
+        """A copy of the record under preftune's names; a mapped field missing from a record is an
+        error naming the fields it has."""
+        if not self.columns or not isinstance(record, dict):
+            return record
+        out = dict(record)
+        for target, source in self.columns:
+            if source not in record:
+                raise PreftuneError(
+                    f"field '{source}' (mapped to '{target}' by columns) is missing; the record has {', '.join(map(str, record)) or 'no fields'}"
+                )
+        for target, source in self.columns:
+            out.pop(source, None)
+        for target, source in self.columns:
+            out[target] = record[source]
+        return out
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """How a model is sharded, from `fsdp` and `fsdp_config` (HF TrainingArguments' names)."""
+
+    mode: str
+    wrap: tuple[str, ...] | None = None  # module class names; None: the model's `_no_split_modules`
+    cpu_offload: bool = False
+    reshard_after_forward: bool | None = None  # None: True for full_shard, False for shard_grad_op
+    mixed_precision: bool | None = None  # None: bf16 parameters with fp32 reduction when bf16 is on
+
+    @classmethod
+    def from_config(cls, mode: str, options: dict[str, Any] | None, where: str = "config") -> "ShardingPlan":
+        _one_of(where, "fsdp", mode, FSDP_MODES)
+        options = dict(options or {})
+        for key in options:
+            if key not in FSDP_CONFIG_KEYS:
+                raise PreftuneError(f"{where}: unknown key 'fsdp_config.{key}'{suggest(key, FSDP_CONFIG_KEYS)}")
+        wrap = options.get("wrap")
+        if wrap is not None:
+            if isinstance(wrap, str):
+                wrap = [wrap]
+            if not isinstance(wrap, list) or not wrap or not all(isinstance(w, str) and w for w in wrap):
+                raise PreftuneError(f"{where}: 'fsdp_config.wrap' must be a class name or a list of them, got {wrap!r}")
+            wrap = tuple(wrap)
+        for key in ("cpu_offload", "reshard_after_forward", "mixed_precision"):
+            value = options.get(key)
+            if value is not None and not isinstance(value, bool):
+                raise PreftuneError(f"{where}: 'fsdp_config.{key}' must be true, false or null, got {value!r}")
+        return cls(mode, wrap, bool(options.get("cpu_offload", False)), options.get("reshard_after_forward"),
+                   options.get("mixed_precision"))
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections a run reads. Field names are the keys users write, so a key is found in one place.
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    model_name: str
+    provider: str  # the loader: transformers or unsloth ('hf' is transformers)
+    use_4bit: bool
+    bf16: bool | None  # None: decided from the device when the run starts
+    num_threads: int | None
+    gradient_checkpointing: bool
+    attn_implementation: str | None
+    use_liger_kernel: bool | None
+    disable_dropout: bool
+    router_aux_loss_coef: float | None
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "ModelSettings":
+        _one_of(where, "provider", cfg.provider, tuple(PROVIDERS))
+        _check(
+            cfg.num_threads is None or (isinstance(cfg.num_threads, int) and not isinstance(cfg.num_threads, bool) and cfg.num_threads >= 1),
+            where, f"'num_threads' must be a whole number >= 1 (null: torch's default), got {cfg.num_threads!r}",
+        )
+        _check(
+            cfg.router_aux_loss_coef is None or (cfg.router_aux_loss_coef >= 0 and math.isfinite(cfg.router_aux_loss_coef)),
+            where, f"'router_aux_loss_coef' must be >= 0 or null, got {cfg.router_aux_loss_coef}",
+        )
+        _check(not (cfg.use_4bit and not cfg.use_lora), where, "'use_4bit' trains through LoRA: set 'lora_r' > 0 (QLoRA)")
+        return cls(
+            cfg.model_name, PROVIDERS[cfg.provider], cfg.use_4bit, cfg.bf16, cfg.num_threads, cfg.gradient_checkpointing,
+            cfg.attn_implementation, cfg.use_liger_kernel, cfg.disable_dropout, cfg.router_aux_loss_coef,
+        )
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float | None  # None: 0.05, or 0 on weights where peft allows no dropout
+    lora_target_modules: str | tuple[str, ...]
+    merge_lora: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "LoraSettings | None":
+        _check(cfg.lora_r is None or cfg.lora_r >= 0, where, f"'lora_r' must be >= 0 (0 or null: full fine-tune), got {cfg.lora_r}")
+        _check(cfg.lora_alpha > 0, where, "'lora_alpha' must be > 0")
+        _check(
+            cfg.lora_dropout is None or 0.0 <= cfg.lora_dropout < 1.0, where,
+            f"'lora_dropout' must be in [0, 1) or null, got {cfg.lora_dropout}",
+        )
+        targets = cfg.lora_target_modules
+        if isinstance(targets, list):
+            _check(all(isinstance(m, str) for m in targets), where, "'lora_target_modules' must be a string or a list of strings")
+            targets = tuple(targets)
+        if not cfg.lora_r:
+            return None
+        return cls(int(cfg.lora_r), cfg.lora_alpha, cfg.lora_dropout, targets, cfg.merge_lora)
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str | None
+    dataset_split: str
+    eval_dataset: str | None
+    eval_split: float
+    eval_dataset_split: str
+    layout: RecordLayout  # `columns` and `system_prompt`
+    chat_template_kwargs: dict | None
+    fold_system_message: bool
+    dataset_num_proc: int | None
+    max_seq_length: int
+    max_prompt_length: int | None  # None: half of max_seq_length (batching.effective_prompt_length)
+    share_prompt: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "DataSettings":
+        _check(cfg.max_seq_length >= 2, where, f"'max_seq_length' must be >= 2, got {cfg.max_seq_length}")
+        _check(
+            cfg.max_prompt_length is None or cfg.max_prompt_length >= 1, where,
+            f"'max_prompt_length' must be >= 1 or null, got {cfg.max_prompt_length}",
+        )
+        _check(
+            cfg.eval_split == 0 or 0 < cfg.eval_split < 1 or (cfg.eval_split >= 1 and float(cfg.eval_split).is_integer()),
+            where, f"'eval_split' must be 0, a fraction in (0, 1) or a whole count, got {cfg.eval_split}",
+        )
         try:
-            RecordLayout.make(cfg.columns, cfg.system_prompt)
+            layout = RecordLayout.make(cfg.columns, cfg.system_prompt)
         except PreftuneError as exc:
             raise PreftuneError(f"{where}: {exc}") from None
-    _check(cfg.dataset_num_proc is None or cfg.dataset_num_proc >= 1, where, "'dataset_num_proc' must be >= 1 or null")
-    if cfg.chat_template_kwargs is not None:
-        _check(all(isinstance(k, str) for k in cfg.chat_template_kwargs), where, "'chat_template_kwargs' keys must be strings")
-    if isinstance(cfg.lora_target_modules, list):
-        _check(all(isinstance(m, str) for m in cfg.lora_target_modules), where, "'lora_target_modules' must be a string or a list of strings")
-    if cfg.fsdp is not None or cfg.fsdp_config is not None:
-        from preftune.sharding import FSDP_MODES, ShardingPlan
+        _check(cfg.dataset_num_proc is None or cfg.dataset_num_proc >= 1, where, "'dataset_num_proc' must be >= 1 or null")
+        if cfg.chat_template_kwargs is not None:
+            _check(all(isinstance(k, str) for k in cfg.chat_template_kwargs), where, "'chat_template_kwargs' keys must be strings")
+        return cls(
+            cfg.dataset, cfg.dataset_split, cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_split, layout,
+            cfg.chat_template_kwargs, cfg.fold_system_message, cfg.dataset_num_proc, cfg.max_seq_length,
+            cfg.max_prompt_length, cfg.share_prompt,
+        )
 
-        _check(cfg.fsdp is not None, where, "'fsdp_config' needs 'fsdp': full_shard or shard_grad_op")
-        _one_of(where, "fsdp", cfg.fsdp, FSDP_MODES)
-        ShardingPlan.from_config(cfg.fsdp, cfg.fsdp_config, where)
-    _validate_strategy(cfg, where)
+
+@dataclass(frozen=True)
+class OptimSettings:
+    num_train_epochs: float
+    max_steps: int
+    per_device_train_batch_size: int
+    per_device_eval_batch_size: int  # resolved: the train batch size when not set
+    gradient_accumulation_steps: int
+    learning_rate: float
+    lr_scheduler_type: str
+    warmup_ratio: float
+    weight_decay: float
+    max_grad_norm: float
+    adam_beta1: float
+    adam_beta2: float
+    adam_epsilon: float
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "OptimSettings":
+        _one_of(where, "lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
+        _check(cfg.num_train_epochs > 0, where, f"'num_train_epochs' must be > 0, got {cfg.num_train_epochs}")
+        _check(cfg.per_device_train_batch_size >= 1, where, "'per_device_train_batch_size' must be >= 1")
+        _check(
+            cfg.per_device_eval_batch_size is None or cfg.per_device_eval_batch_size >= 1, where,
+            "'per_device_eval_batch_size' must be >= 1",
+        )
+        _check(cfg.gradient_accumulation_steps >= 1, where, "'gradient_accumulation_steps' must be >= 1")
+        _check(
+            cfg.learning_rate > 0 and math.isfinite(cfg.learning_rate), where, f"'learning_rate' must be > 0, got {cfg.learning_rate}"
+        )
+        _check(0.0 <= cfg.warmup_ratio <= 1.0, where, f"'warmup_ratio' must be in [0, 1], got {cfg.warmup_ratio}")
+        _check(cfg.weight_decay >= 0, where, "'weight_decay' must be >= 0")
+        _check(cfg.max_grad_norm >= 0, where, "'max_grad_norm' must be >= 0 (0 turns clipping off)")
+        return cls(
+            cfg.num_train_epochs, cfg.max_steps, cfg.per_device_train_batch_size,
+            cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps,
+            cfg.learning_rate, cfg.lr_scheduler_type, cfg.warmup_ratio, cfg.weight_decay, cfg.max_grad_norm,
+            cfg.adam_beta1, cfg.adam_beta2, cfg.adam_epsilon, cfg.seed,
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceSettings:
+    reference: str  # resolved: none (reference-free), precomputed (for auto), copy or adapter
+    ref_model_name: str | None
+    cache_dir: str | None
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "ReferenceSettings":
+        _one_of(where, "reference", cfg.reference, REFERENCES)
+        _check(
+            cfg.ref_model_name is None or cfg.reference in ("auto", "copy", "precomputed"), where,
+            "'ref_model_name' needs 'reference' auto, copy or precomputed (the disabled adapter is the base model itself)",
+        )
+        _check(
+            cfg.reference != "adapter" or cfg.use_lora, where,
+            "'reference: adapter' needs LoRA ('lora_r' > 0); use 'copy' or 'precomputed' for a full fine-tune",
+        )
+        # The reference is frozen and offline data fixed, so by default its log-probs are computed
+        # once (and cached): no reference forward per step, no second model in memory.
+        kind = "none" if cfg.strategy in REFERENCE_FREE else ("precomputed" if cfg.reference == "auto" else cfg.reference)
+        return cls(kind, cfg.ref_model_name, cfg.cache_dir)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    output_dir: str
+    task: str | None
+    logging_steps: int
+    eval_steps: int | None
+    save_steps: int
+    save_total_limit: int | None
+    resume_from_checkpoint: str | None
+    overwrite_output_dir: bool
+    max_nonfinite_steps: int
+    report_to: str
+    progress_bar: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "RunSettings":
+        _one_of(where, "report_to", cfg.report_to, REPORT_TO)
+        _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
+        _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
+        _check(cfg.max_nonfinite_steps >= 1, where, "'max_nonfinite_steps' must be >= 1")
+        _check(cfg.eval_steps is None or cfg.eval_steps >= 1, where, "'eval_steps' must be >= 1 or null")
+        _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
+        return cls(
+            cfg.output_dir, cfg.task, cfg.logging_steps, cfg.eval_steps, cfg.save_steps, cfg.save_total_limit,
+            cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.max_nonfinite_steps, cfg.report_to, cfg.progress_bar,
+        )
+
+
+def sharding_plan(cfg: "TrainConfig", where: str) -> ShardingPlan | None:
+    if cfg.fsdp is None and cfg.fsdp_config is None:
+        return None
+    _check(cfg.fsdp is not None, where, "'fsdp_config' needs 'fsdp': full_shard or shard_grad_op")
+    return ShardingPlan.from_config(cfg.fsdp, cfg.fsdp_config, where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each strategy's own section. `keys` are the keys it reads; `also` the keys of the shared
+# sections that only some strategies use. A key of another strategy's section, set to anything but
+# its default, is refused naming the strategies it applies to.
+
+# A causal LM's keys: a reward model is a sequence classifier scoring whole conversations.
+CAUSAL_LM_KEYS = ("max_prompt_length", "router_aux_loss_coef", "use_liger_kernel", "use_4bit")
+REFERENCE_KEYS = ("reference", "ref_model_name")
+PAIR_KEYS = ("share_prompt",)  # one prompt, two completions: the prompt encoded once
+
+
+@dataclass(frozen=True)
+class DPOLoss:
+    """DPO and its family of `loss_type`s against a reference (losses.preference_loss)."""
+
+    keys: ClassVar[tuple[str, ...]] = (
+        "beta", "loss_type", "loss_weights", "rpo_alpha", "label_smoothing", "f_divergence_type", "f_alpha",
+        "discopop_tau", "use_weighting", "margin_weighting",
+    )
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS + REFERENCE_KEYS + PAIR_KEYS
+    beta: float
+    loss_type: tuple[str, ...]  # with TRL's `rpo_alpha` folded in as an `sft` term
+    loss_weights: tuple[float, ...]
+    label_smoothing: float
+    f_divergence_type: str
+    f_alpha: float
+    discopop_tau: float
+    use_weighting: bool
+    margin_weighting: bool
+
+    @property
+    def sorts_batch(self) -> bool:
+        return any(t in BATCH_SORTING_LOSSES for t in self.loss_type)
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "DPOLoss":
+        _check(cfg.beta > 0, where, f"'beta' must be > 0, got {cfg.beta}")
+        _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+        _one_of(where, "f_divergence_type", cfg.f_divergence_type, F_DIVERGENCES)
+        _check(cfg.f_alpha > 0, where, "'f_alpha' must be > 0")
+        if isinstance(cfg.loss_type, list):
+            _check(all(isinstance(t, str) for t in cfg.loss_type), where, "'loss_type' must be a string or a list of strings")
+        if cfg.loss_weights is not None:
+            _check(
+                all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in cfg.loss_weights), where,
+                "'loss_weights' must be a list of numbers",
+            )
+        try:
+            types_, weights = validate_loss_types(*cfg.loss_mix())
+        except PreftuneError as exc:
+            raise PreftuneError(f"{where}: {exc}") from None
+        sorts = any(t in BATCH_SORTING_LOSSES for t in types_)
+        _check(
+            not (cfg.use_weighting and sorts), where,
+            "'use_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair",
+        )
+        _check(
+            not (cfg.margin_weighting and sorts), where,
+            "'margin_weighting' cannot weigh the aot losses: they sort log-ratios across the batch, not per pair",
+        )
+        return cls(cfg.beta, tuple(types_), tuple(weights), cfg.label_smoothing, cfg.f_divergence_type, cfg.f_alpha,
+                   cfg.discopop_tau, cfg.use_weighting, cfg.margin_weighting)
+
+
+def _pair_beta(cfg: "TrainConfig", where: str) -> None:
+    _check(cfg.beta > 0, where, f"'beta' must be > 0, got {cfg.beta}")
+
+
+def _cpo_alpha(cfg: "TrainConfig", where: str, default: float) -> float:
+    if cfg.cpo_alpha is None:
+        return default
+    _check(cfg.cpo_alpha >= 0 and math.isfinite(cfg.cpo_alpha), where, f"'cpo_alpha' must be >= 0, got {cfg.cpo_alpha}")
+    return float(cfg.cpo_alpha)
+
+
+@dataclass(frozen=True)
+class ORPOLoss:
+    """ORPO (Hong et al. 2024): the chosen NLL plus beta x the log odds-ratio term."""
+
+    keys: ClassVar[tuple[str, ...]] = ("beta", "margin_weighting")
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS + PAIR_KEYS
+    beta: float
+    margin_weighting: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "ORPOLoss":
+        _pair_beta(cfg, where)
+        return cls(cfg.beta, cfg.margin_weighting)
+
+
+@dataclass(frozen=True)
+class SimPOLoss:
+    """SimPO (Meng et al. 2024): length-normalised rewards with a target margin gamma."""
+
+    keys: ClassVar[tuple[str, ...]] = ("beta", "simpo_gamma", "label_smoothing", "cpo_alpha", "margin_weighting")
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS + PAIR_KEYS
+    beta: float
+    simpo_gamma: float
+    label_smoothing: float
+    cpo_alpha: float  # weight of the chosen NLL; 0 by default (SimPO has none)
+    margin_weighting: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "SimPOLoss":
+        _pair_beta(cfg, where)
+        _check(cfg.simpo_gamma >= 0 and math.isfinite(cfg.simpo_gamma), where, f"'simpo_gamma' must be >= 0, got {cfg.simpo_gamma}")
+        _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+        return cls(cfg.beta, cfg.simpo_gamma, cfg.label_smoothing, _cpo_alpha(cfg, where, 0.0), cfg.margin_weighting)
+
+
+@dataclass(frozen=True)
+class CPOLoss:
+    """CPO (Xu et al. 2024): DPO's sigmoid loss on the policy alone, plus the chosen NLL."""
+
+    keys: ClassVar[tuple[str, ...]] = ("beta", "label_smoothing", "cpo_alpha", "margin_weighting")
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS + PAIR_KEYS
+    beta: float
+    label_smoothing: float
+    cpo_alpha: float  # weight of the chosen NLL; 1 by default
+    margin_weighting: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "CPOLoss":
+        _pair_beta(cfg, where)
+        _check(0.0 <= cfg.label_smoothing < 0.5, where, f"'label_smoothing' must be in [0, 0.5), got {cfg.label_smoothing}")
+        return cls(cfg.beta, cfg.label_smoothing, _cpo_alpha(cfg, where, 1.0), cfg.margin_weighting)
+
+
+@dataclass(frozen=True)
+class KTOLoss:
+    """KTO (Ethayarajh et al. 2024) on unpaired examples."""
+
+    keys: ClassVar[tuple[str, ...]] = ("beta", "desirable_weight", "undesirable_weight")
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS + REFERENCE_KEYS
+    beta: float
+    desirable_weight: float
+    undesirable_weight: float
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "KTOLoss":
+        _pair_beta(cfg, where)
+        _check(
+            cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, where,
+            "'desirable_weight' and 'undesirable_weight' must be > 0",
+        )
+        return cls(cfg.beta, cfg.desirable_weight, cfg.undesirable_weight)
+
+
+@dataclass(frozen=True)
+class SFTLoss:
+    """Supervised fine-tuning: the NLL of the trained tokens."""
+
+    keys: ClassVar[tuple[str, ...]] = ("completion_only_loss", "packing")
+    also: ClassVar[tuple[str, ...]] = CAUSAL_LM_KEYS
+    completion_only_loss: bool
+    packing: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "SFTLoss":
+        return cls(cfg.completion_only_loss, cfg.packing)
+
+
+@dataclass(frozen=True)
+class RewardLoss:
+    """A Bradley-Terry reward model: a sequence classifier loaded with transformers."""
+
+    keys: ClassVar[tuple[str, ...]] = ("margin_weighting",)
+    also: ClassVar[tuple[str, ...]] = ()
+    margin_weighting: bool
+
+    @classmethod
+    def of(cls, cfg: "TrainConfig", where: str) -> "RewardLoss":
+        _check(
+            PROVIDERS[cfg.provider] == "transformers", where,
+            f"strategy 'reward' loads its model with transformers; 'provider: {cfg.provider}' loads causal LMs only",
+        )
+        return cls(cfg.margin_weighting)
+
+
+LOSS_SECTIONS: dict[str, type] = {
+    "sft": SFTLoss, "dpo": DPOLoss, "kto": KTOLoss, "orpo": ORPOLoss, "simpo": SimPOLoss, "cpo": CPOLoss, "reward": RewardLoss,
+}
+
+
+def strategies_taking(key: str) -> list[str]:
+    """The strategies whose section reads `key` (every strategy for a key of the shared sections)."""
+    return [s for s, section in LOSS_SECTIONS.items() if key in section.keys + section.also or key not in STRATEGY_KEYS]
+
+
+def _said(names: Sequence[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+# Refusals older than the general rule keep their words.
+_REFUSALS = {
+    "loss_type": "'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy '{s}' has its own loss",
+    "loss_weights": "'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy '{s}' has its own loss",
+    "rpo_alpha": "'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy '{s}' has its own loss",
+    "reference": "strategy '{s}' uses no reference model, so 'reference' and 'ref_model_name' do not apply",
+    "ref_model_name": "strategy '{s}' uses no reference model, so 'reference' and 'ref_model_name' do not apply",
+    "use_weighting": "'use_weighting' (WPO) weighs DPO's pairs; strategy is '{s}'",
+    "margin_weighting": "'margin_weighting' weighs preference pairs; strategy '{s}' has none (it applies to strategies {where})",
+}
+
+
+def ignored_keys(cfg: "TrainConfig", where: str = "config") -> list[str]:
+    """One line per key set away from its default that the chosen strategy would not read."""
+    takes = LOSS_SECTIONS[cfg.strategy].keys + LOSS_SECTIONS[cfg.strategy].also
+    lines: list[str] = []
+    for key in STRATEGY_KEYS:
+        if key in takes or getattr(cfg, key) == _DEFAULTS[key]:
+            continue
+        applies = strategies_taking(key)
+        text = _REFUSALS.get(key, "'{key}' applies to strategies {where}, not '{s}'")
+        if len(applies) == 1:
+            text = text.replace("strategies {where}", "strategy {where}")
+        line = f"{where}: " + text.format(key=key, s=cfg.strategy, where=_said(applies))
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings: the typed sections of one run
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run reads, section by section; built by `resolve`, never by hand."""
+
+    strategy: str
+    model: ModelSettings
+    lora: LoraSettings | None  # None: a full fine-tune
+    data: DataSettings
+    optim: OptimSettings
+    reference: ReferenceSettings
+    run: RunSettings
+    sharding: ShardingPlan | None
+    loss: Any  # the strategy's section: DPOLoss, ORPOLoss, SimPOLoss, CPOLoss, KTOLoss, SFTLoss or RewardLoss
+
+
+def resolve(cfg: "TrainConfig", where: str = "config") -> Settings:
+    """The run's sections, each checked and with its defaults resolved; a key of another strategy's
+    section is refused (one line each, all of them at once)."""
+    _one_of(where, "strategy", cfg.strategy, STRATEGIES)
+    refused = ignored_keys(cfg, where)
+    if len(refused) == 1:
+        raise PreftuneError(refused[0])
+    if refused:
+        raise Problems(refused)
+    return Settings(
+        strategy=cfg.strategy,
+        model=ModelSettings.of(cfg, where),
+        lora=LoraSettings.of(cfg, where),
+        data=DataSettings.of(cfg, where),
+        optim=OptimSettings.of(cfg, where),
+        reference=ReferenceSettings.of(cfg, where),
+        run=RunSettings.of(cfg, where),
+        sharding=sharding_plan(cfg, where),
+        loss=LOSS_SECTIONS[cfg.strategy].of(cfg, where),
+    )
+
+
+def validate(cfg: "TrainConfig", where: str = "config") -> "TrainConfig":
+    """`cfg` itself once every section of it resolves (see `resolve`); it is not changed."""
+    resolve(cfg, where)
     return cfg
 
 
-def _validate_strategy(cfg: TrainConfig, where: str) -> None:
-    """Keys that belong to one strategy are refused elsewhere rather than silently ignored."""
-    s = cfg.strategy
-    if s != "dpo":
-        dpo_only = cfg.loss_type != "sigmoid" or cfg.loss_weights is not None or cfg.rpo_alpha is not None
-        _check(
-            not dpo_only,
-            where,
-            f"'loss_type', 'loss_weights' and 'rpo_alpha' choose among DPO's losses; strategy '{s}' has its own loss",
-        )
-    if s in REFERENCE_FREE:
-        _check(
-            cfg.reference == "auto" and cfg.ref_model_name is None,
-            where,
-            f"strategy '{s}' uses no reference model, so 'reference' and 'ref_model_name' do not apply",
-        )
-    _check(s == "sft" or not cfg.packing, where, "'packing' applies to strategy sft")
-    _check(cfg.desirable_weight > 0 and cfg.undesirable_weight > 0, where, "'desirable_weight' and 'undesirable_weight' must be > 0")
-    _check(cfg.simpo_gamma >= 0 and math.isfinite(cfg.simpo_gamma), where, f"'simpo_gamma' must be >= 0, got {cfg.simpo_gamma}")
-    _check(
-        cfg.label_smoothing == 0 or s in ("dpo", "simpo", "cpo"),
-        where,
-        f"'label_smoothing' applies to strategies dpo, simpo and cpo, not '{s}'",
-    )
-    if cfg.cpo_alpha is None:
-        cfg.cpo_alpha = {"cpo": 1.0, "simpo": 0.0}.get(s)
-    else:
-        _check(s in ("cpo", "simpo"), where, f"'cpo_alpha' applies to strategies cpo and simpo, not '{s}'")
-        _check(cfg.cpo_alpha >= 0 and math.isfinite(cfg.cpo_alpha), where, f"'cpo_alpha' must be >= 0, got {cfg.cpo_alpha}")
+def applicable(data: dict[str, Any], strategy: str) -> dict[str, Any]:
+    """`data` without the keys `strategy` does not read: a pipeline's shared keys reach only the
+    stages they apply to."""
+    takes = LOSS_SECTIONS[strategy].keys + LOSS_SECTIONS[strategy].also
+    return {k: v for k, v in data.items() if ALIASES.get(k, k) not in STRATEGY_KEYS or ALIASES.get(k, k) in takes}
 
 
 def from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
@@ -456,3 +935,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
 
 def to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# Every key some strategy's section reads (the rest belong to the shared sections), and defaults.
+STRATEGY_KEYS = tuple(dict.fromkeys(k for section in LOSS_SECTIONS.values() for k in section.keys + section.also))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

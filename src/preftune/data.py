@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from preftune.config import RecordLayout, field_key
 from preftune.errors import PreftuneError
 
 log = logging.getLogger("preftune")
@@ -62,10 +63,6 @@ FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet"
 FIELDS = ("prompt", "chosen", "rejected")
 # preftune's record fields, the targets of a `columns:` mapping. `response_a`/`response_b` with
 # `winner` (which one is better) or `preference` (a signed strength) are the pairwise-choice layout.
-MAPPABLE_FIELDS = (
-    "prompt", "chosen", "rejected", "system", "completion", "label", "messages", "text",
-    "response_a", "response_b", "winner", "preference", "tools",
-)
 # How `data check` names the layouts a pair can be read from.
 LAYOUTS = {
     "standard": "prompt/chosen/rejected as text",
@@ -566,76 +563,6 @@ class SkippedRecord(Exception):
     and counted, never an error. The message is the reason, used as the count's key."""
 
 
-def _field_key(name: str) -> str:
-    return name.strip().lower().replace("-", "_").replace(" ", "_")
-
-
-@dataclass(frozen=True)
-class RecordLayout:
-    """How a source's records map onto preftune's fields: `columns` renames file fields
-    ({preftune field: file field}, as LLaMA-Factory's `columns`), `system_prompt` gives every
-    record without a system message one."""
-
-    columns: tuple[tuple[str, str], ...] = ()
-    system_prompt: str | None = None
-
-    @classmethod
-    def make(cls, columns: dict[str, Any] | None = None, system_prompt: str | None = None, where: str = "columns") -> "RecordLayout":
-        """Checked: every key is one of preftune's fields (hyphens and case forgiven), every value a
-        field name, and no file field is taken twice."""
-        pairs: list[tuple[str, str]] = []
-        for target, source in (columns or {}).items():
-            key = _field_key(str(target))
-            if key not in MAPPABLE_FIELDS:
-                raise PreftuneError(
-                    f"{where}: '{target}' is not one of preftune's fields ({', '.join(MAPPABLE_FIELDS)}){_suggest(str(target), MAPPABLE_FIELDS)}"
-                )
-            if not isinstance(source, str) or not source.strip():
-                raise PreftuneError(f"{where}: '{target}' must name a field of the file, got {source!r}")
-            pairs.append((key, source))
-        taken = Counter(source for _, source in pairs)
-        twice = [source for source, n in taken.items() if n > 1]
-        if twice:
-            raise PreftuneError(f"{where}: field '{twice[0]}' is mapped to two of preftune's fields")
-        if system_prompt is not None and not isinstance(system_prompt, str):
-            raise PreftuneError(f"system_prompt: must be a string, got {_type_name(system_prompt)}")
-        return cls(tuple(pairs), system_prompt or None)
-
-    @property
-    def mapping(self) -> dict[str, str]:
-        return dict(self.columns)
-
-    def describe(self) -> str:
-        """The mapping as a config line would write it, or 'none'."""
-        if not self.columns:
-            return "none"
-        return "columns: {" + ", ".join(f"{t}: {s}" for t, s in self.columns) + "}"
-
-    def apply(self, record: Any) -> Any:
-        """A copy of the record under preftune's names; a mapped field missing from a record is an
-        error naming the fields it has."""
-        if not self.columns or not isinstance(record, dict):
-            return record
-        out = dict(record)
-        for target, source in self.columns:
-            if source not in record:
-                raise PreftuneError(
-                    f"field '{source}' (mapped to '{target}' by columns) is missing; the record has {', '.join(map(str, record)) or 'no fields'}"
-                )
-        for target, source in self.columns:
-            out.pop(source, None)
-        for target, source in self.columns:
-            out[target] = record[source]
-        return out
-
-
-def _suggest(name: str, known: Sequence[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
 # File field names the public datasets use for preftune's fields, for the unmapped-layout message.
 _KNOWN_NAMES = {
     "prompt": ("question", "instruction", "input", "query", "history", "context", "prompt_text", "problem", "post"),
@@ -657,7 +584,7 @@ def suggest_columns(record: dict) -> dict[str, str]:
         if target in record and target != "system":
             continue
         for name in record:
-            if _field_key(str(name)) in names and name not in found.values():
+            if field_key(str(name)) in names and name not in found.values():
                 found[target] = str(name)
                 break
     if found.get("system") and not any(k in found for k in ("prompt", "response_a", "response_b")):

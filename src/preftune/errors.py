@@ -6,6 +6,17 @@ The CLI prints its message as one line on stderr and exits non-zero, without a t
 """
 
 
+import difflib
+from typing import Sequence
+
+
+def suggest(name: str, known: Sequence[str]) -> str:
+    """` (did you mean 'X'?)` for the closest of `known` names, or nothing: every error about a
+    misspelt key, field, loss or reward ends with it."""
+    close = difflib.get_close_matches(str(name), list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 class PreftuneError(Exception):
     """A user-facing error: its message is the whole story, printed on one line.
 

@@ -13,6 +13,7 @@ chunk's probabilities are at hand (`_FrozenHeadLogps`). That is why this module 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
@@ -303,8 +304,9 @@ class CompletionLogprobs(nn.Module):
 
 
 def completion_logps(module: nn.Module, batch: dict[str, torch.Tensor]) -> Scored:
-    """Call a (possibly DDP-wrapped) `CompletionLogprobs` on a collated batch."""
-    return module(*(batch[name] for name in MODEL_INPUTS))
+    """Call a (possibly DDP- or FSDP-wrapped) `CompletionLogprobs` on a collated batch, each tensor
+    by its name: a reordered field can then never feed the wrong argument."""
+    return module(**{name: batch[name] for name in MODEL_INPUTS})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,3 +437,40 @@ def check_paths(
         model.train(was_training)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def prove_paths(
+    model: nn.Module,
+    batches: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None, torch.Tensor | None] | None,
+    main_says: Callable[[bool], bool] = lambda answer: answer,
+) -> PathCheck | None:
+    """`check_paths` on a strategy's check batches (plain, segmented, group; None: nothing fast to
+    check), moved to the model's device. Every process takes the main process's verdict
+    (`main_says`): processes that split rows differently would plan different steps and hang in
+    the collectives."""
+    if batches is None:
+        return None
+    device = next(model.parameters()).device
+    plain, segmented, group = batches
+    plain = {k: v.to(device) for k, v in plain.items()}
+    segmented = {k: v.to(device) for k, v in segmented.items()} if segmented is not None else None
+    report = check_paths(model, plain, segmented, group)
+    report.fast_head, report.segments = main_says(report.fast_head), main_says(report.segments)
+    return report
+
+
+_PROVEN_HEADS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def proven_head(model: nn.Module, batch: dict[str, torch.Tensor]) -> bool | None:
+    """The output head evaluation and scoring use for `model`, as training chooses it: the chunked
+    fast head (None) once `check_paths` has found it equal to the model's own forward on `batch`
+    (one sequence a row), else the model's own forward (False). Proven once per model object."""
+    if model not in _PROVEN_HEADS:
+        report = check_paths(model, batch)
+        _PROVEN_HEADS[model] = report.fast_head
+        if not report.fast_head and report.head_reason:
+            import logging
+
+            logging.getLogger("preftune").info("scoring with the model's own forward: %s", report.head_reason)
+    return None if _PROVEN_HEADS[model] else False

@@ -34,7 +34,6 @@ per-example losses out; the trainer averages):
 
 from __future__ import annotations
 
-import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from preftune.errors import PreftuneError
+from preftune.config import LOSS_TYPES, validate_loss_types
+from preftune.errors import PreftuneError, suggest
 
 __all__ = [
     "F_DIVERGENCE_TYPES",
@@ -59,24 +59,6 @@ __all__ = [
     "validate_loss_types",
 ]
 
-LOSS_TYPES: tuple[str, ...] = (
-    "sigmoid",
-    "robust",
-    "hinge",
-    "ipo",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-    "sft",
-)
-
 F_DIVERGENCE_TYPES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 # EXO needs log(eps) and log(1 - eps): a zero label smoothing would be log(0). TRL substitutes the
@@ -85,48 +67,6 @@ EXO_DEFAULT_EPSILON = 1e-3
 
 # Largest x with exp(x) finite in float32, floored to 4 decimals (88.7228), as TRL's `cap_exp`.
 _EXP_CAP = math.floor(math.log(torch.finfo(torch.float32).max) * 1e4) / 1e4
-
-
-def _suggest(name: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
-    return f" (did you mean '{close[0]}'?)" if close else ""
-
-
-def validate_loss_types(
-    loss_type: str | Sequence[str], loss_weights: Sequence[float] | None = None
-) -> tuple[list[str], list[float]]:
-    """Normalise `loss_type`/`loss_weights` to two equal-length lists, or raise `PreftuneError`.
-
-    Config validation calls this so that a typo in a loss name fails before any model is loaded.
-    """
-    valid = ", ".join(LOSS_TYPES)
-    if isinstance(loss_type, str):
-        types = [loss_type]
-    elif isinstance(loss_type, Sequence) and all(isinstance(t, str) for t in loss_type):
-        types = list(loss_type)
-    else:
-        raise PreftuneError(f"'loss_type' must be a name or a list of names, got {loss_type!r}; valid: {valid}")
-    if not types:
-        raise PreftuneError(f"'loss_type' is an empty list; give at least one of: {valid}")
-    for name in types:
-        if name not in LOSS_TYPES:
-            raise PreftuneError(f"unknown 'loss_type' {name!r}{_suggest(name, LOSS_TYPES)}; valid: {valid}")
-
-    if loss_weights is None:
-        return types, [1.0] * len(types)
-    if isinstance(loss_weights, (str, bytes)) or not isinstance(loss_weights, Sequence):
-        raise PreftuneError(f"'loss_weights' must be a list of numbers, got {loss_weights!r}")
-    if len(loss_weights) != len(types):
-        raise PreftuneError(
-            f"'loss_weights' has {len(loss_weights)} value(s) but 'loss_type' names {len(types)} loss(es) "
-            f"({', '.join(types)}); give one weight per loss"
-        )
-    weights: list[float] = []
-    for w in loss_weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise PreftuneError(f"'loss_weights' must be finite numbers >= 0, got {w!r}")
-        weights.append(float(w))
-    return types, weights
 
 
 @dataclass
@@ -245,7 +185,7 @@ def _one_loss(name: str, b: _Batch, discopop_tau: float, bco_delta: Tensor) -> T
         # RPO's NLL term: per-token mean NLL of the chosen completion when lengths are known.
         nll = -b.policy_chosen_logps
         return nll / b.chosen_lengths if b.chosen_lengths is not None else nll
-    raise PreftuneError(f"unknown 'loss_type' {name!r}{_suggest(name, LOSS_TYPES)}; valid: {', '.join(LOSS_TYPES)}")
+    raise PreftuneError(f"unknown 'loss_type' {name!r}{suggest(name, LOSS_TYPES)}; valid: {', '.join(LOSS_TYPES)}")
 
 
 def _as_batch_vector(t: Tensor, name: str, shape: torch.Size | None) -> Tensor:
@@ -300,7 +240,7 @@ def preference_loss(
     types, weights = validate_loss_types(loss_type, loss_weights)
     if f_divergence_type not in F_DIVERGENCE_TYPES:
         raise PreftuneError(
-            f"unknown 'f_divergence_type' {f_divergence_type!r}{_suggest(f_divergence_type, F_DIVERGENCE_TYPES)}; "
+            f"unknown 'f_divergence_type' {f_divergence_type!r}{suggest(f_divergence_type, F_DIVERGENCE_TYPES)}; "
             f"valid: {', '.join(F_DIVERGENCE_TYPES)}"
         )
     if not (math.isfinite(beta) and beta > 0):

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import yaml
 
-from preftune.config import TrainConfig
+from preftune.config import TrainConfig, resolve
 
 # The hub ids of the embedded models' aliases (models.EMBEDDED_MODELS), so a card names the real base.
 HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -63,9 +63,9 @@ def loss_description(cfg: TrainConfig) -> str:
     if cfg.strategy == "orpo":
         return f"NLL of chosen + {cfg.beta:g} x odds-ratio term"
     if cfg.strategy == "simpo":
-        return f"SimPO loss, beta {cfg.beta:g}, target margin {cfg.simpo_gamma:g}, chosen NLL weight {cfg.cpo_alpha or 0:g}"
+        return f"SimPO loss, beta {cfg.beta:g}, target margin {cfg.simpo_gamma:g}, chosen NLL weight {resolve(cfg).loss.cpo_alpha:g}"
     if cfg.strategy == "cpo":
-        return f"CPO loss, beta {cfg.beta:g}, chosen NLL weight {cfg.cpo_alpha or 0:g}"
+        return f"CPO loss, beta {cfg.beta:g}, chosen NLL weight {resolve(cfg).loss.cpo_alpha:g}"
     if cfg.strategy == "sft":
         return "mean NLL of the " + ("completion tokens" if cfg.completion_only_loss else "tokens")
     return "Bradley-Terry loss: -log sigmoid(r(chosen) - r(rejected))"

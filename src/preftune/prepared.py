@@ -549,7 +549,7 @@ class PairItems(TableItems):
             self.max_seq_length, self.max_prompt_length,
         )
         if self.weighted:
-            from preftune.objectives import WeightedPair
+            from preftune.batching import WeightedPair
 
             return WeightedPair(**vars(pair), weight=float(self.weights[j]))
         return pair

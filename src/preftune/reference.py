@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -24,8 +25,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from preftune import sharding
+from preftune import models, sharding
 from preftune.batching import collate_pairs
+from preftune.config import ReferenceSettings
 from preftune.errors import PreftuneError
 from preftune.io import atomic_path
 from preftune.logprobs import CompletionLogprobs, completion_logps
@@ -246,3 +248,81 @@ def precompute(
     if cached is None:
         raise PreftuneError(f"could not read back precomputed reference log-probs from {path}")
     return PrecomputedReference(*cached), seconds
+
+
+Pending = Callable[[torch.nn.Module], tuple[PrecomputedReference, float]]
+
+
+def build_reference(
+    settings: ReferenceSettings,
+    *,
+    policy: torch.nn.Module,
+    policy_head: bool | None,
+    given: torch.nn.Module | None,
+    policy_given: bool,
+    load: Callable[[str], torch.nn.Module],
+    prove: Callable[[torch.nn.Module], bool | None],
+    items: Sequence[Any],
+    accelerator: Any,
+    main_says: Callable[[bool], bool],
+    shard: Callable[[torch.nn.Module, torch.nn.Module], None] | None,
+    cache_settings: dict,
+    batch_size: int,
+    pad_id: int,
+    share_prompt: bool,
+    progress: bool,
+    model_name: str,
+) -> tuple[_Reference | None, Pending | None, float]:
+    """The reference a run's settings ask for: (reference, pending, seconds of the one-off pass).
+
+    - `precomputed` (what `auto` means): the log-probs of the policy at its start (or of `given`,
+      or `ref_model_name`, loaded as the policy is by `load` and proven by `prove`), computed once
+      over `items` and cached, keyed by the model's weights, the data and `cache_settings`, so a
+      stale file is never read. Sharded (`shard` given), the pass waits for the sharded policy:
+      `pending(policy_wrapper)` runs it then.
+    - `copy`: a frozen model held beside the policy: `given`, a copy of the policy object the
+      caller gave (`policy_given`), or the named model loaded.
+    - `adapter` and `none`: nothing here (the adapter-free policy is set up with the optimizer).
+    """
+    kind, name = settings.reference, settings.ref_model_name
+    device = next(policy.parameters()).device
+    if kind == "copy":
+        if given is not None or policy_given:
+            ref = (given if given is not None else copy.deepcopy(policy)).to(device)
+        else:
+            ref = load(name or model_name)
+        module = CompletionLogprobs(ref, fast_head=prove(ref))
+        if shard is not None:  # sharded like the policy; it trains nothing
+            shard(module, ref)
+        return ModelReference(module), None, 0.0
+    if kind != "precomputed":
+        return None, None, 0.0
+    if given is not None and not name:
+        ref, head = given.to(device), prove(given)
+    elif not name:
+        ref, head = policy, policy_head
+    else:
+        ref = load(name)
+        head = prove(ref)
+    root = Path(settings.cache_dir) if settings.cache_dir else models.cache_dir()
+    path = cache_path(root, models.model_fingerprint(ref), items, cache_settings)
+
+    def run(module: torch.nn.Module) -> tuple[PrecomputedReference, float]:
+        return precompute(
+            module, items, path, accelerator, batch_size=batch_size, pad_id=pad_id, share_prompt=share_prompt,
+            sharded=shard is not None, progress=progress, model_name=name or model_name, main_says=main_says,
+        )
+
+    if shard is None:
+        reference, seconds = run(CompletionLogprobs(ref, fast_head=head))
+        return reference, None, seconds
+    separate = None if ref is policy else ref
+
+    def pending(policy_wrapper: torch.nn.Module) -> tuple[PrecomputedReference, float]:
+        module = policy_wrapper  # the policy at its start (a fresh adapter changes nothing) ...
+        if separate is not None:  # ... or ref_model_name, sharded the same way
+            module = CompletionLogprobs(separate, fast_head=head)
+            shard(module, separate)
+        return run(module)
+
+    return None, pending, 0.0

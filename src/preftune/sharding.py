@@ -6,7 +6,7 @@ torchtitan do: each wrapped block (by default every decoder layer, the classes t
 reward) wrapper, not the transformers model: its forward is the one the loop calls, and the
 embeddings and output head it reads directly belong to it. Processes still start with
 `accelerate launch` or `torchrun`; every forward of a sharded model is a collective, so the
-training loop gives every process the same number of forwards (see `trainer.py`).
+training loop gives every process the same number of forwards (see `training/plan.py`).
 
 Checkpoints go through `torch.distributed.checkpoint` (each process writes its shards of the
 weights and optimizer state, DTensor state dicts); `consolidated_state_dict` gathers full weights
@@ -23,47 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from preftune.config import ShardingPlan
 from preftune.errors import PreftuneError
 from preftune.masks import base_model
 
 log = logging.getLogger("preftune")
-
-FSDP_MODES = ("full_shard", "shard_grad_op")
-FSDP_CONFIG_KEYS = ("wrap", "cpu_offload", "reshard_after_forward", "mixed_precision")
-
-
-@dataclass(frozen=True)
-class ShardingPlan:
-    """How a model is sharded, from `fsdp` and `fsdp_config` (HF TrainingArguments' names)."""
-
-    mode: str
-    wrap: tuple[str, ...] | None = None  # module class names; None: the model's `_no_split_modules`
-    cpu_offload: bool = False
-    reshard_after_forward: bool | None = None  # None: True for full_shard, False for shard_grad_op
-    mixed_precision: bool | None = None  # None: bf16 parameters with fp32 reduction when bf16 is on
-
-    @classmethod
-    def from_config(cls, mode: str, options: dict[str, Any] | None, where: str = "config") -> "ShardingPlan":
-        from preftune.config import suggest
-
-        options = dict(options or {})
-        for key in options:
-            if key not in FSDP_CONFIG_KEYS:
-                raise PreftuneError(f"{where}: unknown key 'fsdp_config.{key}'{suggest(key, FSDP_CONFIG_KEYS)}")
-        wrap = options.get("wrap")
-        if wrap is not None:
-            if isinstance(wrap, str):
-                wrap = [wrap]
-            if not isinstance(wrap, list) or not wrap or not all(isinstance(w, str) and w for w in wrap):
-                raise PreftuneError(f"{where}: 'fsdp_config.wrap' must be a class name or a list of them, got {wrap!r}")
-            wrap = tuple(wrap)
-        for key in ("cpu_offload", "reshard_after_forward", "mixed_precision"):
-            value = options.get(key)
-            if value is not None and not isinstance(value, bool):
-                raise PreftuneError(f"{where}: 'fsdp_config.{key}' must be true, false or null, got {value!r}")
-        return cls(mode, wrap, bool(options.get("cpu_offload", False)), options.get("reshard_after_forward"),
-                   options.get("mixed_precision"))
-
 
 @dataclass
 class ShardingReport:

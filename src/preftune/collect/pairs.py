@@ -72,7 +72,7 @@ def build_pairs(
 ) -> tuple[list[dict[str, Any]], PairStats]:
     """Pairs from (location, scored samples record) entries, with counts of what was skipped."""
     if strategy not in STRATEGIES:
-        from preftune.config import suggest
+        from preftune.errors import suggest
 
         raise PreftuneError(f"--strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}{suggest(strategy, STRATEGIES)}")
     if min_margin < 0:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 
+from preftune.batching import reward_input_ids
 from preftune.data import Text
 from preftune.errors import PreftuneError, require
 
@@ -133,22 +134,6 @@ class SequenceClassifierReward:
         return scores
 
 
-def reward_input_ids(tokenizer: Any, prompt: Text, completion: Text) -> list[int]:
-    """The token ids a reward model reads for one (prompt, completion), in training (preftune's
-    `strategy: reward`) and in scoring alike: with a chat template, the conversation (the prompt's
-    messages, or the prompt text as a user message) followed by the completion as the assistant's
-    reply, rendered by the template and tokenized without adding special tokens again; without one,
-    the prompt and completion as a text pair, with the tokenizer's special tokens."""
-    if getattr(tokenizer, "chat_template", None):
-        messages = list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        messages += list(completion) if isinstance(completion, list) else [{"role": "assistant", "content": completion}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False)
-        return [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
-    flat_prompt = prompt if isinstance(prompt, str) else "\n".join(m["content"] for m in prompt)
-    flat_completion = completion if isinstance(completion, str) else "\n".join(m["content"] for m in completion)
-    return [int(i) for i in tokenizer(flat_prompt, flat_completion)["input_ids"]]
-
-
 # --------------------------------------------------------------------------------------- registry
 
 _REGISTRY: dict[str, Callable[[], RewardFunction]] = {
@@ -211,7 +196,7 @@ def get_reward(spec: str) -> RewardFunction:
         return SequenceClassifierReward(path)
     if ":" in spec and not path.exists():
         return _load_callable(spec)
-    from preftune.config import suggest
+    from preftune.errors import suggest
 
     raise PreftuneError(
         f"--reward: unknown reward '{spec}'{suggest(spec, reward_names())} (give one of {', '.join(reward_names())}, "

@@ -53,7 +53,7 @@ from preftune.collect.generation import (
     load_prompts,
 )
 from preftune.io import write_atomic, write_jsonl_atomic
-from preftune.logprobs import CompletionLogprobs, split_body_and_head
+from preftune.logprobs import CompletionLogprobs, proven_head, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
 from preftune.collect.rewards import as_reward, score_groups
 
@@ -168,9 +168,9 @@ def completion_logps(
     (call it inside `model.disable_adapter()` for a LoRA model's base): training's own path,
     `logprobs.CompletionLogprobs`, over training's collation."""
     device = next(model.parameters()).device
-    scorer = CompletionLogprobs(model)
     out: list[float] = []
     for batch in _batches(prompt_ids, completion_ids, pad_id, batch_size, device):
+        scorer = CompletionLogprobs(model, fast_head=proven_head(model, batch))
         out.extend(batch_logps(scorer, batch).sums.cpu().tolist())
     return out
 
@@ -178,8 +178,9 @@ def completion_logps(
 def _scored_outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.nn.Module | None]:
     """Hidden states at the positions that predict completion tokens and the output head; or,
     for a model whose head is not a plain projection, its logits there and None. (The KL needs
-    whole distributions, which `CompletionLogprobs` does not return.)"""
-    parts = split_body_and_head(model)
+    whole distributions, which `CompletionLogprobs` does not return.) The split into body and head
+    is used only where it is proven equal to the model's own forward, as in training."""
+    parts = split_body_and_head(model) if proven_head(model, batch) is None else None
     where = (batch["score_row"], batch["score_src"])
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids")}
     if parts is not None:
@@ -414,9 +415,9 @@ def pair_logps(
     out: tuple[list[float], list[float], list[float], list[float]] = ([], [], [], [])
     for start in range(0, len(pairs), batch_size):
         batch = {k: v.to(device) for k, v in collate_pairs(pairs[start : start + batch_size], pad_id, share_prompt=False).items()}
-        sums = batch_logps(CompletionLogprobs(policy), batch).sums
+        sums = batch_logps(CompletionLogprobs(policy, fast_head=proven_head(policy, batch)), batch).sums
         with as_reference(policy, reference) as ref:
-            ref_sums = batch_logps(CompletionLogprobs(ref), batch).sums
+            ref_sums = batch_logps(CompletionLogprobs(ref, fast_head=proven_head(ref, batch)), batch).sums
         half = sums.shape[0] // 2
         for values, part in zip(out, (sums[:half], sums[half:], ref_sums[:half], ref_sums[half:])):
             values.extend(part.double().cpu().tolist())

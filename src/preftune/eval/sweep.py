@@ -199,7 +199,7 @@ def _run_row(name: str, run_dir: Path, result: dict[str, Any]) -> dict[str, Any]
 
 def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
     """Train and evaluate every grid point, then write `frontier.csv` and `frontier.png`."""
-    from preftune.trainer import train
+    from preftune.training.recipe import run
 
     combos = parse_grid(settings.grid)
     if settings.num_samples < 1 or any(n < 1 for n in settings.best_of):
@@ -227,7 +227,7 @@ def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
             log.info("[%d/%d] %s: trained already", i, len(configs), name)
         else:
             log.info("[%d/%d] %s: training", i, len(configs), name)
-            train(cfg)
+            run(cfg)
         eval_file = run_dir / "eval.json"
         if eval_file.is_file():
             log.info("[%d/%d] %s: evaluated already (%s)", i, len(configs), name, eval_file)

@@ -11,7 +11,7 @@ Models"). Round r (1-based):
 2. score them with the reward (`preftune.collect.rewards`) and pair them, best against worst by default
    (`preftune.collect.pairs`), which is how Dong et al. 2024 (arXiv:2405.07863, "RLHF Workflow") build
    on-policy pairs from N samples;
-3. train DPO (`preftune.trainer`) from the starting policy, the reference being the initial model
+3. train DPO (`preftune.training`) from the starting policy, the reference being the initial model
    (`reference: initial`, the KL-regularised objective of Xiong et al.) or the starting policy
    (`reference: previous`, as Yuan et al.: each round a fresh DPO problem around the last model);
 4. evaluate the new policy against the initial model on held-out prompts (`_evaluate`): mean
@@ -40,8 +40,8 @@ from typing import Any, Sequence, get_type_hints
 
 import yaml
 
-from preftune.config import TrainConfig, coerce, load_config, read_config_file, suggest, validate
-from preftune.errors import PreftuneError
+from preftune.config import TrainConfig, coerce, load_config, read_config_file, validate
+from preftune.errors import PreftuneError, suggest
 from preftune.eval.evaluation import sample_prompts
 from preftune.collect.generation import (
     PromptRecord,
@@ -500,7 +500,7 @@ def run_round(
 ) -> tuple[dict[str, Any], EvalSamples]:
     """Round r from wherever it stopped: pairs, training, evaluation; returns `eval.json`'s
     contents and the policy's held-out samples."""
-    from preftune.trainer import train
+    from preftune.training.recipe import run
 
     out = round_dir(root, r)
     progress = cfg.progress_bar
@@ -514,7 +514,7 @@ def run_round(
     if not (policy / "config.json").is_file():
         log.info("round %d: DPO on %d pairs from %s, reference: %s", r, counts["pairs"], round_cfg.model_name, it.reference)
         started = time.perf_counter()
-        train(round_cfg)
+        run(round_cfg)
         train_seconds = time.perf_counter() - started
         gc.collect()  # the trainer's model and optimizer, before two models are loaded to evaluate
 

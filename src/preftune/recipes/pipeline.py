@@ -25,15 +25,13 @@ import logging
 from pathlib import Path
 from typing import Any, Sequence
 
-import yaml
-
-from preftune.config import ALIASES, TrainConfig, apply_overrides, from_dict, read_config_file
+from preftune.config import (
+    ALIASES, STRATEGIES, TrainConfig, applicable, apply_overrides, from_dict, parse_override, read_config_file,
+)
 from preftune.errors import PreftuneError
+from preftune.training.rundir import comparable, read_resolved
 
 log = logging.getLogger("preftune")
-
-# Keys that do not change what a finished stage computed.
-_IGNORED = {"resume_from_checkpoint", "overwrite_output_dir", "progress_bar", "output_dir", "num_threads"}
 
 
 def has_stages(path: str | Path) -> bool:
@@ -64,7 +62,17 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
                 raise PreftuneError(f"{where}: stages[{i - 1}] must be a mapping of keys to values, got {type(stage).__name__}")
             if "stages" in stage:
                 raise PreftuneError(f"{where}: stages[{i - 1}]: a stage cannot hold 'stages'")
-            merged = apply_overrides({**data, **stage}, overrides)
+            strategy = stage.get("strategy", data.get("strategy", TrainConfig.strategy))
+            # A shared key reaches the stages whose strategy reads it (a shared `beta` is for the
+            # DPO stage, not the SFT one); a stage's own keys are checked as a config's are.
+            shared = applicable(data, strategy) if strategy in STRATEGIES else data
+            left = sorted(set(data) - set(shared))
+            if left:
+                log.info("%s: stages[%d] (%s) does not use the shared key%s %s", where, i - 1, strategy,
+                         "s" if len(left) > 1 else "", ", ".join(left))
+            # `--set` overrides are shared keys too.
+            mine = [o for o in overrides if strategy not in STRATEGIES or applicable({parse_override(o)[0]: None}, strategy)]
+            merged = apply_overrides({**shared, **stage}, mine)
             if "output_dir" not in stage:
                 merged["output_dir"] = str(root / f"{i}-{merged.get('strategy', 'dpo')}")
             given = i > 1 and any(ALIASES.get(k, k) == "model_name" for k in stage)
@@ -106,22 +114,16 @@ def load_pipeline(paths: Sequence[str | Path], overrides: Sequence[str] = ()) ->
     return configs
 
 
-def _comparable(values: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in values.items() if k not in _IGNORED}
-
-
 def stage_status(cfg: TrainConfig) -> str:
     """`fresh` (nothing there), `done` (finished with this config), `partial` (this config, not
     finished) or `conflict` (another config's run)."""
     out = Path(cfg.output_dir)
-    resolved = out / "config.resolved.yaml"
-    if not resolved.is_file():
+    if not (out / "config.resolved.yaml").is_file():
         return "fresh"
-    try:
-        old = _comparable(yaml.safe_load(resolved.read_text()) or {})
-    except yaml.YAMLError:
+    old = read_resolved(out)
+    if old is None:
         return "conflict"
-    new = _comparable(cfg.to_dict())
+    old, new = comparable(old), comparable(cfg.to_dict())
     if new.get("bf16") is None:  # resolved at setup from the device; the old file says what it was
         new["bf16"] = old.get("bf16")
     if old != new:
@@ -133,7 +135,7 @@ def stage_status(cfg: TrainConfig) -> str:
 def run_pipeline(configs: Sequence[TrainConfig], overwrite: bool = False) -> list[dict[str, Any]]:
     """Run the stages in order (see the module docstring for skipping and resuming); one summary
     per stage: its strategy, folder, what happened and its last metrics."""
-    from preftune.trainer import train
+    from preftune.training.recipe import run
 
     summaries: list[dict[str, Any]] = []
     upstream_ran = False
@@ -161,7 +163,7 @@ def run_pipeline(configs: Sequence[TrainConfig], overwrite: bool = False) -> lis
         else:
             action = "trained"
         log.info("%s: %s", label, "starting" if action in ("trained", "rerun") else "resuming")
-        result = train(cfg)
+        _, result = run(cfg)
         upstream_ran = True
         summaries.append({"stage": i, "strategy": cfg.strategy, "output_dir": cfg.output_dir, "action": action, **result})
     return summaries

@@ -143,7 +143,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
     from preftune.collect.generation import load_generation_model
     from preftune.models import resolve_model_path
     from preftune.collect.rewards import get_reward, score_groups
-    from preftune.trainer import train
+    from preftune.training.recipe import run
 
     started = time.perf_counter()
     output_dir = Path(settings.output_dir)
@@ -191,7 +191,7 @@ def run_quickstart(settings: QuickstartSettings) -> dict[str, Any]:
         where="quickstart",
     )
     train_started = time.perf_counter()
-    final_metrics = train(config)
+    _, final_metrics = run(config)
     train_seconds = time.perf_counter() - train_started
 
     # 3. the tuned model on the same prompts and seeds, and its KL from the base
