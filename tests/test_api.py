@@ -199,7 +199,7 @@ def test_bad_arguments_are_one_clear_error(tmp_path, tiny_model_dir, tiny_tokeni
         config = preftune.TrainConfig(beta=-1.0)
     elif isinstance(config, dict):
         named = {} if "model" in kwargs else {"model_name": str(tiny_model_dir)}
-        config = {**base_config(tmp_path, **named), **config}
+        config = base_config(tmp_path, **named, **config)  # a reward config drops the keys reward models refuse
     kwargs = {k: {"TINY_MODEL": build_tiny_model(len(tiny_tokenizer)), "TOKENIZER": tiny_tokenizer,
                   "MODEL_DIR_STRING": str(tiny_model_dir)}.get(v, v) if isinstance(v, str) else v for k, v in kwargs.items()}
     kwargs.setdefault("train_dataset", ROWS)
