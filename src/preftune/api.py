@@ -488,8 +488,8 @@ def _check_generation_model(model: Any) -> None:
 def score(records: Any, reward: Any, *, batch_size: int = 64, progress: bool = True) -> list[dict[str, Any]]:
     """Score samples records as `preftune score` does: each gets `scores` (one per completion) and
     `reward` (its name). `records` are what `generate` returns (or a Dataset/DataFrame of them);
-    `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a function
-    `(prompts, completions) -> list of floats`.
+    `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`, `judge:MODEL`)
+    or a function `(prompts, completions) -> list of floats`.
 
     Example::
 

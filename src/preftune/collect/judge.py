@@ -250,14 +250,12 @@ class PairwiseJudge:
         judge = PairwiseJudge(self.model_name, prompt=self.prompt, batch_size=self.batch_size, progress=self.progress)
         judge.name = self.name if name is None else PREFIX + name
         judge._model, judge._tokenizer = model, tokenizer
-        judge.stats = self.stats
         return judge
 
     def for_model(self, name: str, **chat_options: Any) -> PairwiseJudge:
         """This judge's settings on another model name (`self` resolved to a round's policy)."""
         judge = PairwiseJudge(name, prompt=self.prompt, batch_size=self.batch_size, progress=self.progress, chat_options=chat_options)
         judge.name = self.name
-        judge.stats = self.stats
         return judge
 
     @property
