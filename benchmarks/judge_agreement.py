@@ -13,7 +13,7 @@ construction) the judge gives P(chosen better), each pair asked in both orders
 - what one order alone would have claimed: the share of pairs whose P("A") > 0.5 with VADER's chosen
   shown as A.
 
-    python benchmarks/judge_agreement.py              # 64 pairs, about a minute on 2 CPU cores
+    python benchmarks/judge_agreement.py              # 64 pairs: ~4.5 minutes a judging prompt on 2 shared CPU cores
     python benchmarks/judge_agreement.py --pairs 125  # every test pair
 """
 
