@@ -14,6 +14,10 @@ On samples from held-out prompts, scored by a reward function:
   the Monte Carlo log-ratio log p(y|x) - log q(y|x), and the sum over the sampled positions of the
   exact next-token KL(p(.|x,y<t) || q(.|x,y<t)). Both have the sequence KL as expectation (chain
   rule), the second with lower variance because the sum over the vocabulary replaces one draw;
+- with a pairwise judge (`--reward judge:MODEL`, `preftune.collect.judge`) instead of a reward: the
+  judged win rate, every sample against every baseline sample of the prompt judged in both orders,
+  the mean P(model's sample better) per prompt, averaged over prompts; beside it the share of
+  comparisons the judge decides for the model and its position figures;
 - length drift: mean sample length against the baseline's; DPO is known to exploit length
   (Park et al. 2024, arXiv:2403.19159), so a ratio above `LENGTH_WARNING` is flagged.
 
@@ -56,6 +60,7 @@ from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, proven_head, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
 from preftune.collect.rewards import as_reward, score_groups
+from preftune.collect.judge import is_judge, judged_measures, judged_win_rates
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -312,6 +317,7 @@ class EvalSettings:
     pairs: Any = None  # a file, or records in memory (data.InMemoryRecords)
     prompts: Any = None
     reward: Any = None  # a spec for rewards.get_reward, or a reward function
+    judge_prompt: str | None = None  # a judging-prompt file for a judge:MODEL reward
     num_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -491,8 +497,8 @@ def _kl_samples(
 
 
 def sample_measures(
-    scores: Sequence[Sequence[float]],
-    baseline_scores: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]] | None,
+    baseline_scores: Sequence[Sequence[float]] | None,
     lengths: Sequence[Sequence[int]],
     baseline_lengths: Sequence[Sequence[int]],
     log_ratios: Sequence[Sequence[float]],
@@ -501,17 +507,23 @@ def sample_measures(
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every sample measure of the module docstring; intervals are bootstrapped over prompts."""
-    model_means, base_means = _prompt_means(scores), _prompt_means(baseline_scores)
+    """Every sample measure of the module docstring; intervals are bootstrapped over prompts.
+    `scores` None (a pairwise judge scores no sample alone): the reward measures are left out."""
     length, base_length = statistics.fmean(_prompt_means(lengths)), statistics.fmean(_prompt_means(baseline_lengths))
     ratio = length / base_length if base_length > 0 else float("inf")
+    rewards: dict[str, Any] = {}
+    if scores is not None and baseline_scores is not None:
+        model_means, base_means = _prompt_means(scores), _prompt_means(baseline_scores)
+        rewards = {
+            "reward": summarize(model_means, level, resamples, seed),
+            "baseline_reward": summarize(base_means, level, resamples, seed),
+            "reward_gain": summarize([m - b for m, b in zip(model_means, base_means, strict=True)], level, resamples, seed),
+            "win_rate": summarize(prompt_win_rates(scores, baseline_scores), level, resamples, seed),
+        }
     return {
-        "num_prompts": len(scores),
-        "samples_per_prompt": len(scores[0]) if scores else 0,
-        "reward": summarize(model_means, level, resamples, seed),
-        "baseline_reward": summarize(base_means, level, resamples, seed),
-        "reward_gain": summarize([m - b for m, b in zip(model_means, base_means, strict=True)], level, resamples, seed),
-        "win_rate": summarize(prompt_win_rates(scores, baseline_scores), level, resamples, seed),
+        "num_prompts": len(lengths),
+        "samples_per_prompt": len(lengths[0]) if lengths else 0,
+        **rewards,
         "kl_monte_carlo": summarize(_prompt_means(log_ratios), level, resamples, seed),
         "kl_per_token": summarize(_prompt_means(exact_kls), level, resamples, seed),
         "length": length,
@@ -541,13 +553,15 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {settings.resamples}")
     sampling = SamplingSettings(settings.num_samples, settings.temperature, settings.top_p, settings.max_new_tokens, settings.seed).check()
     target = resolve_target(settings.model, settings.ref, settings.beta)
-    reward = as_reward(settings.reward) if settings.reward else None
+    reward = as_reward(settings.reward, judge_prompt=settings.judge_prompt) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
     template_kwargs = settings.chat_template_kwargs if settings.chat_template_kwargs is not None else target.chat_template_kwargs
     policy, tokenizer = load_generation_model(target.model, template_kwargs=template_kwargs, fold_system=target.fold_system_message)
     reference = load_generation_model(target.reference)[0] if target.reference else None
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise PreftuneError(f"{target.model}: not a LoRA adapter, so its reference must be named with --ref")
+    if is_judge(reward) and reward.is_self:  # judge:self: the evaluated model judges
+        reward = reward.bind(policy, tokenizer)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "model": target.model,
@@ -583,7 +597,13 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
             kl_sampling = SamplingSettings(settings.num_samples, 1.0, 1.0, settings.max_new_tokens, settings.seed)
             kl_samples = sample_prompts(policy, tokenizer, prompts, kl_sampling, progress=settings.progress, desc="sample model, T=1 (KL)")
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
-        scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
+        judged = None
+        if is_judge(reward):
+            judged = judged_win_rates(reward, [p.prompt for p in prompts], [s.completions for s in samples],
+                                      [b.completions for b in baseline_samples])
+            scores = base_scores = None
+        else:
+            scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
         result["samples"] = {
             "prompts_file": str(settings.prompts),
             "reward_function": reward.name,
@@ -602,7 +622,11 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                 settings.resamples,
                 settings.seed,
             ),
+            **(judged_measures(reward, judged, settings.level, settings.resamples, settings.seed) if judged else {}),
         }
+        if judged:  # per sample, its mean judged P(better) against the other side's samples
+            scores = [[statistics.fmean(row) for row in m] for m in judged.matrices]
+            base_scores = [[1.0 - statistics.fmean(col) for col in zip(*m)] for m in judged.matrices]
         write_jsonl_atomic(
             output.with_name("eval_samples.jsonl"),
             [
@@ -617,8 +641,9 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                     "baseline_lengths": b.lengths,
                     "log_ratios": r,
                     "exact_kls": k,
+                    **({"win_probabilities": judged.matrices[i]} if judged else {}),
                 }
-                for p, s, b, sc, bs, r, k in zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True)
+                for i, (p, s, b, sc, bs, r, k) in enumerate(zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True))
             ],
         )
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -653,10 +678,18 @@ def format_eval(result: dict[str, Any]) -> str:
                 "",
             )
         )
-        rows.append(("  mean reward, model", *_interval(s["reward"], "+.3f")))
-        rows.append(("  mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")))
-        rows.append(("  reward gain over baseline", *_interval(s["reward_gain"], "+.3f")))
-        rows.append(("  win rate over baseline", *_interval(s["win_rate"], ".3f")))
+        if "reward" in s:
+            rows.append(("  mean reward, model", *_interval(s["reward"], "+.3f")))
+            rows.append(("  mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")))
+            rows.append(("  reward gain over baseline", *_interval(s["reward_gain"], "+.3f")))
+            rows.append(("  win rate over baseline", *_interval(s["win_rate"], ".3f")))
+        if "judged_win_rate" in s:
+            rows.append(("  judged win rate over baseline", *_interval(s["judged_win_rate"], ".3f")))
+            rows.append(("  comparisons decided for model", *_interval(s["judged_decisions"], ".3f")))
+            j = s["judge"]
+            if j["pairs"]:
+                rows.append(("  judge: orders pick different winners", f"{j['orders_disagree']:.3f}",
+                             f"mean P(answer A) {j['mean_p_answer_a']:.3f} (0.5 = no position bias), {j['pairs']} pairs"))
         rows.append(("  KL(model || ref), log-ratio", *_interval(s["kl_monte_carlo"], ".3f")))
         rows.append(("  KL(model || ref), per-token", *_interval(s["kl_per_token"], ".3f")))
         rows.append(

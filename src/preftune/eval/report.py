@@ -213,10 +213,13 @@ def _evaluation_section(result: dict[str, Any] | None, run_dir: Path) -> str:
             _table(
                 ("measure", "mean", level),
                 [
-                    ("mean reward, tuned", *_interval(s["reward"], "+.3f")),
-                    ("mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")),
-                    ("reward gain over baseline", *_interval(s["reward_gain"], "+.3f")),
-                    ("win rate over baseline", *_interval(s["win_rate"], ".3f")),
+                    *([
+                        ("mean reward, tuned", *_interval(s["reward"], "+.3f")),
+                        ("mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")),
+                        ("reward gain over baseline", *_interval(s["reward_gain"], "+.3f")),
+                        ("win rate over baseline", *_interval(s["win_rate"], ".3f")),
+                    ] if "reward" in s else []),
+                    *([("judged win rate over baseline", *_interval(s["judged_win_rate"], ".3f"))] if "judged_win_rate" in s else []),
                     ("KL(tuned || reference), log-ratio", *_interval(s["kl_monte_carlo"], ".3f")),
                     ("KL(tuned || reference), per-token exact", *_interval(s["kl_per_token"], ".3f")),
                     ("mean length, tuned / baseline (tokens)", f"{s['length']:.1f} / {s['baseline_length']:.1f}", f"x{s['length_ratio']:.2f}"),

@@ -202,6 +202,11 @@ def run_sweep(settings: SweepSettings) -> list[dict[str, Any]]:
     from preftune.training.recipe import run
 
     combos = parse_grid(settings.grid)
+    if isinstance(settings.reward, str) and settings.reward.strip().startswith("judge:"):
+        raise PreftuneError(
+            f"--reward {settings.reward}: a sweep plots mean reward against KL and ranks best-of-N by reward, and a "
+            "pairwise judge gives no reward per sample; evaluate runs with 'preftune eval --reward judge:MODEL' instead"
+        )
     if settings.num_samples < 1 or any(n < 1 for n in settings.best_of):
         raise PreftuneError("--num-samples and every --best-of value must be >= 1")
     base = load_config(settings.config, settings.overrides)
