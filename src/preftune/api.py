@@ -350,6 +350,7 @@ def evaluate(
     progress: bool = True,
     chat_template_kwargs: dict | None = None,
     columns: dict | None = None,
+    by: str | None = None,
 ) -> dict[str, Any]:
     """What `preftune eval` computes, as the dict it writes to `eval.json` (written too, into the run
     folder or `output`). Arguments are the command's flags; `model` is a run folder, a LoRA adapter
@@ -357,7 +358,8 @@ def evaluate(
     or in-memory records (Dataset, list of dicts, DataFrame; prompts may be plain strings);
     `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a
     function `(prompts, completions) -> scores`. `chat_template_kwargs` and `columns` default to
-    the run's own (a run folder's config).
+    the run's own (a run folder's config). `by` names a record field: every measure is also given
+    per value of it, in the result's `by` section.
 
     Example::
 
@@ -389,6 +391,7 @@ def evaluate(
         progress=progress,
         chat_template_kwargs=chat_template_kwargs,
         columns=columns,
+        by=by,
     )
     return run_eval(settings)
 

@@ -30,6 +30,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -51,6 +52,17 @@ from preftune.collect.generation import (
     iter_samples,
     load_generation_model,
     load_prompts,
+)
+from preftune.eval.groups import (
+    MISSING,
+    check_field,
+    compare_groups,
+    format_groups,
+    group_name,
+    pair_correct,
+    per_group,
+    prompt_gains,
+    record_groups,
 )
 from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, split_body_and_head
@@ -325,6 +337,7 @@ class EvalSettings:
     progress: bool = True
     chat_template_kwargs: dict | None = None  # None: the run's own (a run folder), else none
     columns: dict | None = None  # the pairs file's column mapping; None: the run's own
+    by: str | None = None  # a record field: every measure per value of it as well (`eval.groups`)
 
 
 @dataclass
@@ -542,6 +555,10 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
     target = resolve_target(settings.model, settings.ref, settings.beta)
     reward = as_reward(settings.reward) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
+    # A bad --by fails before any model is loaded; each source must have the field somewhere.
+    pair_groups = record_groups(settings.pairs, "test", settings.by) if settings.by and settings.pairs else None
+    if settings.by and settings.prompts:
+        check_field(({"prompt": p.prompt, **p.extra} for p in load_prompts(settings.prompts)), settings.by, Path(str(settings.prompts)).name)
     template_kwargs = settings.chat_template_kwargs if settings.chat_template_kwargs is not None else target.chat_template_kwargs
     policy, tokenizer = load_generation_model(target.model, template_kwargs=template_kwargs, fold_system=target.fold_system_message)
     reference = load_generation_model(target.reference)[0] if target.reference else None
@@ -562,6 +579,9 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         pairs = PairItems(data, np.arange(len(data)), 0, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
+        if pair_groups is not None:
+            locations = data.scalars("location")[pairs.rows]
+            pair_names = [pair_groups.get(str(location), MISSING) for location in locations]
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
@@ -583,6 +603,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
             kl_samples = sample_prompts(policy, tokenizer, prompts, kl_sampling, progress=settings.progress, desc="sample model, T=1 (KL)")
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
         scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
+        prompt_names = [group_name({"prompt": p.prompt, **p.extra}, settings.by) for p in prompts] if settings.by else None
         result["samples"] = {
             "prompts_file": str(settings.prompts),
             "reward_function": reward.name,
@@ -616,10 +637,26 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                     "baseline_lengths": b.lengths,
                     "log_ratios": r,
                     "exact_kls": k,
+                    **({"group": prompt_names[i]} if prompt_names else {}),
                 }
-                for p, s, b, sc, bs, r, k in zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True)
+                for i, (p, s, b, sc, bs, r, k) in enumerate(zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True))
             ],
         )
+    if settings.by:
+        stats = {"level": settings.level, "resamples": settings.resamples, "seed": settings.seed}
+        result["by"] = {"field": settings.by, "missing": MISSING}
+        if settings.pairs:
+            result["by"]["pairs"] = {
+                "groups": per_group(pair_names, logps, partial(pair_measures, beta=target.beta, **stats)),
+                "comparison": compare_groups(pair_names, pair_correct(*logps), "accuracy", **stats),
+            }
+        if settings.prompts:
+            columns = (scores, base_scores, [s.lengths for s in samples], [s.lengths for s in baseline_samples], ratios, exact)
+            result["by"]["samples"] = {
+                "baseline": result["samples"]["baseline"],
+                "groups": per_group(prompt_names, columns, partial(sample_measures, **stats)),
+                "comparison": compare_groups(prompt_names, prompt_gains(scores, base_scores), "reward_gain", **stats),
+            }
     result["seconds"] = round(time.perf_counter() - started, 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, json.dumps(result, indent=2) + "\n")
@@ -670,4 +707,6 @@ def format_eval(result: dict[str, Any]) -> str:
             f"warning: samples are {s['length_ratio']:.2f}x as long as the baseline's: the reward may be "
             "rewarding length (DPO's known length exploitation); compare rewards at equal length"
         )
+    if "by" in result:
+        lines.append(format_groups(result))
     return "\n".join(lines)
