@@ -634,7 +634,8 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
     ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
-    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
+    ev.add_argument("--baseline", help="model whose samples the win rate, reward gain and length compare with: a run folder, an "
+                    "adapter folder or a model (default: the reference)")
     ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
     ev.add_argument("--columns", metavar="FIELD=COLUMN,...", help="map the pairs file's field names to preftune's "
                     "(default: a run folder's own columns)")

@@ -17,6 +17,9 @@ On samples from held-out prompts, scored by a reward function:
 - length drift: mean sample length against the baseline's; DPO is known to exploit length
   (Park et al. 2024, arXiv:2403.19159), so a ratio above `LENGTH_WARNING` is flagged.
 
+With `--by FIELD` every measure is also given per value of a record field (`eval.groups`): the
+same functions over each group's per-record values, which are computed once.
+
 Best-of-N sampling from the reference is the baseline of the reward-vs-KL frontier: its expected
 reward is estimated without bias from K >= N samples per prompt (`expected_best_of_n`) and its KL
 is log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024, arXiv:2401.01879).
@@ -372,6 +375,17 @@ def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
+def model_folder(name: str) -> str:
+    """What to load for a model named like `--model`: a training run folder's `final/`, anything
+    else as given (so `--baseline runs/sft` compares with that run's model)."""
+    path = Path(name).expanduser()
+    if (path / "config.resolved.yaml").is_file():
+        if not (path / "final").is_dir():
+            raise PreftuneError(f"{path}: the run has no final/ model yet (is it finished? resume it with resume_from_checkpoint: latest)")
+        return str(path / "final")
+    return name
+
+
 def resolve_target(model: str, ref: str | None = None, beta: float | None = None) -> EvalTarget:
     """A training run folder (its `final/`, with the reference and beta its config used), a PEFT
     adapter folder (reference: the base with the adapter off), or any model preftune loads (then
@@ -533,6 +547,36 @@ def sample_measures(
     }
 
 
+def grouped_pair_measures(
+    names: Sequence[str], logps: Sequence[Sequence[float]], beta: float, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """`pair_measures` over each group's pairs (`names[i]` is pair i's group; `logps` what
+    `pair_logps` returns) and the groups' preference accuracies compared (`groups.compare_groups`)."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "groups": per_group(names, logps, partial(pair_measures, beta=beta, **stats)),
+        "comparison": compare_groups(names, pair_correct(*logps), "accuracy", **stats),
+    }
+
+
+def grouped_sample_measures(
+    names: Sequence[str],
+    columns: Sequence[Sequence[Any]],
+    baseline: str,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`sample_measures` over each group's prompts (`columns` are its first six arguments, one
+    entry per prompt) and the groups' reward gains over the baseline compared."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "baseline": baseline,
+        "groups": per_group(names, columns, partial(sample_measures, **stats)),
+        "comparison": compare_groups(names, prompt_gains(columns[0], columns[1]), "reward_gain", **stats),
+    }
+
+
 def load_eval_prompts(path: str, tokenizer: Any, max_prompts: int | None) -> list[PromptRecord]:
     """Held-out prompts in the form the model sees (a string goes to a chat model as a user turn)."""
     prompts = load_prompts(path)[:max_prompts] if max_prompts else load_prompts(path)
@@ -570,6 +614,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         "reference": target.reference or "the base model (adapter disabled)",
         "confidence": settings.level,
     }
+    by: dict[str, Any] = {"field": settings.by, "missing": MISSING}  # eval.json's `by` section, with --by
 
     if settings.pairs:
         columns = settings.columns if settings.columns is not None else target.columns
@@ -580,15 +625,15 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
         if pair_groups is not None:
-            locations = data.scalars("location")[pairs.rows]
-            pair_names = [pair_groups.get(str(location), MISSING) for location in locations]
+            names = [pair_groups.get(str(location), MISSING) for location in data.scalars("location")[pairs.rows]]
+            by["pairs"] = grouped_pair_measures(names, logps, target.beta, settings.level, settings.resamples, settings.seed)
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
         samples = sample_prompts(policy, tokenizer, prompts, sampling, progress=settings.progress, desc="sample model")
         if baseline_samples is None:
             if settings.baseline:
-                base_model = load_generation_model(settings.baseline)[0]
+                base_model = load_generation_model(model_folder(settings.baseline))[0]
                 baseline_samples = sample_prompts(base_model, tokenizer, prompts, sampling, progress=settings.progress, desc="sample baseline")
                 del base_model
             else:
@@ -604,6 +649,15 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
         scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
         prompt_names = [group_name({"prompt": p.prompt, **p.extra}, settings.by) for p in prompts] if settings.by else None
+        if prompt_names:
+            by["samples"] = grouped_sample_measures(
+                prompt_names,
+                (scores, base_scores, [s.lengths for s in samples], [s.lengths for s in baseline_samples], ratios, exact),
+                settings.baseline or "reference",
+                settings.level,
+                settings.resamples,
+                settings.seed,
+            )
         result["samples"] = {
             "prompts_file": str(settings.prompts),
             "reward_function": reward.name,
@@ -643,20 +697,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
             ],
         )
     if settings.by:
-        stats = {"level": settings.level, "resamples": settings.resamples, "seed": settings.seed}
-        result["by"] = {"field": settings.by, "missing": MISSING}
-        if settings.pairs:
-            result["by"]["pairs"] = {
-                "groups": per_group(pair_names, logps, partial(pair_measures, beta=target.beta, **stats)),
-                "comparison": compare_groups(pair_names, pair_correct(*logps), "accuracy", **stats),
-            }
-        if settings.prompts:
-            columns = (scores, base_scores, [s.lengths for s in samples], [s.lengths for s in baseline_samples], ratios, exact)
-            result["by"]["samples"] = {
-                "baseline": result["samples"]["baseline"],
-                "groups": per_group(prompt_names, columns, partial(sample_measures, **stats)),
-                "comparison": compare_groups(prompt_names, prompt_gains(scores, base_scores), "reward_gain", **stats),
-            }
+        result["by"] = by
     result["seconds"] = round(time.perf_counter() - started, 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, json.dumps(result, indent=2) + "\n")

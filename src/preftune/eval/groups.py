@@ -14,6 +14,7 @@ interval that resamples every group's records independently (a two-sample bootst
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -37,28 +38,41 @@ def group_name(record: Any, field: str) -> str:
     return json.dumps(value, sort_keys=True, ensure_ascii=False)
 
 
-def check_field(records: Iterable[Any], field: str, what: str) -> None:
-    """Raise the one-line error of `--by` when no record has the field, naming the fields they have."""
-    fields: set[str] = set()
-    for record in records:
-        if not isinstance(record, dict):
-            continue
-        if record.get(field) is not None:
-            return
-        fields.update(k for k, v in record.items() if v is not None)
+def _no_field(field: str, what: str, fields: set[str]) -> PreftuneError:
+    """The one-line error of `--by` when no record has the field, naming the fields they have."""
     known = sorted(fields)
-    raise PreftuneError(
+    return PreftuneError(
         f"--by {field}: no record of {what} has a field '{field}'{suggest(field, known)}; "
         f"their fields: {', '.join(known) if known else 'none'}"
     )
 
 
+def check_field(records: Iterable[Any], field: str, what: str) -> None:
+    """Raise `_no_field` unless some record has the field."""
+    fields: set[str] = set()
+    for record in records:
+        if group_name(record, field) != MISSING:
+            return
+        if isinstance(record, dict):
+            fields.update(k for k, v in record.items() if v is not None)
+    raise _no_field(field, what, fields)
+
+
 def record_groups(source: str | Path | InMemoryRecords, split: str, field: str) -> dict[str, str]:
-    """Each record's group by its location (what a prepared table's rows keep), read from the
+    """Each record's group by its location (what a prepared table's rows keep), streamed from the
     records as stored: the field is the file's own, before any column mapping."""
-    entries = [(location, record) for location, record in iter_entries(source, split) if isinstance(record, dict)]
-    check_field((record for _, record in entries), field, Path(str(source)).name)
-    return {location: group_name(record, field) for location, record in entries}
+    groups: dict[str, str] = {}
+    fields: set[str] = set()
+    found = False
+    for location, record in iter_entries(source, split):
+        name = group_name(record, field)
+        groups[location] = name
+        if not found and name == MISSING and isinstance(record, dict):
+            fields.update(k for k, v in record.items() if v is not None)
+        found = found or name != MISSING
+    if not found:
+        raise _no_field(field, Path(str(source)).name, fields)
+    return groups
 
 
 def _order(name: str) -> tuple[int, float, str]:
@@ -66,9 +80,10 @@ def _order(name: str) -> tuple[int, float, str]:
     if name == MISSING:
         return (2, 0.0, "")
     try:
-        return (0, float(name), name)
+        number = float(name)
     except ValueError:
         return (1, 0.0, name)
+    return (0, number, name) if math.isfinite(number) else (1, 0.0, name)
 
 
 def group_rows(names: Sequence[str]) -> dict[str, list[int]]:
