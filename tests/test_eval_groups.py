@@ -167,12 +167,27 @@ def files(tmp_path_factory):
     return root
 
 
-def test_eval_by_command_table_json_and_report(models, files, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def runs(files, tiny_model_dir):
+    """Two short training runs of the tiny model: full SFT, and DPO with LoRA (its reference: the
+    base with the adapter off) - the `--model runs/dpo --baseline runs/sft` of the command."""
+    from preftune import train
+    from test_trainer import quick_settings
+
+    common = dict(model_name=str(tiny_model_dir), dataset=str(files / "pairs.jsonl"), max_steps=2, eval_split=0)
+    train(quick_settings(files, strategy="sft", output_dir=str(files / "sft"), **common))
+    train(quick_settings(files, strategy="dpo", output_dir=str(files / "dpo"), lora_r=4, lora_alpha=8, **common))
+    return files / "dpo", files / "sft"
+
+
+def test_eval_by_command_table_json_and_report(runs, files, tmp_path, capsys):
+    """DPO against SFT, which groups of prompts improved most: one command."""
     from preftune.eval.report import build_report
 
+    dpo, sft = runs
     out = tmp_path / "run" / "eval.json"
     code = main(
-        ["eval", "--model", models["model"], "--ref", models["ref"], "--baseline", models["baseline"],
+        ["eval", "--model", str(dpo), "--baseline", str(sft),
          "--pairs", str(files / "pairs.jsonl"), "--prompts", str(files / "prompts.jsonl"), "--reward", "length",
          "--num-samples", "2", "--max-new-tokens", "6", "--bootstrap", "200", "--by", "topic", "-o", str(out)]
     )  # fmt: skip
@@ -192,7 +207,8 @@ def test_eval_by_command_table_json_and_report(models, files, tmp_path, capsys):
 
     # the printed tables: one row per group, samples most improved first, with the intervals
     assert "pairs by topic (3 groups; mean [95% CI])" in printed
-    assert f"samples by topic (3 groups, most improved first; baseline: {models['baseline']}; mean [95% CI])" in printed
+    assert result["samples"]["baseline"] == by["samples"]["baseline"] == str(sft)
+    assert f"samples by topic (3 groups, most improved first; baseline: {sft}; mean [95% CI])" in printed
     lines = printed.splitlines()
     start = lines.index(next(line for line in lines if line.startswith("samples by topic")))
     assert re.match(r"\s+group\s+prompts\s+reward\s+gain over baseline\s+gain minus the rest's\s+win rate\s+KL\s+length", lines[start + 1])
