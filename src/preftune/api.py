@@ -349,6 +349,7 @@ def evaluate(
     progress: bool = True,
     chat_template_kwargs: dict | None = None,
     columns: dict | None = None,
+    by: str | None = None,
 ) -> dict[str, Any]:
     """What `preftune eval` computes, as the dict it writes to `eval.json` (written too, into the run
     folder or `output`). Arguments are the command's flags; `model` is a run folder, a LoRA adapter
@@ -357,7 +358,8 @@ def evaluate(
     `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a
     function `(prompts, completions) -> scores`; `judge:MODEL` (`judge:self`: the evaluated model)
     gives a judged win rate against the baseline instead of rewards, `judge_prompt` its prompt file.
-    `chat_template_kwargs` and `columns` default to the run's own (a run folder's config).
+    `chat_template_kwargs` and `columns` default to the run's own (a run folder's config). `by`
+    names a record field: every measure is also given per value of it, in the result's `by` section.
 
     Example::
 
@@ -390,6 +392,7 @@ def evaluate(
         progress=progress,
         chat_template_kwargs=chat_template_kwargs,
         columns=columns,
+        by=by,
     )
     return run_eval(settings)
 

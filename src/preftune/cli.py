@@ -620,6 +620,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output=args.output,
         chat_template_kwargs=_json_mapping("--chat-template-kwargs", args.chat_template_kwargs) if args.chat_template_kwargs else None,
         columns=_parse_columns(args.columns),
+        by=args.by,
     )
     print(format_eval(result))
     return 0
@@ -678,7 +679,8 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
     ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
-    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
+    ev.add_argument("--baseline", help="model whose samples the win rate, reward gain and length compare with: a run folder, an "
+                    "adapter folder or a model (default: the reference)")
     ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
     ev.add_argument("--columns", metavar="FIELD=COLUMN,...", help="map the pairs file's field names to preftune's "
                     "(default: a run folder's own columns)")
@@ -701,6 +703,8 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
     ev.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals (default: 0.95)")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    ev.add_argument("--by", metavar="FIELD", help="also give every measure per value of this record field (e.g. category), "
+                    "with each group's gain over the baseline and the best-minus-worst difference")
     ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
     ev.set_defaults(func=cmd_eval)
     sw = sub.add_parser(

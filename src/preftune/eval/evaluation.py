@@ -21,6 +21,9 @@ On samples from held-out prompts, scored by a reward function:
 - length drift: mean sample length against the baseline's; DPO is known to exploit length
   (Park et al. 2024, arXiv:2403.19159), so a ratio above `LENGTH_WARNING` is flagged.
 
+With `--by FIELD` every measure is also given per value of a record field (`eval.groups`): the
+same functions over each group's per-record values, which are computed once.
+
 Best-of-N sampling from the reference is the baseline of the reward-vs-KL frontier: its expected
 reward is estimated without bias from K >= N samples per prompt (`expected_best_of_n`) and its KL
 is log N - (N - 1) / N (Stiennon et al. 2020; Beirami et al. 2024, arXiv:2401.01879).
@@ -34,6 +37,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -55,6 +59,17 @@ from preftune.collect.generation import (
     iter_samples,
     load_generation_model,
     load_prompts,
+)
+from preftune.eval.groups import (
+    MISSING,
+    check_field,
+    compare_groups,
+    format_groups,
+    group_name,
+    pair_correct,
+    per_group,
+    prompt_gains,
+    record_groups,
 )
 from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, proven_head, split_body_and_head
@@ -332,6 +347,7 @@ class EvalSettings:
     progress: bool = True
     chat_template_kwargs: dict | None = None  # None: the run's own (a run folder), else none
     columns: dict | None = None  # the pairs file's column mapping; None: the run's own
+    by: str | None = None  # a record field: every measure per value of it as well (`eval.groups`)
 
 
 @dataclass
@@ -364,6 +380,17 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def model_folder(name: str) -> str:
+    """What to load for a model named like `--model`: a training run folder's `final/`, anything
+    else as given (so `--baseline runs/sft` compares with that run's model)."""
+    path = Path(name).expanduser()
+    if (path / "config.resolved.yaml").is_file():
+        if not (path / "final").is_dir():
+            raise PreftuneError(f"{path}: the run has no final/ model yet (is it finished? resume it with resume_from_checkpoint: latest)")
+        return str(path / "final")
+    return name
 
 
 def resolve_target(model: str, ref: str | None = None, beta: float | None = None) -> EvalTarget:
@@ -533,6 +560,36 @@ def sample_measures(
     }
 
 
+def grouped_pair_measures(
+    names: Sequence[str], logps: Sequence[Sequence[float]], beta: float, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """`pair_measures` over each group's pairs (`names[i]` is pair i's group; `logps` what
+    `pair_logps` returns) and the groups' preference accuracies compared (`groups.compare_groups`)."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "groups": per_group(names, logps, partial(pair_measures, beta=beta, **stats)),
+        "comparison": compare_groups(names, pair_correct(*logps), "accuracy", **stats),
+    }
+
+
+def grouped_sample_measures(
+    names: Sequence[str],
+    columns: Sequence[Sequence[Any]],
+    baseline: str,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`sample_measures` over each group's prompts (`columns` are its first six arguments, one
+    entry per prompt) and the groups' reward gains over the baseline compared."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "baseline": baseline,
+        "groups": per_group(names, columns, partial(sample_measures, **stats)),
+        "comparison": compare_groups(names, prompt_gains(columns[0], columns[1]), "reward_gain", **stats),
+    }
+
+
 def load_eval_prompts(path: str, tokenizer: Any, max_prompts: int | None) -> list[PromptRecord]:
     """Held-out prompts in the form the model sees (a string goes to a chat model as a user turn)."""
     prompts = load_prompts(path)[:max_prompts] if max_prompts else load_prompts(path)
@@ -555,6 +612,10 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
     target = resolve_target(settings.model, settings.ref, settings.beta)
     reward = as_reward(settings.reward, judge_prompt=settings.judge_prompt) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
+    # A bad --by fails before any model is loaded; each source must have the field somewhere.
+    pair_groups = record_groups(settings.pairs, "test", settings.by) if settings.by and settings.pairs else None
+    if settings.by and settings.prompts:
+        check_field(({"prompt": p.prompt, **p.extra} for p in load_prompts(settings.prompts)), settings.by, Path(str(settings.prompts)).name)
     template_kwargs = settings.chat_template_kwargs if settings.chat_template_kwargs is not None else target.chat_template_kwargs
     policy, tokenizer = load_generation_model(target.model, template_kwargs=template_kwargs, fold_system=target.fold_system_message)
     reference = load_generation_model(target.reference)[0] if target.reference else None
@@ -568,6 +629,7 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         "reference": target.reference or "the base model (adapter disabled)",
         "confidence": settings.level,
     }
+    by: dict[str, Any] = {"field": settings.by, "missing": MISSING}  # eval.json's `by` section, with --by
 
     if settings.pairs:
         columns = settings.columns if settings.columns is not None else target.columns
@@ -577,13 +639,16 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         pairs = PairItems(data, np.arange(len(data)), 0, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
+        if pair_groups is not None:
+            names = [pair_groups.get(str(location), MISSING) for location in data.scalars("location")[pairs.rows]]
+            by["pairs"] = grouped_pair_measures(names, logps, target.beta, settings.level, settings.resamples, settings.seed)
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
         samples = sample_prompts(policy, tokenizer, prompts, sampling, progress=settings.progress, desc="sample model")
         if baseline_samples is None:
             if settings.baseline:
-                base_model = load_generation_model(settings.baseline)[0]
+                base_model = load_generation_model(model_folder(settings.baseline))[0]
                 baseline_samples = sample_prompts(base_model, tokenizer, prompts, sampling, progress=settings.progress, desc="sample baseline")
                 del base_model
             else:
@@ -627,6 +692,18 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         if judged:  # per sample, its mean judged P(better) against the other side's samples
             scores = [[statistics.fmean(row) for row in m] for m in judged.matrices]
             base_scores = [[1.0 - statistics.fmean(col) for col in zip(*m)] for m in judged.matrices]
+        prompt_names = [group_name({"prompt": p.prompt, **p.extra}, settings.by) for p in prompts] if settings.by else None
+        if prompt_names:
+            # With a judge, a sample's score is its mean judged probability of beating the other
+            # side's samples of its prompt: the groups then compare judged gains.
+            by["samples"] = grouped_sample_measures(
+                prompt_names,
+                (scores, base_scores, [s.lengths for s in samples], [s.lengths for s in baseline_samples], ratios, exact),
+                settings.baseline or "reference",
+                settings.level,
+                settings.resamples,
+                settings.seed,
+            )
         write_jsonl_atomic(
             output.with_name("eval_samples.jsonl"),
             [
@@ -642,10 +719,13 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                     "log_ratios": r,
                     "exact_kls": k,
                     **({"win_probabilities": judged.matrices[i]} if judged else {}),
+                    **({"group": prompt_names[i]} if prompt_names else {}),
                 }
                 for i, (p, s, b, sc, bs, r, k) in enumerate(zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True))
             ],
         )
+    if settings.by:
+        result["by"] = by
     result["seconds"] = round(time.perf_counter() - started, 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, json.dumps(result, indent=2) + "\n")
@@ -704,4 +784,6 @@ def format_eval(result: dict[str, Any]) -> str:
             f"warning: samples are {s['length_ratio']:.2f}x as long as the baseline's: the reward may be "
             "rewarding length (DPO's known length exploitation); compare rewards at equal length"
         )
+    if "by" in result:
+        lines.append(format_groups(result))
     return "\n".join(lines)
