@@ -28,7 +28,9 @@ PROVIDERS = ("transformers", "hf", "unsloth")
 REFERENCES = ("auto", "adapter", "copy", "precomputed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-REPORT_TO = ("none", "tensorboard")
+# accelerate's trackers (`accelerate.tracking.LOGGER_TYPE_TO_CLASS`); `none` and `all` as accelerate reads them
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "swanlab", "clearml", "dvclive")
+REPORT_TO = ("none", "all", *TRACKERS)
 
 
 @dataclass
@@ -133,7 +135,10 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     overwrite_output_dir: bool = False  # allow a new run in a folder that holds another run's files
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf steps in a row (each is skipped)
-    report_to: str = "none"
+    report_to: Union[str, list] = "none"  # a tracker or a list of them (see tracking.py)
+    run_name: str | None = None  # the run's name in the trackers; null: output_dir's folder name
+    tracker_project: str = "preftune"  # the trackers' project (W&B, Trackio) or experiment (MLflow)
+    tracker_init_kwargs: dict | None = None  # per tracker, keyword arguments of its init, e.g. {wandb: {tags: [dpo]}}
     progress_bar: bool = True
 
     # ----------------------------------------------------------------------------------------
@@ -170,6 +175,8 @@ ALIASES = {
     "dataset_train_split": "dataset_split",
     "dataset_test_split": "eval_dataset_split",
     "lora_target": "lora_target_modules",
+    "project": "tracker_project",  # transformers' TrainingArguments (trackio)
+    "project_name": "tracker_project",  # accelerate's init_trackers
 }
 
 
@@ -238,7 +245,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _one_of(where, "reference", cfg.reference, REFERENCES)
     _one_of(where, "lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
     _one_of(where, "f_divergence_type", cfg.f_divergence_type, F_DIVERGENCES)
-    _one_of(where, "report_to", cfg.report_to, REPORT_TO)
+    _check_report_to(cfg, where)
     _check(cfg.num_train_epochs > 0, where, f"'num_train_epochs' must be > 0, got {cfg.num_train_epochs}")
     _check(cfg.per_device_train_batch_size >= 1, where, "'per_device_train_batch_size' must be >= 1")
     _check(
@@ -335,6 +342,20 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
         ShardingPlan.from_config(cfg.fsdp, cfg.fsdp_config, where)
     _validate_strategy(cfg, where)
     return cfg
+
+
+def _check_report_to(cfg: TrainConfig, where: str) -> None:
+    """`report_to` is one name or a list of accelerate's tracker names; `none` stands alone."""
+    names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+    _check(bool(names) and all(isinstance(n, str) for n in names), where, "'report_to' must be a tracker name or a list of them")
+    for name in names:
+        _one_of(where, "report_to", name, REPORT_TO)
+    _check(len(set(names)) == len(names), where, f"'report_to' names a tracker twice: {names}")
+    _check("none" not in names or len(names) == 1, where, "'report_to': none cannot be combined with trackers")
+    if cfg.tracker_init_kwargs is not None:
+        for name, kwargs in cfg.tracker_init_kwargs.items():
+            _one_of(where, "tracker_init_kwargs", name, TRACKERS)
+            _check(isinstance(kwargs, dict), where, f"'tracker_init_kwargs' of {name} must be a mapping of keyword arguments")
 
 
 def _validate_strategy(cfg: TrainConfig, where: str) -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from preftune import chat, checkpoint, modelcard, models
+from preftune import chat, checkpoint, modelcard, models, tracking
 from preftune.batching import effective_prompt_length
 from preftune.config import TrainConfig, to_yaml
 from preftune.errors import Interrupted, PreftuneError, Problems
@@ -242,7 +242,7 @@ class Trainer:
         self._setup_optimizer(policy)
         self._setup_resume()
         self._announce()
-        self.tb = self._tensorboard()
+        self.tracking = tracking.start(cfg, self.output_dir, self.is_main)
 
     def _setup_threads(self) -> None:
         """torch's CPU threads: `num_threads`, else torch's own choice (which follows
@@ -316,7 +316,7 @@ class Trainer:
         options: dict[str, Any] = dict(
             use_4bit=cfg.use_4bit, provider=cfg.provider, use_liger_kernel=cfg.use_liger_kernel, device=device
         )
-        problems: list[str] = []
+        problems: list[str] = tracking.missing_packages(cfg.report_to)
         if self._model is None:
             problems += models.loading_problems(cfg.model_name, causal=not reward, **({} if reward else options))
         if cfg.ref_model_name and cfg.ref_model_name != cfg.model_name and self._ref_model is None and self.objective.needs_reference:
@@ -709,15 +709,6 @@ class Trainer:
         except OSError as exc:
             raise PreftuneError(f"output_dir {self.output_dir} is not writable ({exc.strerror or exc})") from None
 
-    def _tensorboard(self) -> Any:
-        if self.cfg.report_to != "tensorboard" or not self.is_main:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PreftuneError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
-        return SummaryWriter(str(self.output_dir / "tensorboard"))
-
     def _reference_model(
         self, model: torch.nn.Module, head: bool | None, train_ex: Sequence[Any], eval_ex: Sequence[Any]
     ) -> tuple[torch.nn.Module, bool | None]:
@@ -782,6 +773,7 @@ class Trainer:
         try:
             return self._train_loop()
         finally:
+            self.tracking.finish()  # a run stopped early still closes its trackers' files
             self._lock.release()
             if in_main_thread:
                 for sig, handler in previous.items():
@@ -922,8 +914,7 @@ class Trainer:
             self.state.evaluated = True
         self.save_checkpoint(evaluated=True)
         self.save_final()
-        if self.tb is not None:
-            self.tb.close()
+        self.tracking.finish()
         return last
 
     def _say_eval(self, step: int, eval_record: dict[str, float], bar: Any) -> None:
@@ -967,10 +958,7 @@ class Trainer:
                 self.stopped_by_callback = True
                 if self.is_main:
                     log.info("a callback stopped training after step %d", record["step"])
-        if self.tb is not None:
-            for k, v in record.items():
-                if k not in ("step",) and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+        self.tracking.log(record)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
