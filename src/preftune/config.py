@@ -54,6 +54,7 @@ class TrainConfig:
     dataset_split: str = "train"
     eval_dataset: str | None = None  # a separate eval file; otherwise `eval_split` of `dataset`
     eval_split: float = 0.1  # fraction in [0, 1) or a whole count >= 1; 0 turns evaluation off
+    max_train_samples: Union[int, float, None] = None  # a count or a fraction in (0, 1] of the training data: a seeded nested subset
     eval_dataset_split: str = "test"  # the split of `eval_dataset` (a datasets folder or hub name): test_prefs, ...
     output_dir: str = "runs/train"
 
@@ -200,7 +201,7 @@ def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
             return value
         if tp is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if tp is int and isinstance(value, float) and value.is_integer():
+        if tp is int and isinstance(value, float) and value.is_integer() and float not in options:
             return int(value)
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -246,6 +247,7 @@ def validate(cfg: TrainConfig, where: str = "config") -> TrainConfig:
     _one_of(where, "lr_scheduler_type", cfg.lr_scheduler_type, SCHEDULERS)
     _one_of(where, "f_divergence_type", cfg.f_divergence_type, F_DIVERGENCES)
     _check_report_to(cfg, where)
+    _check_max_train_samples(cfg.max_train_samples, where)
     _check(cfg.num_train_epochs > 0, where, f"'num_train_epochs' must be > 0, got {cfg.num_train_epochs}")
     _check(cfg.per_device_train_batch_size >= 1, where, "'per_device_train_batch_size' must be >= 1")
     _check(
@@ -356,6 +358,20 @@ def _check_report_to(cfg: TrainConfig, where: str) -> None:
         for name, kwargs in cfg.tracker_init_kwargs.items():
             _one_of(where, "tracker_init_kwargs", name, TRACKERS)
             _check(isinstance(kwargs, dict), where, f"'tracker_init_kwargs' of {name} must be a mapping of keyword arguments")
+
+
+def _check_max_train_samples(value: int | float | None, where: str) -> None:
+    """A whole count >= 1 or a fraction in (0, 1]; whether a count fits the data is known once it is read."""
+    if value is None:
+        return
+    if isinstance(value, int):
+        _check(value >= 1, where, f"'max_train_samples' must be a count >= 1 or a fraction in (0, 1], got {value}")
+    else:
+        _check(
+            0 < value <= 1,
+            where,
+            f"'max_train_samples' must be a count >= 1 (a whole number) or a fraction in (0, 1], got {value:g}",
+        )
 
 
 def _validate_strategy(cfg: TrainConfig, where: str) -> None:

@@ -37,7 +37,7 @@ from preftune.io import replace_dir, write_atomic
 from preftune.logprobs import CompletionLogprobs, RouterAux, check_paths, router_aux
 from preftune import sharding
 from preftune.objectives import Runtime, make_objective, padded
-from preftune.prepared import Chain, PreparedData, prepare, split_rows
+from preftune.prepared import Chain, PreparedData, prepare, split_rows, subset_rows, take_train_samples
 from preftune.reference import (
     AdapterReference,
     ModelReference,
@@ -379,6 +379,7 @@ class Trainer:
             else:
                 train_rows, eval_rows = split_rows(len(train_data), cfg.eval_split, cfg.seed, self._unit())
                 train_ex, eval_ex = (train_data, train_rows), (train_data, eval_rows)
+        train_ex, self.train_pool = take_train_samples(train_ex, cfg.max_train_samples, cfg.seed, self._unit())
         if cfg.max_prompt_length is not None and cfg.max_prompt_length >= cfg.max_seq_length:
             log.warning(
                 "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
@@ -588,11 +589,10 @@ class Trainer:
             resolved = self.output_dir / "config.resolved.yaml"
             write_atomic(resolved, to_yaml(cfg))
             log.info(
-                "%s: training on %d %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
+                "%s: training on %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
                 "trainable, reference: %s, device: %s%s, %d CPU thread%s",
                 cfg.strategy,
-                len(self.train_items),
-                "rows" if cfg.strategy == "sft" and cfg.packing else self._unit(),
+                self._training_on(),
                 len(self.eval_items),
                 self.total_steps,
                 self.total_steps / self.steps_per_epoch,
@@ -605,6 +605,17 @@ class Trainer:
                 cfg.num_threads,
                 "" if cfg.num_threads == 1 else "s",
             )
+
+    def _training_on(self) -> str:
+        """'48 pairs', or with max_train_samples '12 of 48 pairs (max_train_samples)'."""
+        packed = self.cfg.strategy == "sft" and self.cfg.packing
+        n, unit = len(self.train_items), "rows" if packed else self._unit()
+        if self.cfg.max_train_samples is None:
+            return f"{n} {unit}"
+        if packed:  # the subset is of examples; packing then makes rows of them
+            k = len(subset_rows(self.train_pool, self.cfg.max_train_samples, self.cfg.seed))
+            return f"{n} rows ({k} of {self.train_pool} examples, max_train_samples)"
+        return f"{n} of {self.train_pool} {unit} (max_train_samples)"
 
     def _tokenize(self, train_ex: Any, eval_ex: Any) -> None:
         """Items of both splits; eval items take positions after the train items (the reference
