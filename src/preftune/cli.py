@@ -627,7 +627,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from preftune.eval.sweep import SweepSettings, format_frontier, frontier_files, run_sweep, sweep_folder
+    from preftune.eval.sweep import SweepSettings, curve_file, format_frontier, frontier_files, run_sweep, sweep_folder
 
     try:
         best_of = tuple(int(v) for v in args.best_of.split(",") if v.strip())
@@ -647,10 +647,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         output_dir=args.output_dir,
+        metric=args.metric,
     )
     rows = run_sweep(settings)
     print(format_frontier(rows))
     table, plot = frontier_files(sweep_folder(settings))
+    log.info("curve -> %s", curve_file(sweep_folder(settings)))
     log.info("frontier -> %s", table)
     log.info("plot -> %s", plot)
     return 0
@@ -710,10 +712,12 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sw = sub.add_parser(
         "sweep",
         parents=[common],
-        help="one run per grid value (e.g. beta), each evaluated, and the reward-vs-KL frontier",
+        help="one run per grid value (e.g. beta, max_train_samples), each evaluated: the reward-vs-KL frontier and a learning curve",
         description="Train one run per combination of the --set-grid values (in OUTPUT_DIR/KEY=VALUE), evaluate each "
         "on the same prompts and reward, and write frontier.csv and frontier.png (reward against KL) with the "
-        "reference and best-of-N sampling from it as baselines. Resumable: finished runs and evaluations are kept.",
+        "reference and best-of-N sampling from it as baselines, and curve.png: --metric against the first swept key, "
+        "the base model as its first point for max_train_samples (0 pairs), max_steps or num_train_epochs. Resumable: "
+        "finished runs and evaluations are kept.",
     )
     sw.add_argument("config", help="training config (.yaml, .yml or .json)")
     sw.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2,...", help="values to sweep (repeatable: every combination)")
@@ -728,6 +732,8 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sw.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
     sw.add_argument("--output-dir", help="sweep folder (default: the config's output_dir)")
+    sw.add_argument("--metric", default="reward", help="y of curve.png against the first swept key: reward (default), "
+                    "preference_accuracy (needs --pairs), win_rate, kl, kl_monte_carlo or length")
     sw.set_defaults(func=cmd_sweep)
     rp = sub.add_parser(
         "report",
