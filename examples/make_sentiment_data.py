@@ -40,6 +40,7 @@ INSTRUCTION = "Complete this sentence from a movie review: {prefix}"
 HELDOUT_PER_LABEL = 32
 TEST_PER_LABEL = 16
 MODEL = "smollm2-135m-instruct"
+SHORT_WORDS = 5  # a beginning of at most this many words is `short`
 
 
 def polarity_file() -> Path:
@@ -61,6 +62,12 @@ def detokenize(words: list[str]) -> str:
     return text[:1].upper() + text[1:]
 
 
+def prefix_length(prefix: str) -> str:
+    """`short` (up to 5 words) or `long`: a grouping field for `preftune eval --by prefix_length`,
+    since a longer beginning commits the completion to more of the review's own sentiment."""
+    return "short" if len(prefix.split()) <= SHORT_WORDS else "long"
+
+
 def read_prompts(path: Path, seed: int) -> list[dict]:
     rng = random.Random(seed)
     prompts = []
@@ -79,6 +86,7 @@ def read_prompts(path: Path, seed: int) -> list[dict]:
                 "prefix": prefix,
                 "label": label.removeprefix("__label__"),
                 "source_line": number,
+                "prefix_length": prefix_length(prefix),
             }
         )
     return prompts

@@ -302,3 +302,34 @@ def test_format_summary():
     assert lines[1].split() == ["0", "+0.123", "±", "0.050", "0.00", "±", "0.00", "50.0%", "22.9"]
     assert lines[2].split() == ["1", "58", "+0.500", "±", "0.041", "4.26", "±", "0.30", "73.8%", "23.0"]
     assert len({len(line) for line in lines}) == 1  # aligned columns
+
+
+def test_judge_self_rounds_learn_from_the_policys_own_judgements(tmp_path, task, tiny_model_dir, capsys):
+    # AI feedback (Yuan et al. 2024): round 1's starting policy, the initial model, judges its own
+    # samples, and pairs follow the mean win probabilities. A learning rate of ~0 keeps the policy
+    # equal to the initial model, so its held-out samples are the initial's: judged against them,
+    # every prompt comes out at one half.
+    from test_judge import p_first_by_hand
+
+    assert main(["iterate", str(task(reward="judge:self", rounds=1))]) == 0
+    run = tmp_path / "run"
+    samples = read_jsonl(run / "round-1" / "samples.jsonl")
+    s = samples[0]
+    text = s["prompt"][0]["content"]
+    c = s["completions"]
+    assert s["reward"] == "judge:self"
+    if c[0] != c[1]:
+        assert s["win_probabilities"][0][1] == pytest.approx(p_first_by_hand(tiny_model_dir, text, c[0], c[1]), abs=1e-6)
+    for s in samples:
+        m = s["win_probabilities"]
+        assert s["scores"] == pytest.approx([(sum(row) - row[j]) / (len(row) - 1) for j, row in enumerate(m)])
+    pairs = read_jsonl(run / "round-1" / "pairs.jsonl")
+    assert pairs and all(p["chosen_score"] > p["rejected_score"] and "judge_probability" in p for p in pairs)
+
+    initial = read_jsonl(run / "initial" / "eval_samples.jsonl")
+    assert all(statistics.fmean(r["scores"]) == pytest.approx(0.5, abs=1e-6) for r in initial)
+    result = json.loads((run / "round-1" / "eval.json").read_text())
+    assert result["reward"] == "judge:self" and result["samples_reward"] is None
+    assert result["reward_after"] == pytest.approx(0.5, abs=1e-6)
+    assert result["win_rate"] == pytest.approx(0.5)
+    assert "P(beats initial), judge:self" in capsys.readouterr().out

@@ -105,3 +105,101 @@ def test_the_sweep_command_says_where_it_wrote_the_frontier(tiny_sweep, tmp_path
     ]
     assert "beta=0.5" in out  # the table itself goes to stdout
     print(err.splitlines()[-2:])
+
+
+# -- learning curves: --set-grid max_train_samples=...
+
+
+@pytest.fixture(scope="module")
+def tiny_curve(tmp_path_factory, tiny_model_dir):
+    """A learning curve on the tiny model: runs on 4 and 12 of the 16 training pairs."""
+    from conftest import task_pairs
+
+    from preftune.eval.sweep import SweepSettings
+
+    root = tmp_path_factory.mktemp("curve")
+    (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_pairs(20)))
+    (root / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task_pairs(6, seed=1)))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in task_pairs(3, seed=2)))
+    (root / "config.yaml").write_text(
+        f"model_name: {tiny_model_dir}\ndataset: {root / 'train.jsonl'}\noutput_dir: {root / 'curve'}\n"
+        "lora_r: 4\nlora_alpha: 8\nlearning_rate: 0.01\nmax_steps: 2\nper_device_train_batch_size: 4\n"
+        "eval_split: 4\nlogging_steps: 1\nprogress_bar: false\n"
+    )
+    settings = SweepSettings(
+        config=str(root / "config.yaml"), grid=["max_train_samples=12,4"], prompts=str(root / "prompts.jsonl"),
+        reward="length", pairs=str(root / "test.jsonl"), num_samples=2, best_of=(1, 2), max_new_tokens=4, progress=False,
+    )
+    return root, settings, run_sweep(settings)
+
+
+def test_learning_curve_csv_has_the_swept_key_and_the_base_at_zero(tiny_curve):
+    root, settings, rows = tiny_curve
+    with (root / "curve" / "frontier.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0])[:2] == ["max_train_samples", "kind"]
+    assert [(r["label"], r["max_train_samples"]) for r in table] == [
+        ("reference", "0"), ("best-of-2", ""), ("max_train_samples=12", "12"), ("max_train_samples=4", "4"),
+    ]
+    read = read_frontier(root / "curve" / "frontier.csv")
+    assert [r["max_train_samples"] for r in read] == [0, "", 12, 4]
+    # each run trained on its subset: its start line is in its config and its first metrics record
+    for n in (4, 12):
+        run = root / "curve" / f"max_train_samples={n}"
+        assert "max_train_samples: " + str(n) in (run / "config.resolved.yaml").read_text()
+        result = json.loads((run / "eval.json").read_text())
+        assert read[2 if n == 12 else 3]["preference_accuracy"] == pytest.approx(result["pairs"]["accuracy"]["mean"], rel=1e-5)
+
+
+def test_learning_curve_plot_points_are_the_base_then_each_run_in_order(tiny_curve):
+    from preftune.eval.sweep import curve_figure, curve_series
+
+    root, settings, rows = tiny_curve
+    assert (root / "curve" / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    read = read_frontier(root / "curve" / "frontier.csv")
+    by_n = {r["max_train_samples"]: r for r in read if r["kind"] == "dpo"}
+    for metric, base in (("reward", read[0]["reward"]), ("preference_accuracy", 0.0)):
+        lines, base_point = curve_series(read, ["max_train_samples"], metric)
+        assert base_point == {"x": 0, "y": pytest.approx(base)}
+        assert [(line.x, line.y) for line in lines] == [([4, 12], [by_n[4][metric], by_n[12][metric]])]
+        fig = curve_figure(read, ["max_train_samples"], metric)
+        ax = fig.axes[0]
+        (data,) = [c.lines[0] for c in ax.containers]  # the errorbar line: base first, then 4 and 12 pairs
+        assert data.get_xdata().tolist() == [0, 4, 12]
+        assert data.get_ydata().tolist() == pytest.approx([base, by_n[4][metric], by_n[12][metric]])
+        assert ax.get_xlabel() == "max_train_samples (training pairs)"
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+
+
+def test_a_curve_over_several_keys_has_a_line_per_other_value_and_a_level_for_the_base():
+    from preftune.eval.sweep import FRONTIER_COLUMNS, curve_figure, curve_series
+
+    def row(kind, n, beta, reward):
+        blank = dict.fromkeys(FRONTIER_COLUMNS, "")
+        return {**blank, "max_train_samples": n, "beta": beta, "kind": kind, "reward": reward, "reward_low": reward - 0.1, "reward_high": reward + 0.1}
+
+    rows = [row("reference", 0, "", 0.1)] + [
+        row("dpo", n, beta, 0.2 + n / 100 + beta) for n in (8, 2) for beta in (0.1, 0.5)
+    ]
+    lines, base = curve_series(rows, ["max_train_samples", "beta"], "reward")
+    assert [(line.label, line.x) for line in lines] == [("beta=0.1", [2, 8]), ("beta=0.5", [2, 8])]
+    assert lines[1].y == pytest.approx([0.72, 0.78]) and base == {"x": 0, "y": 0.1}
+    # swept beta first: no "nothing trained" value, so the base model is a dashed level
+    lines, base = curve_series(rows, ["beta", "max_train_samples"], "reward")
+    assert [(line.label, line.x) for line in lines] == [("max_train_samples=8", [0.1, 0.5]), ("max_train_samples=2", [0.1, 0.5])]
+    assert base == {"x": None, "y": 0.1}
+    ax = curve_figure(rows, ["beta", "max_train_samples"], "reward").axes[0]
+    assert [list(line.get_ydata()) for line in ax.get_lines() if line.get_linestyle() == "--"] == [[0.1, 0.1]]
+
+
+def test_the_metric_is_checked_before_anything_trains(tmp_path):
+    from preftune.eval.sweep import SweepSettings
+
+    settings = SweepSettings(config=str(tmp_path / "none.yaml"), grid=["max_train_samples=2"], prompts="p", reward="length", metric="acuracy")
+    with pytest.raises(PreftuneError, match=r"^--metric must be one of reward, preference_accuracy, .*, got 'acuracy' \(did you mean 'preference_accuracy'\?\)$"):
+        run_sweep(settings)
+    settings.metric = "preference_accuracy"
+    with pytest.raises(PreftuneError, match="--metric preference_accuracy needs --pairs"):
+        run_sweep(settings)

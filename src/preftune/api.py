@@ -343,19 +343,23 @@ def evaluate(
     beta: float | None = None,
     batch_size: int = 16,
     confidence: float = 0.95,
+    judge_prompt: str | os.PathLike[str] | None = None,
     bootstrap: int = 2000,
     output: str | os.PathLike[str] | None = None,
     progress: bool = True,
     chat_template_kwargs: dict | None = None,
     columns: dict | None = None,
+    by: str | None = None,
 ) -> dict[str, Any]:
     """What `preftune eval` computes, as the dict it writes to `eval.json` (written too, into the run
     folder or `output`). Arguments are the command's flags; `model` is a run folder, a LoRA adapter
     folder, a model name (then `ref` is needed) or a `TrainResult`. `pairs` and `prompts` are files
     or in-memory records (Dataset, list of dicts, DataFrame; prompts may be plain strings);
     `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a
-    function `(prompts, completions) -> scores`. `chat_template_kwargs` and `columns` default to
-    the run's own (a run folder's config).
+    function `(prompts, completions) -> scores`; `judge:MODEL` (`judge:self`: the evaluated model)
+    gives a judged win rate against the baseline instead of rewards, `judge_prompt` its prompt file.
+    `chat_template_kwargs` and `columns` default to the run's own (a run folder's config). `by`
+    names a record field: every measure is also given per value of it, in the result's `by` section.
 
     Example::
 
@@ -373,6 +377,7 @@ def evaluate(
         pairs=_source(pairs, "pairs"),
         prompts=_prompt_source(prompts),
         reward=reward,
+        judge_prompt=str(judge_prompt) if judge_prompt is not None else None,
         num_samples=num_samples,
         temperature=temperature,
         top_p=top_p,
@@ -387,6 +392,7 @@ def evaluate(
         progress=progress,
         chat_template_kwargs=chat_template_kwargs,
         columns=columns,
+        by=by,
     )
     return run_eval(settings)
 
@@ -483,8 +489,8 @@ def _check_generation_model(model: Any) -> None:
 def score(records: Any, reward: Any, *, batch_size: int = 64, progress: bool = True) -> list[dict[str, Any]]:
     """Score samples records as `preftune score` does: each gets `scores` (one per completion) and
     `reward` (its name). `records` are what `generate` returns (or a Dataset/DataFrame of them);
-    `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`) or a function
-    `(prompts, completions) -> list of floats`.
+    `reward` a name (`sentiment`, `length`, a reward-model folder, `module:function`, `judge:MODEL`)
+    or a function `(prompts, completions) -> list of floats`.
 
     Example::
 

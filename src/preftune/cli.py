@@ -363,23 +363,47 @@ def cmd_score(args: argparse.Namespace) -> int:
     from preftune.collect.rewards import get_reward, score_records
 
     records = [record for _, record in read_samples(args.samples)]
-    reward = get_reward(args.reward)
+    reward = get_reward(args.reward, judge_prompt=args.judge_prompt)
     scored = score_records(reward, records, batch_size=args.batch_size)
     output = args.output or args.samples
     write_jsonl_atomic(output, scored)
     flat = [s for r in scored for s in r["scores"]]
     log.info("scored %d completions with %s (mean %.4f) -> %s", len(flat), reward.name, sum(flat) / max(1, len(flat)), output)
+    _log_judge(reward)
     return 0
+
+
+def _log_judge(reward: Any) -> None:
+    """A judge's position figures, after it has judged (`collect.judge`)."""
+    summary = getattr(reward, "summary", None)
+    if callable(summary):
+        log.info("%s", summary())
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     from preftune.api import build_pairs
     from preftune.io import write_jsonl_atomic
 
-    pairs = build_pairs(args.scored, strategy=args.strategy, min_margin=args.min_margin, seed=args.seed)
+    source: Any = args.scored
+    if args.reward:  # score (or judge) the samples first, in memory
+        from preftune.collect.generation import read_samples
+        from preftune.collect.rewards import get_reward, score_records
+
+        reward = get_reward(args.reward, judge_prompt=args.judge_prompt)
+        source = score_records(reward, [record for _, record in read_samples(args.scored)])
+        _log_judge(reward)
+    elif args.judge_prompt:
+        raise PreftuneError("--judge-prompt needs --reward judge:MODEL")
+    pairs = build_pairs(source, strategy=args.strategy, min_margin=args.min_margin, seed=args.seed)
     write_jsonl_atomic(args.output, pairs)
     log.info("%d pairs -> %s", len(pairs), args.output)
     return 0
+
+
+JUDGE_HELP = (
+    "a judge's prompt: a UTF-8 file with {prompt}, {response_a} and {response_b} (default: the built-in one; "
+    "see the README)"
+)
 
 
 def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -431,8 +455,10 @@ def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sc.add_argument(
         "--reward",
         required=True,
-        help="sentiment (VADER), length (words), a local reward-model folder, or module:function / file.py:function",
+        help="sentiment (VADER), length (words), a local reward-model folder, module:function / file.py:function, "
+        "or judge:MODEL (a pairwise LLM judge: scores are each completion's mean probability of beating the prompt's others)",
     )
+    sc.add_argument("--judge-prompt", metavar="FILE", help=JUDGE_HELP)
     sc.add_argument("-o", "--output", help="file to write (default: rewrite SAMPLES in place)")
     sc.add_argument("--batch-size", type=int, default=64, help="completions per reward call (default: 64)")
     sc.set_defaults(func=cmd_score)
@@ -441,9 +467,13 @@ def add_collect_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         parents=[common],
         help="build preference pairs from scored samples",
         description="Pair each prompt's completions by score into prompt/chosen/rejected records (scores kept as "
-        "chosen_score and rejected_score). Ties and pairs closer than --min-margin are skipped.",
+        "chosen_score and rejected_score). Ties and pairs closer than --min-margin are skipped. With --reward the "
+        "samples are scored first; with --reward judge:MODEL every two completions of a prompt are judged (in both "
+        "orders) and completions rank by their mean probability of beating the others.",
     )
-    pa.add_argument("scored", help="samples file with scores ('preftune score')")
+    pa.add_argument("scored", help="samples file with scores ('preftune score'), or without them when --reward is given")
+    pa.add_argument("--reward", help="score the samples first: sentiment, length, a reward-model folder, module:function, or judge:MODEL")
+    pa.add_argument("--judge-prompt", metavar="FILE", help=JUDGE_HELP)
     pa.add_argument("-o", "--output", required=True, help="pairs file to write (JSONL)")
     pa.add_argument("--strategy", default="best-worst", help="best-worst (default), all-pairs or random")
     pa.add_argument("--min-margin", type=float, default=0.0, help="smallest score difference kept (default: 0; ties always skipped)")
@@ -469,7 +499,14 @@ def cmd_label_serve(args: argparse.Namespace) -> int:
 def cmd_label_export(args: argparse.Namespace) -> int:
     from preftune.label.agreement import export_labels, format_agreement
 
-    report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format)
+    judge = None
+    if args.judge:
+        from preftune.collect.judge import PREFIX, make_judge
+
+        judge = make_judge(args.judge if args.judge.startswith(PREFIX) else PREFIX + args.judge, judge_prompt=args.judge_prompt)
+    elif args.judge_prompt:
+        raise PreftuneError("--judge-prompt needs --judge MODEL")
+    report = export_labels(args.db, args.out, args.min_annotators, args.report, args.min_strength, args.format, judge=judge)
     print(format_agreement(report))
     log.info("wrote %d pairs to %s and the report to %s", report["exported"], report["output"], report["report"])
     return 0
@@ -544,6 +581,13 @@ def add_label_commands(sub: Any, common: argparse.ArgumentParser) -> None:
         default="jsonl",
         help="jsonl (default), csv (for spreadsheets), parquet, or datasets (a save_to_disk folder)",
     )
+    e.add_argument(
+        "--judge",
+        metavar="MODEL",
+        help="also judge every voted pair with an LLM judge (a model folder or the embedded alias; judge:MODEL too) "
+        "and report its agreement with the majority vote beside the annotators'",
+    )
+    e.add_argument("--judge-prompt", metavar="FILE", help=JUDGE_HELP)
     e.set_defaults(func=cmd_label_export)
     label.set_defaults(func=lambda a: label.print_help() or 2)
 
@@ -562,6 +606,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         pairs=args.pairs,
         prompts=args.prompts,
         reward=args.reward,
+        judge_prompt=args.judge_prompt,
         num_samples=args.num_samples,
         temperature=args.temperature,
         top_p=args.top_p,
@@ -575,13 +620,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
         output=args.output,
         chat_template_kwargs=_json_mapping("--chat-template-kwargs", args.chat_template_kwargs) if args.chat_template_kwargs else None,
         columns=_parse_columns(args.columns),
+        by=args.by,
     )
     print(format_eval(result))
     return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from preftune.eval.sweep import SweepSettings, format_frontier, frontier_files, run_sweep, sweep_folder
+    from preftune.eval.sweep import SweepSettings, curve_file, format_frontier, frontier_files, run_sweep, sweep_folder
 
     try:
         best_of = tuple(int(v) for v in args.best_of.split(",") if v.strip())
@@ -601,10 +647,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         seed=args.seed,
         batch_size=args.batch_size,
         output_dir=args.output_dir,
+        metric=args.metric,
     )
     rows = run_sweep(settings)
     print(format_frontier(rows))
     table, plot = frontier_files(sweep_folder(settings))
+    log.info("curve -> %s", curve_file(sweep_folder(settings)))
     log.info("frontier -> %s", table)
     log.info("plot -> %s", plot)
     return 0
@@ -633,14 +681,20 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     ev.add_argument("--model", required=True, help="a training run folder, a LoRA adapter folder, or a model (then --ref is needed)")
     ev.add_argument("--ref", help="reference model (default: the run's reference, or the adapter's base)")
-    ev.add_argument("--baseline", help="model whose samples the win rate and length compare with (default: the reference)")
+    ev.add_argument("--baseline", help="model whose samples the win rate, reward gain and length compare with: a run folder, an "
+                    "adapter folder or a model (default: the reference)")
     ev.add_argument("--pairs", help="preference pairs (prompt/chosen/rejected) to score")
     ev.add_argument("--columns", metavar="FIELD=COLUMN,...", help="map the pairs file's field names to preftune's "
                     "(default: a run folder's own columns)")
     ev.add_argument("--chat-template-kwargs", metavar="JSON", help="extra chat-template variables "
                     "(default: a run folder's own chat_template_kwargs)")
     ev.add_argument("--prompts", help="held-out prompts to sample (JSONL/JSON/Parquet/CSV with 'prompt', or .txt)")
-    ev.add_argument("--reward", help="sentiment, length, a reward-model folder, or module:function / file.py:function")
+    ev.add_argument(
+        "--reward",
+        help="sentiment, length, a reward-model folder, module:function / file.py:function, or judge:MODEL (a pairwise "
+        "LLM judge, judge:self the evaluated model: a judged win rate against the baseline's samples)",
+    )
+    ev.add_argument("--judge-prompt", metavar="FILE", help=JUDGE_HELP)
     ev.add_argument("--num-samples", type=int, default=4, help="samples per prompt (default: 4)")
     ev.add_argument("--max-prompts", type=int, help="use the first N prompts only")
     ev.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the reward samples (default: 1.0)")
@@ -651,15 +705,19 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     ev.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
     ev.add_argument("--confidence", type=float, default=0.95, help="level of the bootstrap intervals (default: 0.95)")
     ev.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples (default: 2000)")
+    ev.add_argument("--by", metavar="FIELD", help="also give every measure per value of this record field (e.g. category), "
+                    "with each group's gain over the baseline and the best-minus-worst difference")
     ev.add_argument("-o", "--output", help="eval.json to write (default: RUN/eval.json for a run folder, else ./eval.json)")
     ev.set_defaults(func=cmd_eval)
     sw = sub.add_parser(
         "sweep",
         parents=[common],
-        help="one run per grid value (e.g. beta), each evaluated, and the reward-vs-KL frontier",
+        help="one run per grid value (e.g. beta, max_train_samples), each evaluated: the reward-vs-KL frontier and a learning curve",
         description="Train one run per combination of the --set-grid values (in OUTPUT_DIR/KEY=VALUE), evaluate each "
         "on the same prompts and reward, and write frontier.csv and frontier.png (reward against KL) with the "
-        "reference and best-of-N sampling from it as baselines. Resumable: finished runs and evaluations are kept.",
+        "reference and best-of-N sampling from it as baselines, and curve.png: --metric against the first swept key, "
+        "the base model as its first point for max_train_samples (0 pairs), max_steps or num_train_epochs. Resumable: "
+        "finished runs and evaluations are kept.",
     )
     sw.add_argument("config", help="training config (.yaml, .yml or .json)")
     sw.add_argument("--set-grid", action="append", required=True, metavar="KEY=V1,V2,...", help="values to sweep (repeatable: every combination)")
@@ -674,6 +732,8 @@ def add_eval_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     sw.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     sw.add_argument("--batch-size", type=int, default=16, help="sequences per forward (default: 16)")
     sw.add_argument("--output-dir", help="sweep folder (default: the config's output_dir)")
+    sw.add_argument("--metric", default="reward", help="y of curve.png against the first swept key: reward (default), "
+                    "preference_accuracy (needs --pairs), win_rate, kl, kl_monte_carlo or length")
     sw.set_defaults(func=cmd_sweep)
     rp = sub.add_parser(
         "report",
@@ -722,6 +782,7 @@ def cmd_iterate(args: argparse.Namespace) -> int:
         "prompts": args.prompts,
         "eval_prompts": args.eval_prompts,
         "reward": args.reward,
+        "judge_prompt": args.judge_prompt,
         "num_samples": args.num_samples,
         "min_margin": args.min_margin,
         "reference": args.reference,
@@ -766,7 +827,12 @@ def add_recipe_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     it.add_argument("--rounds", type=int, help="rounds to run (default: 3)")
     it.add_argument("--prompts", help="training prompts: JSONL/JSON/Parquet/CSV with 'prompt', or .txt (default: the bundled sentiment prompts)")
     it.add_argument("--eval-prompts", help="held-out prompts for evaluation (default: the bundled held-out sentiment prompts)")
-    it.add_argument("--reward", help="sentiment (default), length, a reward-model folder, or module:function / file.py:function")
+    it.add_argument(
+        "--reward",
+        help="sentiment (default), length, a reward-model folder, module:function / file.py:function, or judge:MODEL "
+        "(AI feedback; judge:self: each round's policy judges its own samples)",
+    )
+    it.add_argument("--judge-prompt", metavar="FILE", help=JUDGE_HELP)
     it.add_argument("--num-samples", type=int, help="samples per prompt each round (default: 4)")
     it.add_argument("--min-margin", type=float, help="smallest score difference of a pair (default: 0)")
     it.add_argument("--reference", choices=("initial", "previous"), help="DPO reference of each round (default: previous)")

@@ -34,7 +34,9 @@ PROVIDERS = {"transformers": "transformers", "hf": "transformers", "unsloth": "u
 REFERENCES = ("auto", "adapter", "copy", "precomputed")
 SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
-REPORT_TO = ("none", "tensorboard")
+# accelerate's trackers (`accelerate.tracking.LOGGER_TYPE_TO_CLASS`); `none` and `all` as accelerate reads them
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio", "aim", "comet_ml", "swanlab", "clearml", "dvclive")
+REPORT_TO = ("none", "all", *TRACKERS)
 # DPO's `loss_type` names, as TRL's DPOTrainer calls them (the formulas are in losses.py).
 LOSS_TYPES: tuple[str, ...] = (
     "sigmoid", "robust", "hinge", "ipo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard", "aot",
@@ -72,6 +74,7 @@ class TrainConfig:
     dataset_split: str = "train"
     eval_dataset: str | None = None  # a separate eval file; otherwise `eval_split` of `dataset`
     eval_split: float = 0.1  # fraction in [0, 1) or a whole count >= 1; 0 turns evaluation off
+    max_train_samples: Union[int, float, None] = None  # a count or a fraction in (0, 1] of the training data: a seeded nested subset
     eval_dataset_split: str = "test"  # the split of `eval_dataset` (a datasets folder or hub name): test_prefs, ...
     output_dir: str = "runs/train"
 
@@ -153,7 +156,10 @@ class TrainConfig:
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
     overwrite_output_dir: bool = False  # allow a new run in a folder that holds another run's files
     max_nonfinite_steps: int = 5  # stop after this many NaN/Inf steps in a row (each is skipped)
-    report_to: str = "none"
+    report_to: Union[str, list] = "none"  # a tracker or a list of them (see training/tracking.py)
+    run_name: str | None = None  # the run's name in the trackers; null: output_dir's folder name
+    tracker_project: str = "preftune"  # the trackers' project (W&B, Trackio) or experiment (MLflow)
+    tracker_init_kwargs: dict | None = None  # per tracker, keyword arguments of its init, e.g. {wandb: {tags: [dpo]}}
     progress_bar: bool = True
 
     # ----------------------------------------------------------------------------------------
@@ -184,6 +190,8 @@ ALIASES = {
     "dataset_train_split": "dataset_split",
     "dataset_test_split": "eval_dataset_split",
     "lora_target": "lora_target_modules",
+    "project": "tracker_project",  # transformers' TrainingArguments (trackio)
+    "project_name": "tracker_project",  # accelerate's init_trackers
 }
 
 
@@ -207,7 +215,7 @@ def coerce(key: str, value: Any, annotation: Any, where: str) -> Any:
             return value
         if tp is int and isinstance(value, int) and not isinstance(value, bool):
             return value
-        if tp is int and isinstance(value, float) and value.is_integer():
+        if tp is int and isinstance(value, float) and value.is_integer() and float not in options:
             return int(value)
         if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -446,6 +454,7 @@ class DataSettings:
     max_seq_length: int
     max_prompt_length: int | None  # None: half of max_seq_length (batching.effective_prompt_length)
     share_prompt: bool
+    max_train_samples: int | float | None  # a count or a fraction of the training data (prepared.subset_rows)
 
     @classmethod
     def of(cls, cfg: "TrainConfig", where: str) -> "DataSettings":
@@ -463,12 +472,17 @@ class DataSettings:
         except PreftuneError as exc:
             raise PreftuneError(f"{where}: {exc}") from None
         _check(cfg.dataset_num_proc is None or cfg.dataset_num_proc >= 1, where, "'dataset_num_proc' must be >= 1 or null")
+        n = cfg.max_train_samples  # whether a count fits the data is known once it is read
+        if isinstance(n, int):
+            _check(n >= 1, where, f"'max_train_samples' must be a count >= 1 or a fraction in (0, 1], got {n}")
+        elif n is not None:
+            _check(0 < n <= 1, where, f"'max_train_samples' must be a count >= 1 (a whole number) or a fraction in (0, 1], got {n:g}")
         if cfg.chat_template_kwargs is not None:
             _check(all(isinstance(k, str) for k in cfg.chat_template_kwargs), where, "'chat_template_kwargs' keys must be strings")
         return cls(
             cfg.dataset, cfg.dataset_split, cfg.eval_dataset, cfg.eval_split, cfg.eval_dataset_split, layout,
             cfg.chat_template_kwargs, cfg.fold_system_message, cfg.dataset_num_proc, cfg.max_seq_length,
-            cfg.max_prompt_length, cfg.share_prompt,
+            cfg.max_prompt_length, cfg.share_prompt, cfg.max_train_samples,
         )
 
 
@@ -547,12 +561,23 @@ class RunSettings:
     resume_from_checkpoint: str | None
     overwrite_output_dir: bool
     max_nonfinite_steps: int
-    report_to: str
+    report_to: tuple[str, ...]  # tracker names; () for none
+    run_name: str | None
+    tracker_project: str
+    tracker_init_kwargs: dict | None
     progress_bar: bool
 
     @classmethod
     def of(cls, cfg: "TrainConfig", where: str) -> "RunSettings":
-        _one_of(where, "report_to", cfg.report_to, REPORT_TO)
+        names = [cfg.report_to] if isinstance(cfg.report_to, str) else list(cfg.report_to)
+        _check(bool(names) and all(isinstance(n, str) for n in names), where, "'report_to' must be a tracker name or a list of them")
+        for name in names:
+            _one_of(where, "report_to", name, REPORT_TO)
+        _check(len(set(names)) == len(names), where, f"'report_to' names a tracker twice: {names}")
+        _check("none" not in names or len(names) == 1, where, "'report_to': none cannot be combined with trackers")
+        for name, kwargs in (cfg.tracker_init_kwargs or {}).items():
+            _one_of(where, "tracker_init_kwargs", name, TRACKERS)
+            _check(isinstance(kwargs, dict), where, f"'tracker_init_kwargs' of {name} must be a mapping of keyword arguments")
         _check(cfg.logging_steps >= 1, where, "'logging_steps' must be >= 1")
         _check(cfg.save_steps >= 1, where, "'save_steps' must be >= 1")
         _check(cfg.max_nonfinite_steps >= 1, where, "'max_nonfinite_steps' must be >= 1")
@@ -560,7 +585,8 @@ class RunSettings:
         _check(cfg.save_total_limit is None or cfg.save_total_limit >= 1, where, "'save_total_limit' must be >= 1 or null")
         return cls(
             cfg.output_dir, cfg.task, cfg.logging_steps, cfg.eval_steps, cfg.save_steps, cfg.save_total_limit,
-            cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.max_nonfinite_steps, cfg.report_to, cfg.progress_bar,
+            cfg.resume_from_checkpoint, cfg.overwrite_output_dir, cfg.max_nonfinite_steps,
+            tuple(n for n in names if n != "none"), cfg.run_name, cfg.tracker_project, cfg.tracker_init_kwargs, cfg.progress_bar,
         )
 
 

@@ -468,6 +468,38 @@ def split_rows(n: int, eval_split: float, seed: int, what: str = "pairs") -> tup
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
+def subset_rows(n: int, max_train_samples: int | float | None, seed: int, what: str = "pairs") -> np.ndarray:
+    """Positions (ascending) of the first `max_train_samples` of one seeded permutation of `n`
+    training rows: a count, or a fraction in (0, 1] of `n` (rounded, at least 1). For one seed the
+    subsets are nested, each inside every larger one, so the points of a learning curve differ only
+    by the data added. A count above `n` is an error rather than clamped: the curve's x value would
+    otherwise say more data than was trained on."""
+    if max_train_samples is None:
+        return np.arange(n)
+    if isinstance(max_train_samples, float):
+        k = max(1, round(max_train_samples * n))
+    else:
+        k = int(max_train_samples)
+        if k > n:
+            raise PreftuneError(
+                f"'max_train_samples' {k} is more than the {n} training {what} (after the eval split); "
+                f"use at most {n}, or a fraction such as 0.5"
+            )
+    # Its own stream (the eval split uses torch's generator with `seed`), so the subset is not the
+    # split's permutation continued.
+    order = np.random.default_rng([seed % 2**32, 0x7E57]).permutation(n)
+    return np.sort(order[:k])
+
+
+def take_train_samples(examples: Any, max_train_samples: int | float | None, seed: int, what: str = "pairs") -> tuple[Any, int]:
+    """The training examples as the trainer holds them (a list, or a (table, rows) view) cut to
+    `subset_rows`, and how many there were before."""
+    if isinstance(examples, tuple):
+        data, rows = examples
+        return (data, np.asarray(rows)[subset_rows(len(rows), max_train_samples, seed, what)]), len(rows)
+    return [examples[int(i)] for i in subset_rows(len(examples), max_train_samples, seed, what)], len(examples)
+
+
 class TableItems(Sequence):
     """Items built on access from rows of a prepared table; `index` is `offset` + the position in
     the view (what keys the reference log-probs). `lengths` gives every item's `num_tokens` without

@@ -234,6 +234,18 @@ def _eos_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
+def left_padded(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask) of token rows padded on the left, so every row ends at the
+    last column: where generation continues, and where a judge reads the next-token logits."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, ids in enumerate(rows):
+        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[r, width - len(ids) :] = 1
+    return input_ids, attention_mask
+
+
 def _shared_prefill(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> Any:
     """The KV cache of every prompt but its last token, computed once per prompt and then
     repeated for its `n` samples: the prompt's forward pass is shared instead of run n times.
@@ -283,12 +295,7 @@ def sample_batch(
     n = settings.num_samples
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(ids) for ids in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for r, ids in enumerate(prompt_ids):
-        input_ids[r, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[r, width - len(ids) :] = 1
+    input_ids, attention_mask = left_padded(prompt_ids, pad)
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     cache = _shared_prefill(model, input_ids, attention_mask, n)
 
@@ -329,7 +336,7 @@ def sample_batch(
     )
     if len(prompt_ids) * n > reported:  # the samples that ran to max_new_tokens
         report(len(prompt_ids) * n - reported)
-    generated = output[:, width:].tolist()
+    generated = output[:, input_ids.shape[1] :].tolist()
     results: list[Samples] = []
     for k in range(len(prompt_ids)):
         texts, lengths, stopped, token_ids = [], [], [], []

@@ -15,6 +15,11 @@ skipped (small differences are mostly reward noise); a prompt's pair is written 
 completion was sampled twice (a repeat would weigh it double). The output keeps the scores as
 `chosen_score` / `rejected_score` and the sample record's other fields, minus the per-sample lists;
 samples drawn at several temperatures also give `chosen_temperature` / `rejected_temperature`.
+
+Samples judged by a pairwise judge (`--reward judge:MODEL`, `preftune.collect.judge`) carry as
+scores each completion's mean probability of beating the prompt's other completions, and the
+strategies rank by it; each pair also gets `judge_probability`, the judge's own P(chosen better
+than rejected) for that pair, from the record's `win_probabilities`.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from preftune.errors import PreftuneError
 STRATEGIES = ("best-worst", "all-pairs", "random")
 
 # Per-sample lists of a samples record: they describe all completions, not the two of a pair.
-_PER_SAMPLE_FIELDS = ("completions", "scores", "lengths", "stopped", "temperatures")
+_PER_SAMPLE_FIELDS = ("completions", "scores", "lengths", "stopped", "temperatures", "win_probabilities")
 
 
 @dataclass
@@ -91,6 +96,10 @@ def build_pairs(
         temperatures = record.get("temperatures")
         if temperatures is not None and (not isinstance(temperatures, list) or len(temperatures) != len(completions)):
             raise PreftuneError(f"{location}: field 'temperatures' must be a list of {len(completions)} numbers, one per completion")
+        judged = record.get("win_probabilities")
+        if judged is not None and (not isinstance(judged, list) or len(judged) != len(completions)
+                                   or not all(isinstance(row, list) and len(row) == len(completions) for row in judged)):
+            raise PreftuneError(f"{location}: field 'win_probabilities' must be a {len(completions)} x {len(completions)} matrix")
         written: set[tuple[str, str]] = set()
         for a, b in _candidates(strategy, scores, rng):
             if scores[a] == scores[b] or completions[a] == completions[b]:
@@ -112,6 +121,7 @@ def build_pairs(
                     "chosen_score": scores[chosen],
                     "rejected_score": scores[rejected],
                     **({"chosen_temperature": temperatures[chosen], "rejected_temperature": temperatures[rejected]} if temperatures else {}),
+                    **({"judge_probability": judged[chosen][rejected]} if judged is not None else {}),
                     **kept,
                 }
             )

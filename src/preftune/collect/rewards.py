@@ -10,7 +10,11 @@ the completion answers, as stored in the samples file. `get_reward(spec)` unders
 - a local folder holding a Hugging Face sequence-classification model (a reward model): its score
   of the prompt and completion together (see `SequenceClassifierReward`); a Bradley-Terry reward
   model trained by preftune is such a folder;
-- `module:function` or `path/to/file.py:function`: a Python callable with the same signature.
+- `module:function` or `path/to/file.py:function`: a Python callable with the same signature;
+- `judge:MODEL`: a pairwise LLM judge (`preftune.collect.judge`). It compares two completions of a
+  prompt instead of scoring one, so it scores a prompt's completions together (`score_groups`,
+  `score_records`: each completion's mean probability of beating the others), and evaluation asks it
+  for a judged win rate.
 
 `register_reward(name, factory)` adds a name; factories are called once per `get_reward`.
 """
@@ -182,11 +186,18 @@ def _load_callable(spec: str) -> RewardFunction:
     return NamedReward(spec, function)
 
 
-def get_reward(spec: str) -> RewardFunction:
-    """The reward function a spec names (see the module docstring for the forms)."""
+def get_reward(spec: str, *, judge_prompt: str | Path | None = None) -> RewardFunction:
+    """The reward function a spec names (see the module docstring for the forms); `judge_prompt`
+    is a judging-prompt file for a `judge:MODEL` spec (`--judge-prompt`)."""
     spec = str(spec).strip()
     if not spec:
         raise PreftuneError("--reward is empty: give a name (" + ", ".join(reward_names()) + "), a model folder, or module:function")
+    from preftune.collect import judge
+
+    if judge.is_judge_spec(spec):
+        return judge.make_judge(spec, judge_prompt=judge_prompt)  # type: ignore[return-value]
+    if judge_prompt is not None:
+        raise PreftuneError(f"--judge-prompt is for a judge (--reward judge:MODEL), not for --reward {spec}")
     if spec in _REGISTRY:
         return _REGISTRY[spec]()
     path = Path(spec).expanduser()
@@ -204,10 +215,12 @@ def get_reward(spec: str) -> RewardFunction:
     )
 
 
-def as_reward(reward: str | RewardFunction | Callable[[Sequence[Text], Sequence[str]], Sequence[float]]) -> RewardFunction:
+def as_reward(
+    reward: str | RewardFunction | Callable[[Sequence[Text], Sequence[str]], Sequence[float]], *, judge_prompt: str | Path | None = None
+) -> RewardFunction:
     """A reward spec (`get_reward`), a reward function as is, or a plain function given its name."""
     if isinstance(reward, str):
-        return get_reward(reward)
+        return get_reward(reward, judge_prompt=judge_prompt)
     if callable(reward):
         if isinstance(getattr(reward, "name", None), str):
             return reward  # type: ignore[return-value]
@@ -236,7 +249,12 @@ def score(reward: RewardFunction, prompts: Sequence[Text], completions: Sequence
 
 
 def score_groups(reward: RewardFunction, prompts: Sequence[Text], groups: Sequence[Sequence[str]]) -> list[list[float]]:
-    """The scores of each prompt's completions (`groups[i]` answers `prompts[i]`), in one call."""
+    """The scores of each prompt's completions (`groups[i]` answers `prompts[i]`), in one call; a
+    judge's are each completion's mean probability of beating the group's others."""
+    from preftune.collect.judge import is_judge
+
+    if is_judge(reward):
+        return reward.score_groups(prompts, groups)  # type: ignore[attr-defined]
     flat = score(reward, [p for p, g in zip(prompts, groups, strict=True) for _ in g], [c for g in groups for c in g])
     out, position = [], 0
     for g in groups:
@@ -249,8 +267,14 @@ def score_records(
     reward: RewardFunction, records: Sequence[dict[str, Any]], batch_size: int = 64, progress: bool = True
 ) -> list[dict[str, Any]]:
     """Samples records with `scores` (one per completion) and `reward` (its name) added, scored in
-    batches of about `batch_size` completions with a progress bar."""
+    batches of about `batch_size` completions with a progress bar. A judge judges each record's
+    completions together (`PairwiseJudge.score_records`)."""
     from tqdm.auto import tqdm
+
+    from preftune.collect.judge import is_judge
+
+    if is_judge(reward):
+        return reward.score_records(records, progress=progress)  # type: ignore[attr-defined]
 
     flat = [(r, c) for r, record in enumerate(records) for c in record["completions"]]
     scores: list[float] = []

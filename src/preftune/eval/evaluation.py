@@ -14,8 +14,15 @@ On samples from held-out prompts, scored by a reward function:
   the Monte Carlo log-ratio log p(y|x) - log q(y|x), and the sum over the sampled positions of the
   exact next-token KL(p(.|x,y<t) || q(.|x,y<t)). Both have the sequence KL as expectation (chain
   rule), the second with lower variance because the sum over the vocabulary replaces one draw;
+- with a pairwise judge (`--reward judge:MODEL`, `preftune.collect.judge`) instead of a reward: the
+  judged win rate, every sample against every baseline sample of the prompt judged in both orders,
+  the mean P(model's sample better) per prompt, averaged over prompts; beside it the share of
+  comparisons the judge decides for the model and its position figures;
 - length drift: mean sample length against the baseline's; DPO is known to exploit length
   (Park et al. 2024, arXiv:2403.19159), so a ratio above `LENGTH_WARNING` is flagged.
+
+With `--by FIELD` every measure is also given per value of a record field (`eval.groups`): the
+same functions over each group's per-record values, which are computed once.
 
 Best-of-N sampling from the reference is the baseline of the reward-vs-KL frontier: its expected
 reward is estimated without bias from K >= N samples per prompt (`expected_best_of_n`) and its KL
@@ -30,6 +37,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -52,10 +60,22 @@ from preftune.collect.generation import (
     load_generation_model,
     load_prompts,
 )
+from preftune.eval.groups import (
+    MISSING,
+    check_field,
+    compare_groups,
+    format_groups,
+    group_name,
+    pair_correct,
+    per_group,
+    prompt_gains,
+    record_groups,
+)
 from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.logprobs import CompletionLogprobs, proven_head, split_body_and_head
 from preftune.logprobs import completion_logps as batch_logps
 from preftune.collect.rewards import as_reward, score_groups
+from preftune.collect.judge import is_judge, judged_measures, judged_win_rates
 
 
 def mean_stderr(values: Sequence[float]) -> tuple[float, float]:
@@ -312,6 +332,7 @@ class EvalSettings:
     pairs: Any = None  # a file, or records in memory (data.InMemoryRecords)
     prompts: Any = None
     reward: Any = None  # a spec for rewards.get_reward, or a reward function
+    judge_prompt: str | None = None  # a judging-prompt file for a judge:MODEL reward
     num_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -326,6 +347,7 @@ class EvalSettings:
     progress: bool = True
     chat_template_kwargs: dict | None = None  # None: the run's own (a run folder), else none
     columns: dict | None = None  # the pairs file's column mapping; None: the run's own
+    by: str | None = None  # a record field: every measure per value of it as well (`eval.groups`)
 
 
 @dataclass
@@ -358,6 +380,17 @@ def _read_run_config(run_dir: Path) -> dict[str, Any]:
 
 def _is_adapter(folder: Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
+
+
+def model_folder(name: str) -> str:
+    """What to load for a model named like `--model`: a training run folder's `final/`, anything
+    else as given (so `--baseline runs/sft` compares with that run's model)."""
+    path = Path(name).expanduser()
+    if (path / "config.resolved.yaml").is_file():
+        if not (path / "final").is_dir():
+            raise PreftuneError(f"{path}: the run has no final/ model yet (is it finished? resume it with resume_from_checkpoint: latest)")
+        return str(path / "final")
+    return name
 
 
 def resolve_target(model: str, ref: str | None = None, beta: float | None = None) -> EvalTarget:
@@ -491,8 +524,8 @@ def _kl_samples(
 
 
 def sample_measures(
-    scores: Sequence[Sequence[float]],
-    baseline_scores: Sequence[Sequence[float]],
+    scores: Sequence[Sequence[float]] | None,
+    baseline_scores: Sequence[Sequence[float]] | None,
     lengths: Sequence[Sequence[int]],
     baseline_lengths: Sequence[Sequence[int]],
     log_ratios: Sequence[Sequence[float]],
@@ -501,23 +534,59 @@ def sample_measures(
     resamples: int = 2000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Every sample measure of the module docstring; intervals are bootstrapped over prompts."""
-    model_means, base_means = _prompt_means(scores), _prompt_means(baseline_scores)
+    """Every sample measure of the module docstring; intervals are bootstrapped over prompts.
+    `scores` None (a pairwise judge scores no sample alone): the reward measures are left out."""
     length, base_length = statistics.fmean(_prompt_means(lengths)), statistics.fmean(_prompt_means(baseline_lengths))
     ratio = length / base_length if base_length > 0 else float("inf")
+    rewards: dict[str, Any] = {}
+    if scores is not None and baseline_scores is not None:
+        model_means, base_means = _prompt_means(scores), _prompt_means(baseline_scores)
+        rewards = {
+            "reward": summarize(model_means, level, resamples, seed),
+            "baseline_reward": summarize(base_means, level, resamples, seed),
+            "reward_gain": summarize([m - b for m, b in zip(model_means, base_means, strict=True)], level, resamples, seed),
+            "win_rate": summarize(prompt_win_rates(scores, baseline_scores), level, resamples, seed),
+        }
     return {
-        "num_prompts": len(scores),
-        "samples_per_prompt": len(scores[0]) if scores else 0,
-        "reward": summarize(model_means, level, resamples, seed),
-        "baseline_reward": summarize(base_means, level, resamples, seed),
-        "reward_gain": summarize([m - b for m, b in zip(model_means, base_means, strict=True)], level, resamples, seed),
-        "win_rate": summarize(prompt_win_rates(scores, baseline_scores), level, resamples, seed),
+        "num_prompts": len(lengths),
+        "samples_per_prompt": len(lengths[0]) if lengths else 0,
+        **rewards,
         "kl_monte_carlo": summarize(_prompt_means(log_ratios), level, resamples, seed),
         "kl_per_token": summarize(_prompt_means(exact_kls), level, resamples, seed),
         "length": length,
         "baseline_length": base_length,
         "length_ratio": ratio,
         "length_warning": ratio > LENGTH_WARNING,
+    }
+
+
+def grouped_pair_measures(
+    names: Sequence[str], logps: Sequence[Sequence[float]], beta: float, level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """`pair_measures` over each group's pairs (`names[i]` is pair i's group; `logps` what
+    `pair_logps` returns) and the groups' preference accuracies compared (`groups.compare_groups`)."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "groups": per_group(names, logps, partial(pair_measures, beta=beta, **stats)),
+        "comparison": compare_groups(names, pair_correct(*logps), "accuracy", **stats),
+    }
+
+
+def grouped_sample_measures(
+    names: Sequence[str],
+    columns: Sequence[Sequence[Any]],
+    baseline: str,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """`sample_measures` over each group's prompts (`columns` are its first six arguments, one
+    entry per prompt) and the groups' reward gains over the baseline compared."""
+    stats = {"level": level, "resamples": resamples, "seed": seed}
+    return {
+        "baseline": baseline,
+        "groups": per_group(names, columns, partial(sample_measures, **stats)),
+        "comparison": compare_groups(names, prompt_gains(columns[0], columns[1]), "reward_gain", **stats),
     }
 
 
@@ -541,19 +610,26 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         raise PreftuneError(f"--bootstrap must be at least 100 resamples, got {settings.resamples}")
     sampling = SamplingSettings(settings.num_samples, settings.temperature, settings.top_p, settings.max_new_tokens, settings.seed).check()
     target = resolve_target(settings.model, settings.ref, settings.beta)
-    reward = as_reward(settings.reward) if settings.reward else None
+    reward = as_reward(settings.reward, judge_prompt=settings.judge_prompt) if settings.reward else None
     output = Path(settings.output) if settings.output else (target.run_dir or Path(".")) / "eval.json"
+    # A bad --by fails before any model is loaded; each source must have the field somewhere.
+    pair_groups = record_groups(settings.pairs, "test", settings.by) if settings.by and settings.pairs else None
+    if settings.by and settings.prompts:
+        check_field(({"prompt": p.prompt, **p.extra} for p in load_prompts(settings.prompts)), settings.by, Path(str(settings.prompts)).name)
     template_kwargs = settings.chat_template_kwargs if settings.chat_template_kwargs is not None else target.chat_template_kwargs
     policy, tokenizer = load_generation_model(target.model, template_kwargs=template_kwargs, fold_system=target.fold_system_message)
     reference = load_generation_model(target.reference)[0] if target.reference else None
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise PreftuneError(f"{target.model}: not a LoRA adapter, so its reference must be named with --ref")
+    if is_judge(reward) and reward.is_self:  # judge:self: the evaluated model judges
+        reward = reward.bind(policy, tokenizer)
     started = time.perf_counter()
     result: dict[str, Any] = {
         "model": target.model,
         "reference": target.reference or "the base model (adapter disabled)",
         "confidence": settings.level,
     }
+    by: dict[str, Any] = {"field": settings.by, "missing": MISSING}  # eval.json's `by` section, with --by
 
     if settings.pairs:
         columns = settings.columns if settings.columns is not None else target.columns
@@ -563,13 +639,16 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
         pairs = PairItems(data, np.arange(len(data)), 0, target.max_seq_length, target.max_prompt_length)
         logps = pair_logps(policy, reference, pairs, tokenizer.pad_token_id, settings.batch_size)
         result["pairs"] = {"file": str(settings.pairs), **pair_measures(*logps, target.beta, settings.level, settings.resamples, settings.seed)}
+        if pair_groups is not None:
+            names = [pair_groups.get(str(location), MISSING) for location in data.scalars("location")[pairs.rows]]
+            by["pairs"] = grouped_pair_measures(names, logps, target.beta, settings.level, settings.resamples, settings.seed)
 
     if settings.prompts:
         prompts = load_eval_prompts(settings.prompts, tokenizer, settings.max_prompts)
         samples = sample_prompts(policy, tokenizer, prompts, sampling, progress=settings.progress, desc="sample model")
         if baseline_samples is None:
             if settings.baseline:
-                base_model = load_generation_model(settings.baseline)[0]
+                base_model = load_generation_model(model_folder(settings.baseline))[0]
                 baseline_samples = sample_prompts(base_model, tokenizer, prompts, sampling, progress=settings.progress, desc="sample baseline")
                 del base_model
             else:
@@ -583,7 +662,13 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
             kl_sampling = SamplingSettings(settings.num_samples, 1.0, 1.0, settings.max_new_tokens, settings.seed)
             kl_samples = sample_prompts(policy, tokenizer, prompts, kl_sampling, progress=settings.progress, desc="sample model, T=1 (KL)")
         ratios, exact = _kl_samples(policy, reference, tokenizer, prompts, kl_samples, settings.batch_size)
-        scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
+        judged = None
+        if is_judge(reward):
+            judged = judged_win_rates(reward, [p.prompt for p in prompts], [s.completions for s in samples],
+                                      [b.completions for b in baseline_samples])
+            scores = base_scores = None
+        else:
+            scores, base_scores = _score_samples(reward, prompts, samples), _score_samples(reward, prompts, baseline_samples)
         result["samples"] = {
             "prompts_file": str(settings.prompts),
             "reward_function": reward.name,
@@ -602,7 +687,23 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                 settings.resamples,
                 settings.seed,
             ),
+            **(judged_measures(reward, judged, settings.level, settings.resamples, settings.seed) if judged else {}),
         }
+        if judged:  # per sample, its mean judged P(better) against the other side's samples
+            scores = [[statistics.fmean(row) for row in m] for m in judged.matrices]
+            base_scores = [[1.0 - statistics.fmean(col) for col in zip(*m)] for m in judged.matrices]
+        prompt_names = [group_name({"prompt": p.prompt, **p.extra}, settings.by) for p in prompts] if settings.by else None
+        if prompt_names:
+            # With a judge, a sample's score is its mean judged probability of beating the other
+            # side's samples of its prompt: the groups then compare judged gains.
+            by["samples"] = grouped_sample_measures(
+                prompt_names,
+                (scores, base_scores, [s.lengths for s in samples], [s.lengths for s in baseline_samples], ratios, exact),
+                settings.baseline or "reference",
+                settings.level,
+                settings.resamples,
+                settings.seed,
+            )
         write_jsonl_atomic(
             output.with_name("eval_samples.jsonl"),
             [
@@ -617,10 +718,14 @@ def run_eval(settings: EvalSettings, baseline_samples: Sequence[Samples] | None 
                     "baseline_lengths": b.lengths,
                     "log_ratios": r,
                     "exact_kls": k,
+                    **({"win_probabilities": judged.matrices[i]} if judged else {}),
+                    **({"group": prompt_names[i]} if prompt_names else {}),
                 }
-                for p, s, b, sc, bs, r, k in zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True)
+                for i, (p, s, b, sc, bs, r, k) in enumerate(zip(prompts, samples, baseline_samples, scores, base_scores, ratios, exact, strict=True))
             ],
         )
+    if settings.by:
+        result["by"] = by
     result["seconds"] = round(time.perf_counter() - started, 1)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, json.dumps(result, indent=2) + "\n")
@@ -653,10 +758,18 @@ def format_eval(result: dict[str, Any]) -> str:
                 "",
             )
         )
-        rows.append(("  mean reward, model", *_interval(s["reward"], "+.3f")))
-        rows.append(("  mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")))
-        rows.append(("  reward gain over baseline", *_interval(s["reward_gain"], "+.3f")))
-        rows.append(("  win rate over baseline", *_interval(s["win_rate"], ".3f")))
+        if "reward" in s:
+            rows.append(("  mean reward, model", *_interval(s["reward"], "+.3f")))
+            rows.append(("  mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")))
+            rows.append(("  reward gain over baseline", *_interval(s["reward_gain"], "+.3f")))
+            rows.append(("  win rate over baseline", *_interval(s["win_rate"], ".3f")))
+        if "judged_win_rate" in s:
+            rows.append(("  judged win rate over baseline", *_interval(s["judged_win_rate"], ".3f")))
+            rows.append(("  comparisons decided for model", *_interval(s["judged_decisions"], ".3f")))
+            j = s["judge"]
+            if j["pairs"]:
+                rows.append(("  judge: orders pick different winners", f"{j['orders_disagree']:.3f}",
+                             f"mean P(answer A) {j['mean_p_answer_a']:.3f} (0.5 = no position bias), {j['pairs']} pairs"))
         rows.append(("  KL(model || ref), log-ratio", *_interval(s["kl_monte_carlo"], ".3f")))
         rows.append(("  KL(model || ref), per-token", *_interval(s["kl_per_token"], ".3f")))
         rows.append(
@@ -671,4 +784,6 @@ def format_eval(result: dict[str, Any]) -> str:
             f"warning: samples are {s['length_ratio']:.2f}x as long as the baseline's: the reward may be "
             "rewarding length (DPO's known length exploitation); compare rewards at equal length"
         )
+    if "by" in result:
+        lines.append(format_groups(result))
     return "\n".join(lines)

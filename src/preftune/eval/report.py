@@ -140,6 +140,95 @@ def curves_png(records: Sequence[dict[str, Any]]) -> bytes:
     return buffer.getvalue()
 
 
+def _group_panels(result: dict[str, Any]) -> list[tuple[str, list[str], dict[str, dict[str, Any]], str, str, float, float, str]]:
+    """(title, groups top to bottom, their measures, measure key, count key, chance line, overall,
+    number format) per panel."""
+    by, panels = result["by"], []
+    if "pairs" in by:
+        groups = by["pairs"]["groups"]
+        order = (by["pairs"].get("comparison") or {}).get("ranking") or list(groups)
+        panels.append(("preference accuracy", order, groups, "accuracy", "num_pairs", 0.5, result["pairs"]["accuracy"]["mean"], ".3f"))
+    if "samples" in by:
+        groups = by["samples"]["groups"]
+        order = (by["samples"].get("comparison") or {}).get("ranking") or list(groups)
+        baseline = Path(str(by["samples"]["baseline"])).name or by["samples"]["baseline"]
+        panels.append((f"reward gain over {baseline}", order, groups, "reward_gain", "num_prompts", 0.0,
+                       result["samples"]["reward_gain"]["mean"], "+.3f"))
+    return panels
+
+
+def groups_png(result: dict[str, Any]) -> bytes:
+    """Each group's headline measure with its interval, best at the top: the chance or no-change
+    line solid, the ungrouped figure dashed, so a group that stands apart is seen at a glance."""
+    require("eval", "matplotlib", what="the HTML report")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = _group_panels(result)
+    rows = max(len(p[1]) for p in panels)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) if len(panels) > 1 else 10, max(2.6, 0.45 * rows + 1.3)), dpi=100, squeeze=False)
+    for ax, (title, order, groups, key, count, chance, overall, fmt) in zip(axes[0], panels):
+        ys = list(range(len(order)))[::-1]
+        means = [groups[g][key]["mean"] for g in order]
+        lows = [m - groups[g][key]["ci"][0] for g, m in zip(order, means)]
+        highs = [groups[g][key]["ci"][1] - m for g, m in zip(order, means)]
+        ax.errorbar(means, ys, xerr=[lows, highs], fmt="o", capsize=4, color="#1f77b4")
+        ax.axvline(chance, color="#888888", linewidth=1)
+        ax.axvline(overall, color="#d62728", linestyle="--", linewidth=1, label=f"all: {format(overall, fmt)}")
+        ax.set_yticks(ys, [f"{g} (n={groups[g][count]})" for g in order], fontsize=8)
+        ax.set_ylim(-0.6, len(order) - 0.4)
+        ax.set_title(f"{title} per {result['by']['field']}", fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def _groups_section(result: dict[str, Any], level: str) -> str:
+    """The per-group tables of `preftune eval --by` and their plot."""
+    by = result["by"]
+    parts = [f"<h3>Evaluation by {_e(by['field'])}</h3>",
+             f"<p>Each group's figures are those of an evaluation of its records alone; records without the field "
+             f"are the group {_e(by['missing'])}.</p>"]
+    if "pairs" in by:
+        groups = by["pairs"]["groups"]
+        parts.append(_table(
+            ("group", "pairs", "accuracy", level, "reward margin", level),
+            [(name, str(g["num_pairs"]), *_interval(g["accuracy"], ".3f"), *_interval(g["margin"], "+.4f")) for name, g in groups.items()],
+        ))
+    if "samples" in by:
+        s = by["samples"]
+        comparison = s.get("comparison") or {}
+        vs_rest = comparison.get("vs_rest", {})
+        parts.append(f"<p>Samples, most improved first; baseline: {_e(s['baseline'])}.</p>")
+        parts.append(_table(
+            ("group", "prompts", "reward", "baseline", "gain over baseline", level, "gain minus the rest's", level,
+             "win rate", level, "KL (per-token)", "length ratio"),
+            [
+                (name, str(g["num_prompts"]), f"{g['reward']['mean']:+.3f}", f"{g['baseline_reward']['mean']:+.3f}",
+                 *_interval(g["reward_gain"], "+.3f"),
+                 *(_interval(vs_rest[name], "+.3f") if name in vs_rest else ("", "")),
+                 *_interval(g["win_rate"], ".3f"), f"{g['kl_per_token']['mean']:.3f}", f"x{g['length_ratio']:.2f}")
+                for name, g in ((n, s["groups"][n]) for n in comparison.get("ranking") or list(s["groups"]))
+            ],
+        ))
+        if comparison:
+            d = comparison["best_minus_worst"]
+            parts.append(
+                f"<p>Most improved: {_e(comparison['best'])}; least: {_e(comparison['worst'])}; difference in reward gain "
+                f"{d['mean']:+.3f} [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] (both picked by these data, so read that interval "
+                "as optimistic; a group against the rest is the comparison for a group named in advance).</p>"
+            )
+    parts.append(_img(groups_png(result), f"each group's measure with its {level} per {by['field']}"))
+    return "\n".join(parts)
+
+
 def _interval(measure: dict[str, Any], fmt: str) -> tuple[str, str]:
     low, high = measure["ci"]
     return format(measure["mean"], fmt), f"[{format(low, fmt)}, {format(high, fmt)}]"
@@ -213,10 +302,13 @@ def _evaluation_section(result: dict[str, Any] | None, run_dir: Path) -> str:
             _table(
                 ("measure", "mean", level),
                 [
-                    ("mean reward, tuned", *_interval(s["reward"], "+.3f")),
-                    ("mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")),
-                    ("reward gain over baseline", *_interval(s["reward_gain"], "+.3f")),
-                    ("win rate over baseline", *_interval(s["win_rate"], ".3f")),
+                    *([
+                        ("mean reward, tuned", *_interval(s["reward"], "+.3f")),
+                        ("mean reward, baseline", *_interval(s["baseline_reward"], "+.3f")),
+                        ("reward gain over baseline", *_interval(s["reward_gain"], "+.3f")),
+                        ("win rate over baseline", *_interval(s["win_rate"], ".3f")),
+                    ] if "reward" in s else []),
+                    *([("judged win rate over baseline", *_interval(s["judged_win_rate"], ".3f"))] if "judged_win_rate" in s else []),
                     ("KL(tuned || reference), log-ratio", *_interval(s["kl_monte_carlo"], ".3f")),
                     ("KL(tuned || reference), per-token exact", *_interval(s["kl_per_token"], ".3f")),
                     ("mean length, tuned / baseline (tokens)", f"{s['length']:.1f} / {s['baseline_length']:.1f}", f"x{s['length_ratio']:.2f}"),
@@ -228,6 +320,8 @@ def _evaluation_section(result: dict[str, Any] | None, run_dir: Path) -> str:
                 f'<p class="warning">The tuned model\'s samples are {s["length_ratio"]:.2f}x as long as the baseline\'s: '
                 "the reward may be paying for length.</p>"
             )
+    if result.get("by"):
+        parts.append(_groups_section(result, level))
     return "\n".join(parts)
 
 

@@ -27,6 +27,13 @@ Position bias is the share of left (A) picks among the ratings that picked a sid
 side does not matter. Sides are drawn at random per annotator and item, so a bias shows in this
 share but cannot tilt the exported labels in a consistent direction.
 
+A pairwise LLM judge (`label export --judge MODEL`, `preftune.collect.judge`) can be measured on
+the same items: every item with a first/second majority is judged in both orders, and the judge
+agrees when its P(first better) falls on the majority's side of 0.5 (exactly 0.5 agrees with
+neither). Its agreement is comparable to an annotator's agreement with the majority, though a
+little below it by construction: an annotator's own vote is part of the majority it is compared
+with, the judge's is not. Its position figures are reported beside the annotators' left share.
+
 Strength (asked with `--scale 5`) does not enter the vote or the agreement figures, which stay on the
 three categories; it becomes each exported pair's `margin`, the mean strength towards the winner,
 so training can weigh close calls less (`margin_weighting`) and `--min-strength` can drop them.
@@ -59,6 +66,7 @@ __all__ = [
     "build_export",
     "export_labels",
     "format_agreement",
+    "judge_agreement",
     "pair_margin",
     "pairs_csv",
     "pairs_jsonl",
@@ -232,8 +240,26 @@ def pair_margin(strengths: Sequence[int | None]) -> float | None:
     return sum(strengths) / len(strengths)  # type: ignore[arg-type]
 
 
+def judge_agreement(judge: Any, items: Sequence[Any], labels: dict[str, str]) -> dict[str, Any]:
+    """How often a pairwise judge picks the majority's response on the items that have one."""
+    voted = [item for item in items if item.id in labels]
+    verdicts = judge.judge([i.prompt for i in voted], [i.first for i in voted], [i.second for i in voted])
+    agreed = sum((v.p > 0.5) if labels[i.id] == "first" else (v.p < 0.5) for i, v in zip(voted, verdicts, strict=True))
+    majority_p = [v.p if labels[i.id] == "first" else 1.0 - v.p for i, v in zip(voted, verdicts, strict=True)]
+    disagree = sum(v.orders_disagree for v in verdicts)
+    return {
+        "name": judge.name,
+        "prompt": judge.prompt.source,
+        "compared_with_majority": len(voted),
+        "agreement_with_majority": _share(agreed, len(voted)),
+        "mean_p_majority": sum(majority_p) / len(majority_p) if majority_p else None,
+        "orders_disagree": _share(disagree, len(voted)),
+        "mean_p_answer_a": sum(v.p_answer_a for v in verdicts) / len(verdicts) if verdicts else None,
+    }
+
+
 def build_export(
-    store: LabelStore, min_annotators: int = 3, min_strength: float | None = None
+    store: LabelStore, min_annotators: int = 3, min_strength: float | None = None, judge: Any = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The agreement report and the exported pairs, as `label export` writes them and the lead's
     dashboard shows them (one computation, so the two always agree).
@@ -241,7 +267,8 @@ def build_export(
     Each pair holds `prompt`, `chosen`, `rejected` in the original form, `votes` (ratings for chosen,
     rejected and tie), `margin` (see `pair_margin`; null without strengths), `rationales` (the
     comments annotators left on the item, with their rating), `item_id` and `source`. With
-    `min_strength` a pair whose margin is below it, or who has none, is dropped as weak.
+    `min_strength` a pair whose margin is below it, or who has none, is dropped as weak. With a
+    `judge` (`collect.judge.PairwiseJudge`), `report["judge"]` is its agreement with the majority.
     """
     if min_strength is not None and not 0 <= min_strength <= MAX_STRENGTH:
         raise PreftuneError(
@@ -252,6 +279,8 @@ def build_export(
     report, labels = agreement_report(judgements, [i.id for i in items], min_annotators)
     if min_strength is not None and labels and all(j.strength is None for j in judgements):
         raise PreftuneError("--min-strength needs strengths, and no judgement has one: serve with --scale 5 to ask for them")
+    if judge is not None:
+        report["judge"] = judge_agreement(judge, items, labels)
     by_item: dict[str, list[Judgement]] = defaultdict(list)
     for j in judgements:
         by_item[j.item_id].append(j)
@@ -371,13 +400,15 @@ def export_labels(
     report_path: str | Path | None = None,
     min_strength: float | None = None,
     fmt: str = "jsonl",
+    judge: Any = None,
 ) -> dict[str, Any]:
     """Write the majority-labelled pairs (see `build_export`) and the agreement report as JSON;
     return the report.
 
     `fmt` is `jsonl` (the default), `csv`, `parquet` or `datasets` (a `save_to_disk` folder); every
     one of them but CSV trains as it is. The report goes to `report_path`, by default beside `out`
-    with the suffix `.agreement.json`.
+    with the suffix `.agreement.json`. `judge`: also report a pairwise judge's agreement with the
+    majority vote (`judge_agreement`).
     """
     if fmt not in EXPORT_FORMATS:
         raise PreftuneError(f"--format must be one of {', '.join(EXPORT_FORMATS)}, got '{fmt}'")
@@ -388,7 +419,7 @@ def export_labels(
             raise PreftuneError(f"cannot write {path}: folder {path.parent} does not exist")
     store = LabelStore(db_path, create=False)
     try:
-        report, pairs = build_export(store, min_annotators, min_strength)
+        report, pairs = build_export(store, min_annotators, min_strength, judge)
     finally:
         store.close()
     report["output"] = str(out)
@@ -419,6 +450,17 @@ def format_agreement(report: dict[str, Any]) -> str:
         ("observed agreement", f"{_fmt(report['observed_agreement'])} of rating pairs within an item"),
         ("position bias", f"left picked {_fmt(bias['left_share'])} of {bias['left'] + bias['right']} side picks (0.5 = none)"),
     ]
+    judge = report.get("judge")
+    if judge:
+        rows.insert(
+            4,
+            (
+                "judge",
+                f"{judge['name']} picks the majority's response on {_fmt(judge['agreement_with_majority'])} of "
+                f"{judge['compared_with_majority']} voted pairs (mean P {_fmt(judge['mean_p_majority'])}; orders pick "
+                f"different winners on {_fmt(judge['orders_disagree'])}, mean P(answer A) {_fmt(judge['mean_p_answer_a'])})",
+            ),
+        )
     if report.get("mean_margin") is not None:
         rows.insert(2, ("mean margin", f"{report['mean_margin']:.2f} of {MAX_STRENGTH} (strength towards chosen; 1 = slightly better)"))
     width = max(len(label) for label, _ in rows) + 2

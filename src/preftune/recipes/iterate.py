@@ -17,6 +17,14 @@ Models"). Round r (1-based):
 4. evaluate the new policy against the initial model on held-out prompts (`_evaluate`): mean
    reward, win rate, KL to the initial model, mean length.
 
+With a pairwise judge (`reward: judge:MODEL`, `preftune.collect.judge`) the rounds learn from AI
+feedback: step 2 judges every two samples of a prompt and pairs by each sample's mean probability
+of beating the others. `judge:self` is the round's starting policy judging its own samples, as in
+Yuan et al. 2024. Evaluation then needs a yardstick that does not move with the rounds, so the
+held-out "reward" of a sample is its mean judged probability of beating the initial model's samples
+of the prompt (0.5 for the initial model itself), judged by the named model, or for `judge:self` by
+the initial model; the win rate is the share of those comparisons the judge decides for the policy.
+
 Everything a round writes lives in `output_dir/round-r/`; `eval.json` is written last, so a round
 that has it is done and a rerun skips it. A half-done round continues: sampling appends to
 `samples.jsonl` and skips the prompts already there (same seeds, same file), and training resumes
@@ -57,6 +65,7 @@ from preftune.collect.generation import (
 from preftune.io import write_atomic, write_jsonl_atomic
 from preftune.collect.pairs import STRATEGIES, build_pairs
 from preftune.recipes.quickstart import bundled_data
+from preftune.collect.judge import is_judge
 from preftune.collect.rewards import RewardFunction, get_reward, score_groups, score_records
 
 log = logging.getLogger("preftune")
@@ -75,6 +84,7 @@ class IterateConfig:
     eval_prompts: str | None = None  # null: the bundled sentiment task's 64 held-out prompts
     max_eval_prompts: int | None = None  # null: every held-out prompt; else the first N
     reward: str = "sentiment"
+    judge_prompt: str | None = None  # a judging-prompt file for reward: judge:MODEL
     num_samples: int = 4
     temperature: float = 0.7
     top_p: float = 1.0
@@ -318,8 +328,12 @@ def make_pairs(
         del model
         records = [rec for _, rec in read_samples(samples_file)]
     if not all("scores" in rec for rec in records):
+        if is_judge(reward) and reward.is_self:  # the policy that sampled judges its samples
+            reward = reward.for_model(start_model(root, r, cfg), **chat_options(cfg))
         records = score_records(reward, records, progress=progress)
         write_jsonl_atomic(samples_file, records)
+        if is_judge(reward):
+            log.info("round %d: %s", r, reward.summary())
     located = [(f"{samples_file}:{i + 1}", rec) for i, rec in enumerate(records)]
     pairs, stats = build_pairs(located, it.pair_strategy, it.min_margin, cfg.seed)
     if not pairs:
@@ -331,7 +345,8 @@ def make_pairs(
         "pairs": stats.pairs,
         "pair_ties": stats.ties,
         "pair_below_margin": stats.below_margin,
-        "samples_reward": statistics.fmean(scores),
+        # a judge's scores are within-prompt win probabilities: their mean is 0.5 by construction
+        "samples_reward": None if is_judge(reward) else statistics.fmean(scores),
     }
 
 
@@ -345,6 +360,7 @@ class EvalSamples:
     completions: list[list[str]]
     scores: list[list[float]]
     lengths: list[list[int]]
+    decided: list[float] | None = None  # a judge's share of comparisons decided for these samples, per prompt
 
 
 def _eval_records(
@@ -387,14 +403,24 @@ def _sample_and_score(
     reward: RewardFunction,
     progress: bool,
     desc: str,
+    initial: EvalSamples | None = None,
 ) -> EvalSamples:
+    """Held-out samples scored by the reward; by a judge, each sample's mean P(better) against the
+    initial model's samples of the prompt (`initial`; None: these are the initial model's)."""
     sampling = SamplingSettings(it.eval_samples, it.temperature, it.top_p, it.max_new_tokens, seed)
     samples = sample_prompts(
         model, tokenizer, prompts, sampling, rows=it.generation_batch_size, progress=progress, desc=desc
     )
     completions = [s.completions for s in samples]
-    scores = score_groups(reward, [p.prompt for p in prompts], completions)
-    return EvalSamples(completions, scores, [s.lengths for s in samples])
+    if not is_judge(reward):
+        scores = score_groups(reward, [p.prompt for p in prompts], completions)
+        return EvalSamples(completions, scores, [s.lengths for s in samples])
+    from preftune.collect.judge import JudgedComparison
+
+    against = initial.completions if initial is not None else completions
+    judged = JudgedComparison(reward.compare_groups([p.prompt for p in prompts], completions, against, desc=f"judge vs initial ({reward.name})"))
+    scores = [[statistics.fmean(row) for row in m] for m in judged.matrices]
+    return EvalSamples(completions, scores, [s.lengths for s in samples], judged.decided)
 
 
 def _evaluate(
@@ -416,7 +442,7 @@ def _evaluate(
     from preftune.eval.evaluation import before_after, completion_logps
 
     model, tokenizer = load_generation_model(policy_name, **chat_options(cfg))
-    tuned = _sample_and_score(model, tokenizer, prompts, it, seed, reward, progress, "sample policy (eval)")
+    tuned = _sample_and_score(model, tokenizer, prompts, it, seed, reward, progress, "sample policy (eval)", initial)
     kl_settings = SamplingSettings(it.kl_samples, 1.0, 1.0, it.max_new_tokens, seed)
     kl_samples = sample_prompts(
         model, tokenizer, prompts, kl_settings, rows=it.generation_batch_size, progress=progress, desc="sample policy (KL)"
@@ -431,6 +457,8 @@ def _evaluate(
     ratios = [a - b for a, b in zip(policy_logps, initial_logps, strict=True)]
     log_ratios = [ratios[i * k : (i + 1) * k] for i in range(len(prompts))]
     result = before_after(initial.scores, tuned.scores, initial.lengths, tuned.lengths, log_ratios)
+    if tuned.decided is not None:  # a judge: comparisons with the initial's samples decided for the policy
+        result["win_rate"] = statistics.fmean(tuned.decided)
     return result, tuned, kl_samples, log_ratios
 
 
@@ -451,9 +479,14 @@ def summary_row(r: int, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def reward_label(reward_name: str) -> str:
+    """The reward column's title: a judge's held-out figure is a probability of beating the initial model."""
+    return f"P(beats initial), {reward_name}" if reward_name.startswith("judge:") else f"mean {reward_name}"
+
+
 def format_summary(rows: list[dict[str, Any]], reward_name: str) -> str:
     """The rounds as a table, the initial model as round 0."""
-    table = [("round", "pairs", f"mean {reward_name}", "KL to initial (nats)", "win rate vs initial", "mean length (tokens)")]
+    table = [("round", "pairs", reward_label(reward_name), "KL to initial (nats)", "win rate vs initial", "mean length (tokens)")]
     for row in rows:
         table.append(
             (
@@ -497,9 +530,11 @@ def run_round(
     eval_prompts: list[PromptRecord],
     initial: EvalSamples,
     reward: RewardFunction,
+    eval_reward: RewardFunction | None = None,
 ) -> tuple[dict[str, Any], EvalSamples]:
     """Round r from wherever it stopped: pairs, training, evaluation; returns `eval.json`'s
-    contents and the policy's held-out samples."""
+    contents and the policy's held-out samples. `eval_reward` scores the held-out samples (default:
+    `reward`; for `judge:self` the initial model's judge)."""
     from preftune.training.recipe import run
 
     out = round_dir(root, r)
@@ -520,7 +555,7 @@ def run_round(
 
     started = time.perf_counter()
     result, tuned, kl_samples, log_ratios = _evaluate(
-        str(policy), cfg.model_name, eval_prompts, initial, it, cfg.seed, reward, progress, cfg
+        str(policy), cfg.model_name, eval_prompts, initial, it, cfg.seed, eval_reward or reward, progress, cfg
     )
     result.update(counts)
     result.update(
@@ -553,13 +588,16 @@ def run_iterate(cfg: TrainConfig, it: IterateConfig, overwrite: bool = False) ->
     root = Path(cfg.output_dir)
     root.mkdir(parents=True, exist_ok=True)
     _prepare_output(root, cfg, it, overwrite)
-    reward = get_reward(it.reward)
+    reward = get_reward(it.reward, judge_prompt=it.judge_prompt)
+    eval_reward = reward
+    if is_judge(reward) and reward.is_self:  # a fixed yardstick for every round: the initial model
+        eval_reward = reward.for_model(cfg.model_name, **chat_options(cfg))
     resolve_model_path(cfg.model_name)  # converts an embedded GGUF once, before any round needs it
     prompts = load_prompts(it.prompts or bundled_data("prompts_train.jsonl"))
     eval_prompts = load_prompts(it.eval_prompts or bundled_data("prompts_heldout.jsonl"))[: it.max_eval_prompts]
     eval_prompts = chat_prompts(eval_prompts, load_tokenizer(cfg.model_name))
 
-    initial = initial_samples(root, cfg, it, eval_prompts, reward, cfg.progress_bar)
+    initial = initial_samples(root, cfg, it, eval_prompts, eval_reward, cfg.progress_bar)
     zeros = [[0.0] * it.kl_samples for _ in eval_prompts]  # the initial model against itself
     rows = [summary_row(0, before_after(initial.scores, initial.scores, initial.lengths, initial.lengths, zeros))]
     scores: dict[int, list[list[float]]] = {}
@@ -570,7 +608,7 @@ def run_iterate(cfg: TrainConfig, it: IterateConfig, overwrite: bool = False) ->
             result = json.loads((out / "eval.json").read_text())
             scores[r] = _read_eval_samples(out / "eval_samples.jsonl").scores
         else:
-            result, tuned = run_round(root, r, cfg, it, prompts, eval_prompts, initial, reward)
+            result, tuned = run_round(root, r, cfg, it, prompts, eval_prompts, initial, reward, eval_reward)
             scores[r] = tuned.scores
         rows.append(summary_row(r, result))
 
@@ -597,7 +635,7 @@ def format_iterate(summary: dict[str, Any]) -> str:
     if change:
         last = summary["rounds"][-1]["round"]
         text += (
-            f"\nround {last} against round 1: {change['reward_gain']:+.3f} mean {summary['reward']} (standard error of the "
+            f"\nround {last} against round 1: {change['reward_gain']:+.3f} {reward_label(summary['reward'])} (standard error of the "
             f"paired difference {change['stderr']:.3f}, {summary['num_eval_prompts']} held-out prompts x "
             f"{summary['eval_samples']} samples)"
         )

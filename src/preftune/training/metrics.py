@@ -1,4 +1,5 @@
-"""Where logged records go: `metrics.jsonl` (TRL's names), TensorBoard, and the user's callbacks."""
+"""Where logged records go: `metrics.jsonl` (TRL's names), the experiment trackers of `report_to`
+(`tracking.py`), and the user's callbacks."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from preftune.errors import PreftuneError
 from preftune.io import write_atomic
+from preftune.training.tracking import RunTracking
 
 log = logging.getLogger("preftune")
 
@@ -47,7 +48,7 @@ class MetricsLogger:
     """Every logged record, train or eval, to each place it goes. Callbacks may stop training: one
     that returns False ends the run after that step, every process agreeing (`main_says`)."""
 
-    def __init__(self, output_dir: Path, is_main: bool, report_to: str, logging_steps: int,
+    def __init__(self, output_dir: Path, is_main: bool, tracking: RunTracking, logging_steps: int,
                  callbacks: Sequence[Callable[[dict[str, Any]], Any]], main_says: Callable[[bool], bool]) -> None:
         self.file = MetricsLog(output_dir / "metrics.jsonl", is_main)
         self.is_main = is_main
@@ -57,15 +58,7 @@ class MetricsLogger:
         self.stopped_by_callback = False
         self.last_train: dict[str, Any] = {}  # the last logged records, for the model card
         self.last_eval: dict[str, Any] = {}
-        self.tensorboard = self._tensorboard(output_dir) if report_to == "tensorboard" and is_main else None
-
-    @staticmethod
-    def _tensorboard(output_dir: Path) -> Any:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise PreftuneError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from None
-        return SummaryWriter(str(output_dir / "tensorboard"))
+        self.tracking = tracking  # the trackers (none off the main process)
 
     def should_log(self, step: int, last_step: bool, finite: bool) -> bool:
         """The first step, every `logging_steps`, the last, and any step whose loss was not finite."""
@@ -83,11 +76,8 @@ class MetricsLogger:
                 self.stopped_by_callback = True
                 if self.is_main:
                     log.info("a callback stopped training after step %d", record["step"])
-        if self.tensorboard is not None:
-            for k, v in record.items():
-                if k != "step" and isinstance(v, (int, float)):
-                    self.tensorboard.add_scalar(k, v, record["step"])
+        self.tracking.log(record)
 
     def close(self) -> None:
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        """Every tracker's files complete; safe to call twice (a run stopped early closes them too)."""
+        self.tracking.finish()

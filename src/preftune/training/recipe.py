@@ -30,12 +30,13 @@ from preftune.config import TrainConfig, resolve, to_yaml
 from preftune.errors import Interrupted, PreftuneError, Problems
 from preftune.logprobs import RouterAux, prove_paths, router_aux
 from preftune.objectives import Runtime, make_objective, padded
-from preftune.prepared import Chain, PreparedData, prepare, split_rows
+from preftune.prepared import Chain, PreparedData, prepare, split_rows, subset_rows, take_train_samples
 from preftune.reference import AdapterReference, build_reference
 from preftune.training.checkpointer import Checkpointer, TrainState, model_card
 from preftune.training.distributed import Distributed, StopSignals
 from preftune.training.metrics import MetricsLogger
 from preftune.training.plan import StepPlan, lr_factor, split_for_eval
+from preftune.training import tracking
 from preftune.training.rundir import RunDirectory
 
 log = logging.getLogger("preftune")
@@ -112,6 +113,8 @@ class Trainer:
         try:
             self._setup()
         except BaseException:
+            if hasattr(self, "metrics"):  # trackers already started
+                self.metrics.close()
             self.run_dir.release()
             raise
 
@@ -152,7 +155,7 @@ class Trainer:
         s, objective, device = self.settings, self.objective, self.dist.device
         m = s.model
         options: dict[str, Any] = dict(use_4bit=m.use_4bit, provider=m.provider, use_liger_kernel=m.use_liger_kernel, device=device)
-        problems: list[str] = []
+        problems: list[str] = tracking.missing_packages(self.cfg.report_to)
         if self._model is None:
             problems += models.loading_problems(m.model_name, causal=objective.causal_lm, **(options if objective.causal_lm else {}))
         ref_name = s.reference.ref_model_name
@@ -203,6 +206,7 @@ class Trainer:
             else:
                 train_rows, eval_rows = split_rows(len(train_data), d.eval_split, seed, objective.unit)
                 train_ex, eval_ex = (train_data, train_rows), (train_data, eval_rows)
+        train_ex, self.train_pool = take_train_samples(train_ex, d.max_train_samples, seed, objective.unit)
         if d.max_prompt_length is not None and d.max_prompt_length >= d.max_seq_length:
             log.warning(
                 "max_prompt_length %d >= max_seq_length %d: prompts are cut to %d tokens to leave room for completions",
@@ -406,7 +410,8 @@ class Trainer:
         """The loop's state and its components: fresh, or restored from a checkpoint (weights,
         optimizer, schedule, RNG, the objective's own state), metrics.jsonl cut back to its step."""
         r = self.settings.run
-        self.metrics = MetricsLogger(self.output_dir, self.is_main, r.report_to, r.logging_steps, self.callbacks, self.dist.main_says)
+        self.metrics = MetricsLogger(self.output_dir, self.is_main, tracking.start(self.cfg, self.output_dir, self.is_main),
+                                     r.logging_steps, self.callbacks, self.dist.main_says)
         self.checkpointer = Checkpointer(self.output_dir, self.dist, r.save_steps, r.save_total_limit)
         self.signals = StopSignals(self.dist)
         self.state = TrainState()
@@ -425,13 +430,23 @@ class Trainer:
         if self.is_main:
             self.run_dir.write_resolved(to_yaml(cfg))
             log.info(
-                "%s: training on %d %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
+                "%s: training on %s (%d eval) for %d steps (%.2f epochs), global batch %d, %s/%s parameters "
                 "trainable, reference: %s, device: %s%s, %d CPU thread%s",
-                self.objective.name, len(self.train_items), self.objective.row_unit(), len(self.eval_items), plan.total_steps,
+                self.objective.name, self._training_on(), len(self.eval_items), plan.total_steps,
                 plan.total_steps / plan.steps_per_epoch, plan.global_batch, f"{self.num_trainable:,}", f"{self.num_params:,}",
                 self.reference_kind, self.dist.device, f" x {self.dist.world} processes" if self.dist.world > 1 else "",
                 cfg.num_threads, "" if cfg.num_threads == 1 else "s",
             )
+
+    def _training_on(self) -> str:
+        """'48 pairs', or with max_train_samples '12 of 48 pairs (max_train_samples)'."""
+        n, unit, wanted = len(self.train_items), self.objective.row_unit(), self.settings.data.max_train_samples
+        if wanted is None:
+            return f"{n} {unit}"
+        if unit != self.objective.unit:  # rows of packed examples: the subset is of examples
+            k = len(subset_rows(self.train_pool, wanted, self.settings.optim.seed))
+            return f"{n} {unit} ({k} of {self.train_pool} {self.objective.unit}, max_train_samples)"
+        return f"{n} of {self.train_pool} {unit} (max_train_samples)"
 
     # -- the loop -------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
