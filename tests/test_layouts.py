@@ -281,7 +281,7 @@ def test_a_mapped_column_missing_from_a_record_is_named(tmp_path, capsys):
 
 
 def test_columns_in_the_config_are_checked(tmp_path):
-    from preftune.config import from_dict
+    from preftune.config import from_dict, resolve
 
     with pytest.raises(PreftuneError) as info:
         from_dict({"columns": {"promt": "question"}})
@@ -290,7 +290,7 @@ def test_columns_in_the_config_are_checked(tmp_path):
         "messages, text, response_a, response_b, winner, preference, tools) (did you mean 'prompt'?)"
     )
     cfg = from_dict({"columns": {"prompt": "user-query", "response-a": "first"}})
-    assert cfg.record_layout().mapping == {"prompt": "user-query", "response_a": "first"}
+    assert resolve(cfg).data.layout.mapping == {"prompt": "user-query", "response_a": "first"}
 
 
 def test_data_check_reports_the_layout_mapping_and_a_rendered_example(tmp_path, tiny_model_dir, capsys):
