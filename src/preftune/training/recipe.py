@@ -467,7 +467,7 @@ class Trainer:
                     self._stop_if_diverged(step)
                     bar.set_postfix(**self.objective.progress(record))
                     bar.update(1)
-                    if self.eval_items and self.settings.run.eval_steps and step % self.settings.run.eval_steps == 0 and not last_step:
+                    if self._should_evaluate(step, last_step):
                         self._log_evaluation(record["epoch"], bar)
                     stop = self.signals.requested()
                     saved = None
@@ -557,6 +557,12 @@ class Trainer:
                 f"stopped. Last good checkpoint: {good or 'none yet'}. Lower learning_rate, check the data with "
                 "`preftune data check`, or set bf16: false"
             )
+
+    def _should_evaluate(self, step: int, last_step: bool) -> bool:
+        """Every `eval_steps` when there is an eval set; the last step's evaluation comes with the
+        end of the run (once, even after a resume)."""
+        every = self.settings.run.eval_steps
+        return bool(self.eval_items) and bool(every) and step % every == 0 and not last_step
 
     def _log_evaluation(self, epoch: float, bar: Any) -> dict[str, float]:
         """Evaluate, log the record, and say it in one console line with the figures the progress
